@@ -1,0 +1,194 @@
+/*
+ * internal.h: what the core's modules share with each other and not with Lua.
+ * Names here use the jv__ prefix; nothing here is a stable interface.
+ */
+#ifndef JV_INTERNAL_H
+#define JV_INTERNAL_H
+
+#include "jv.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <uv.h>
+
+#define JV_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The loop every module runs on: uv_default_loop(), one per process. */
+uv_loop_t *jv__loop(void);
+
+/* Returns milliseconds of the loop's cached monotonic clock. */
+uint64_t jv__now_ms(void);
+
+
+/*
+ * Error results across the C/Lua boundary. Misuse raises a Lua error;
+ * an expected failure returns nil, message, code where code is the stable
+ * name from jv_err_name(). jv__push_error pushes those three values and
+ * returns 3 so a binding can `return jv__push_error(L, rc);`.
+ */
+int jv__push_error(lua_State *L, int code);
+
+/* The same with a message of the caller's own; code names the class. */
+int jv__push_error_msg(lua_State *L, int code, const char *message);
+
+
+/*
+ * Coroutine scheduler.
+ *
+ * Every entry from C into Lua runs in a coroutine that the scheduler starts
+ * (jv__co_start). A binding that must wait for I/O parks the running
+ * coroutine and yields; the I/O callback later pushes results onto the
+ * parked thread and resumes it. Errors raised in a coroutine are logged with
+ * a traceback and never end the process.
+ *
+ *   static int l_sleep(lua_State *L) {
+ *     int ref = jv__co_park(L);          // raises if L cannot yield
+ *     ... start a timer that remembers ref ...
+ *     return lua_yield(L, 0);
+ *   }
+ *   static void on_timer(uv_timer_t *t) {
+ *     lua_State *co = jv__co_thread(ref);
+ *     lua_pushboolean(co, 1);
+ *     jv__co_resume(ref, 1);
+ *   }
+ */
+
+/* Anchors the running coroutine and returns a reference to resume it by.
+ * Raises a Lua error when L is the main thread or a coroutine the scheduler
+ * did not start (core.spawn or a core callback). */
+int jv__co_park(lua_State *L);
+
+/* Returns the parked thread so the caller can push the resume values. */
+lua_State *jv__co_thread(int ref);
+
+/* Resumes the parked thread with nargs values from its stack and drops the
+ * reference. Safe to call from any libuv callback. */
+void jv__co_resume(int ref, int nargs);
+
+/* Drops a parked thread without resuming it (its owner is gone). */
+void jv__co_forget(int ref);
+
+/* Starts function and nargs arguments on top of L's stack in a new
+ * coroutine, popping them. The coroutine runs until it first waits.
+ * A name labels its errors in the log. Returns 0, or -1 when the function
+ * raised at once (already logged). */
+int jv__co_start(lua_State *L, int nargs, const char *name);
+
+/* Returns non-zero when L is a coroutine the scheduler may park. */
+int jv__co_parkable(lua_State *L);
+
+/* Like jv__co_resume, but on the next loop iteration: for wake-ups issued
+ * from inside a running coroutine, so resumes never nest. */
+void jv__co_resume_later(int ref, int nargs);
+
+/* The state C uses for registry access: a thread anchored for the life of
+ * the process, never a coroutine that may end. */
+lua_State *jv__lua(void);
+
+/* Logs a Lua error value with the traceback of thread co. */
+void jv__co_log_error(lua_State *co, const char *where);
+
+
+/*
+ * Streams: a TCP socket, a pipe or a PTY master, with optional TLS.
+ *
+ * The stream hides TLS: reads deliver plaintext and writes take plaintext.
+ * Writes are tried synchronously first and only the rest is copied and
+ * queued, so the common case neither copies nor allocates. A stream is
+ * malloc'd and freed by its close callback, never by a Lua __gc, because
+ * libuv owns the handle memory until then.
+ */
+typedef struct jv_stream_s jv_stream_t;
+
+/* nread > 0: that many plaintext bytes at data, valid during the call only.
+ * nread < 0: an error code; UV_EOF for an orderly close by the peer. */
+typedef void (*jv_stream_read_cb)(jv_stream_t *s, ssize_t nread,
+                                  const char *data);
+typedef void (*jv_stream_close_cb)(jv_stream_t *s);
+
+struct jv_stream_s {
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } uv;
+  struct ssl_st *ssl;          /* NULL for plaintext */
+  struct bio_st *rbio;         /* ciphertext in (network -> OpenSSL) */
+  struct bio_st *wbio;         /* ciphertext out (OpenSSL -> network) */
+  jv_stream_read_cb read_cb;
+  jv_stream_close_cb close_cb;
+  size_t write_queue;          /* bytes accepted but not yet in the kernel */
+  void (*drain_cb)(jv_stream_t *s);  /* called when write_queue reaches 0 */
+  unsigned flags;
+  int tls_error;
+  void *data;                  /* owner */
+};
+
+/* Allocates a TCP stream on the loop; NULL when out of memory. */
+jv_stream_t *jv_stream_new_tcp(void);
+
+/* Allocates a stream over an open file descriptor (pipe or PTY master),
+ * set non-blocking; the stream owns the fd. */
+jv_stream_t *jv_stream_new_fd(int fd, int *err);
+
+/* Starts TLS on a connected stream. sni may be NULL; for a client it is
+ * also the name the certificate must match when the context verifies. */
+int jv_stream_start_tls(jv_stream_t *s, struct ssl_ctx_st *ctx,
+                        int is_server, const char *sni);
+
+int jv_stream_read_start(jv_stream_t *s, jv_stream_read_cb cb);
+void jv_stream_read_stop(jv_stream_t *s);
+
+/* Queues bytes for writing; returns 0 or an error code. The bytes are
+ * copied if they cannot be written at once. */
+int jv_stream_write(jv_stream_t *s, const uv_buf_t *bufs, unsigned nbufs);
+
+/* Half-closes the write side once queued bytes are out. */
+int jv_stream_shutdown(jv_stream_t *s);
+
+/* Closes the stream; cb (may be NULL) runs before the memory is freed. */
+void jv_stream_close(jv_stream_t *s, jv_stream_close_cb cb);
+
+int jv_stream_is_closing(jv_stream_t *s);
+
+
+/*
+ * Lua sockets (metatable "justavps.sock"): a stream plus a read buffer and
+ * the coroutines parked on it, with the methods read, readn, readuntil,
+ * write, shutdown, close, settimeout, peername, sockname. The userdata
+ * holds only a pointer, so the socket outlives a collected userdata until
+ * its handle is closed.
+ */
+typedef struct jv_sock_s jv_sock_t;
+
+/* Pushes a new socket userdata owning stream s. */
+jv_sock_t *jv__sock_push(lua_State *L, jv_stream_t *s);
+
+/* Returns the socket at index idx, raising when it is not one or when it
+ * is closed and allow_closed is 0. */
+jv_sock_t *jv__sock_check(lua_State *L, int idx, int allow_closed);
+
+jv_stream_t *jv__sock_stream(jv_sock_t *sock);
+
+/* Puts bytes back at the front of the socket's read buffer: used by the
+ * HTTP server when it hands a connection over after an upgrade. */
+int jv__sock_unread(jv_sock_t *sock, const char *data, size_t len);
+
+
+/* Module openers: each pushes one table that lua_core.c stores in the core
+ * table under the name in the comment. */
+int jv__open_loop(lua_State *L);    /* core.* (spawn, sleep, now, run, ...) */
+int jv__open_log(lua_State *L);     /* core.log */
+int jv__open_crypto(lua_State *L);  /* core.crypto */
+int jv__open_nonce(lua_State *L);   /* core.nonce */
+int jv__open_tcp(lua_State *L);     /* core.tcp */
+int jv__open_tls(lua_State *L);     /* core.tls */
+int jv__open_http(lua_State *L);    /* core.http */
+int jv__open_ws(lua_State *L);      /* core.ws */
+int jv__open_proc(lua_State *L);    /* core.proc */
+int jv__open_pty(lua_State *L);     /* core.pty */
+int jv__open_signal(lua_State *L);  /* core.signal */
+int jv__open_fs(lua_State *L);      /* core.fs */
+
+#endif /* JV_INTERNAL_H */

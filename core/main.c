@@ -1,0 +1,157 @@
+/*
+ * main.c: the justavps executable.
+ *
+ * It creates one LuaJIT state, makes the core loadable as
+ * require("justavps.core"), points package.path at the Lua tree and hands
+ * the command line to justavps.cli, which parses options, starts the role
+ * and runs the loop. The exit status is what cli.main returns.
+ */
+#include "internal.h"
+
+#include <lualib.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int luaopen_justavps_core(lua_State *L);
+
+
+static int
+file_exists(const char *path)
+{
+  return access(path, R_OK) == 0;
+}
+
+
+/*
+ * Finds the tree holding lua/justavps/cli.lua: $JUSTAVPS_ROOT, then the
+ * parent of the executable's directory (build/justavps in a checkout), then
+ * the source directory this binary was built from.
+ */
+static int
+find_root(char *root, size_t size)
+{
+  const char *env = getenv("JUSTAVPS_ROOT");
+  char exe[PATH_MAX], probe[PATH_MAX + 64];
+  ssize_t n;
+  char *slash;
+
+  if (env != NULL && *env != '\0') {
+    snprintf(root, size, "%s", env);
+    return 0;
+  }
+
+  n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    slash = strrchr(exe, '/');
+    if (slash != NULL) {
+      *slash = '\0';
+      slash = strrchr(exe, '/');
+      if (slash != NULL) {
+        *slash = '\0';
+        snprintf(probe, sizeof(probe), "%s/lua/justavps/cli.lua", exe);
+        if (file_exists(probe)) {
+          snprintf(root, size, "%s", exe);
+          return 0;
+        }
+      }
+    }
+  }
+
+  snprintf(probe, sizeof(probe), "%s/lua/justavps/cli.lua", JV_SOURCE_DIR);
+  if (file_exists(probe)) {
+    snprintf(root, size, "%s", JV_SOURCE_DIR);
+    return 0;
+  }
+
+  return -1;
+}
+
+
+static void
+set_paths(lua_State *L, const char *root)
+{
+  lua_getglobal(L, "package");
+
+  lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s/?.lua;", root, root,
+                  root);
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_justavps_core);
+  lua_setfield(L, -2, "justavps.core");
+  lua_pop(L, 2);
+
+  lua_pushstring(L, root);
+  lua_setglobal(L, "JUSTAVPS_ROOT");
+}
+
+
+static int
+traceback(lua_State *L)
+{
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+
+int
+main(int argc, char **argv)
+{
+  char root[PATH_MAX];
+  lua_State *L;
+  int i, status;
+
+  if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+    printf("justavps %s\n", JV_VERSION);
+    return 0;
+  }
+
+  if (find_root(root, sizeof(root)) != 0) {
+    fprintf(stderr, "justavps: cannot find lua/justavps/cli.lua; set "
+            "JUSTAVPS_ROOT to the directory that contains lua/\n");
+    return 1;
+  }
+
+  L = luaL_newstate();
+  if (L == NULL) {
+    fprintf(stderr, "justavps: cannot create the Lua state\n");
+    return 1;
+  }
+
+  luaL_openlibs(L);
+  set_paths(L, root);
+
+  lua_pushcfunction(L, traceback);
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "justavps.cli");
+
+  if (lua_pcall(L, 1, 1, 1) != 0) {
+    fprintf(stderr, "justavps: %s\n", lua_tostring(L, -1));
+    return 1;
+  }
+
+  lua_getfield(L, -1, "main");
+  lua_newtable(L);
+  for (i = 1; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+
+  if (lua_pcall(L, 1, 1, 1) != 0) {
+    fprintf(stderr, "justavps: %s\n", lua_tostring(L, -1));
+    return 1;
+  }
+
+  status = (int) luaL_optinteger(L, -1, 0);
+
+  /* Handles may still be open after a drain; the process ends here and the
+   * kernel reclaims them. */
+  lua_close(L);
+  return status;
+}
