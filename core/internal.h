@@ -99,6 +99,9 @@ void jv__co_log_error(lua_State *co, const char *where);
  * libuv owns the handle memory until then.
  */
 typedef struct jv_stream_s jv_stream_t;
+struct ssl_st;
+struct ssl_ctx_st;
+struct bio_st;
 
 /* nread > 0: that many plaintext bytes at data, valid during the call only.
  * nread < 0: an error code; UV_EOF for an orderly close by the peer. */
@@ -120,6 +123,9 @@ struct jv_stream_s {
   jv_stream_close_cb close_cb;
   size_t write_queue;          /* bytes accepted but not yet in the kernel */
   void (*drain_cb)(jv_stream_t *s);  /* called when write_queue reaches 0 */
+  void (*handshake_cb)(jv_stream_t *s, int status);  /* TLS done/failed */
+  jv_stream_t *tls_next;       /* list of TLS streams with buffered input */
+  int write_error;             /* first failed write, reported on next use */
   unsigned flags;
   int tls_error;
   void *data;                  /* owner */
@@ -137,6 +143,10 @@ jv_stream_t *jv_stream_new_fd(int fd, int *err);
 int jv_stream_start_tls(jv_stream_t *s, struct ssl_ctx_st *ctx,
                         int is_server, const char *sni);
 
+/* Drives a client handshake once connected: sends the ClientHello. The
+ * server side needs no call, its handshake runs on the first read. */
+void jv_stream_handshake(jv_stream_t *s);
+
 int jv_stream_read_start(jv_stream_t *s, jv_stream_read_cb cb);
 void jv_stream_read_stop(jv_stream_t *s);
 
@@ -151,6 +161,18 @@ int jv_stream_shutdown(jv_stream_t *s);
 void jv_stream_close(jv_stream_t *s, jv_stream_close_cb cb);
 
 int jv_stream_is_closing(jv_stream_t *s);
+
+/* Returns non-zero once the TLS handshake has completed (or for plain
+ * streams, always). */
+int jv_stream_is_ready(jv_stream_t *s);
+
+/* Fills buf with the peer or local address as "ip" and the port; returns 0
+ * or an error code. For fd streams returns UV_ENOTSUP. */
+int jv_stream_address(jv_stream_t *s, int peer, char *ip, size_t size,
+                      int *port);
+
+/* Parses host (IPv4 or IPv6 literal) and port into addr. */
+int jv__parse_addr(const char *host, int port, struct sockaddr_storage *addr);
 
 
 /*
@@ -174,6 +196,40 @@ jv_stream_t *jv__sock_stream(jv_sock_t *sock);
 /* Puts bytes back at the front of the socket's read buffer: used by the
  * HTTP server when it hands a connection over after an upgrade. */
 int jv__sock_unread(jv_sock_t *sock, const char *data, size_t len);
+
+
+/*
+ * Listeners: a bound TCP socket that hands each accepted connection, with
+ * TLS started when a context is set, to on_stream. The Lua object
+ * ("justavps.listener") has port(), address() and close().
+ */
+typedef struct jv_listener_s jv_listener_t;
+
+struct jv_listener_s {
+  uv_tcp_t tcp;
+  struct ssl_ctx_st *tls;      /* NULL for plaintext */
+  int tls_ref;                 /* keeps the Lua TLS context alive */
+  int fn_ref;                  /* Lua callback, for listeners that use one */
+  void (*on_stream)(jv_listener_t *l, jv_stream_t *s);
+  void (*on_close)(jv_listener_t *l);
+  void *data;
+  unsigned accepted;
+  int closed;
+};
+
+/* Creates a listener bound to host:port and pushes its Lua object. The
+ * caller sets on_stream (and data) before the loop runs again. Returns
+ * NULL after pushing nil, message, code. tls_index is the stack index of a
+ * TLS context or 0. */
+jv_listener_t *jv__listener_push(lua_State *L, const char *host, int port,
+                                 int backlog, int tls_index);
+
+/* Stops accepting and closes the socket; in-flight connections stay. */
+void jv__listener_close(jv_listener_t *l);
+
+/* Returns the SSL_CTX of the TLS context at idx, raising when it is not
+ * one; role is 1 when the context must be a server context. */
+struct ssl_ctx_st *jv__tls_check(lua_State *L, int idx, int server);
 
 
 /* Module openers: each pushes one table that lua_core.c stores in the core
