@@ -197,6 +197,23 @@ jv_stream_t *jv__sock_stream(jv_sock_t *sock);
  * HTTP server when it hands a connection over after an upgrade. */
 int jv__sock_unread(jv_sock_t *sock, const char *data, size_t len);
 
+/* Returns the unread bytes in the socket's buffer (valid until the next
+ * call that reads or consumes) and their length in *len. */
+const char *jv__sock_buffered(jv_sock_t *sock, size_t *len);
+
+/* Drops the first n unread bytes. */
+void jv__sock_consume(jv_sock_t *sock, size_t n);
+
+/*
+ * Lends the stream to C code that drives it with its own read and drain
+ * callbacks (a pipe, a WebSocket relay): the socket stops reading and must
+ * have no parked reader or writer. jv__sock_return gives it back; the
+ * socket's methods work again and reading restarts on the next read.
+ * Returns 0 or JV_EBUSY when a coroutine is parked on the socket.
+ */
+int jv__sock_lend(jv_sock_t *sock);
+void jv__sock_return(jv_sock_t *sock);
+
 
 /*
  * Listeners: a bound TCP socket that hands each accepted connection, with

@@ -347,6 +347,54 @@ buf_consume(jv_sock_t *sock, size_t n)
 }
 
 
+const char *
+jv__sock_buffered(jv_sock_t *sock, size_t *len)
+{
+  *len = sock->len;
+  return sock->buf + sock->off;
+}
+
+
+void
+jv__sock_consume(jv_sock_t *sock, size_t n)
+{
+  buf_consume(sock, n < sock->len ? n : sock->len);
+}
+
+
+int
+jv__sock_lend(jv_sock_t *sock)
+{
+  if (sock->read_ref != LUA_NOREF || sock->write_ref != LUA_NOREF
+      || sock->connect_ref != LUA_NOREF) {
+    return JV_EBUSY;
+  }
+
+  if (sock->reading && sock->stream != NULL) {
+    jv_stream_read_stop(sock->stream);
+  }
+
+  sock->reading = 0;
+  return 0;
+}
+
+
+static void sock_drain_cb(jv_stream_t *s);
+
+
+void
+jv__sock_return(jv_sock_t *sock)
+{
+  if (sock->stream != NULL) {
+    jv_stream_read_stop(sock->stream);
+    sock->stream->drain_cb = sock_drain_cb;
+    sock->stream->data = sock;
+  }
+
+  sock->reading = 0;
+}
+
+
 static const char *
 find_delim(const char *hay, size_t hay_len, const char *needle, size_t n)
 {
