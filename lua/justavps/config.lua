@@ -41,7 +41,6 @@ local lower = string.lower
 local smatch = string.match
 local sfind = string.find
 local sgsub = string.gsub
-local format = string.format
 local io_open = io.open
 local getenv = os.getenv
 
@@ -66,14 +65,6 @@ local all_types = {
 for k in pairs(scalar_types) do
   all_types[k] = true
 end
-
-local numeric_types = {
-  number = true,
-  integer = true,
-  duration = true,
-  size = true,
-}
-
 
 local function is_identifier(s)
   return smatch(s, "^[%a_][%w_]*$") ~= nil

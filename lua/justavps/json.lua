@@ -31,7 +31,8 @@ local _M = {}
 
 _M.null = cjson.null
 
--- Defaults for decode; callers pass tighter ones per call.
+-- Default limits of decode (and MAX_DEPTH of encode). Callers may pass
+-- tighter ones per call.
 _M.MAX_DEPTH = 64
 _M.MAX_SIZE = 8 * 1024 * 1024
 
@@ -105,9 +106,9 @@ end
 local function encode_string(s)
   local out = scalar.encode(s)
   if sfind(s, "/", 1, true) then
-    -- cjson 2.1 escapes "/" as "\/"; both are valid JSON, the plain form
-    -- is easier to read and to compare. See the module notes for why the
-    -- replacement cannot touch an escaped backslash.
+    -- cjson 2.1 escapes "/" as "\/". Both forms are valid JSON and the
+    -- plain one is easier to read. The replacement cannot hit an escaped
+    -- backslash, because cjson writes a literal backslash as two.
     out = sgsub(out, "\\/", "/")
   end
   return out
@@ -170,9 +171,9 @@ local function encode_table(t, buf, depth, seen, path)
       "too_deep")
   end
 
-  local n, has_string, code = array_length(t, path)
+  local n, has_string, length_code = array_length(t, path)
   if n == nil then
-    return nil, has_string, code
+    return nil, has_string, length_code
   end
 
   local array = is_array(t)

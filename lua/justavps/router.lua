@@ -5,7 +5,7 @@
 --   local route, params = r:match("GET", "/api/v1/machines/m-1?x=1")
 --
 -- Matching order at each segment: a static segment, then a {param}, then a
--- trailing {rest*}; when a branch fails further down the next one is tried.
+-- trailing {rest*}. When a branch fails further down, the next is tried.
 local type = type
 local error = error
 local pairs = pairs
@@ -41,7 +41,7 @@ function _M.new()
 end
 
 
--- Splits "/a/b" into { "a", "b" }; "/" gives { "" }.
+-- Splits "/a/b" into { "a", "b" }. The path "/" gives { "" }.
 local function split(path)
   local segments = {}
   local pos = 2
@@ -309,11 +309,13 @@ local function sorted_keys(set)
 end
 
 
--- Matches a request. path may carry a query string, which is split off.
--- Returns route, params, query (the raw text after "?", or nil); or nil,
--- "not_found"; or nil, "method_not_allowed", allowed_methods (sorted);
--- or nil, "bad_request", message for a malformed path or a parameter that
--- would contain an encoded "/", a NUL, or be "." or "..".
+-- Matches a request; a query string in path is split off first. Returns
+--   route, params, query     query is the raw text after "?", or nil
+--   nil, "not_found"
+--   nil, "method_not_allowed", allowed_methods   sorted, HEAD with GET
+--   nil, "bad_request", message
+-- The last is for a malformed path, or a parameter that would contain an
+-- encoded "/" or NUL byte, or would be "." or "..".
 function Router:match(method, path)
   if type(method) ~= "string" or type(path) ~= "string" then
     error("router:match: expected method and path strings", 2)
