@@ -1,10 +1,2271 @@
-/* http.c: placeholder until the module lands. */
-#include "internal.h"
+/*
+ * http.c: the HTTP/1.1 server (core.http.listen).
+ *
+ * A request enters here: listener_connection_cb (tcp.c) accepts, conn_new
+ * lends the socket's stream to this file, and llhttp parses the head. When
+ * the head is complete the parser pauses and the server runs the Lua
+ * handler in a new coroutine with a request object. The body is parsed
+ * only as the handler reads it, so a large upload is never buffered
+ * whole, and the next pipelined request waits until this response is done.
+ *
+ * Strictness: llhttp rejects Content-Length together with Transfer-Encoding
+ * and duplicate Content-Length; a scan here rejects a bare LF in the head.
+ * Every rejection is a 4xx with Connection: close.
+ */
+#include "http_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#define JV_HTTP_SERVER_MT "justavps.http_server"
+#define JV_HTTP_REQUEST_MT "justavps.http_request"
+
+/* A handler writing faster than the client reads waits above this. */
+#define HTTP_WRITE_HIGH_WATER (256 * 1024)
+
+/* The parser pauses once this much body is buffered unread. */
+#define HTTP_BODY_HIGH_WATER (64 * 1024)
+
+enum {
+  CONN_HEAD = 0,     /* reading a request head */
+  CONN_HANDLER,      /* a handler owns the current request */
+  CONN_CLOSING,
+};
+
+typedef struct jv_http_server_s jv_http_server_t;
+typedef struct jv_http_conn_s jv_http_conn_t;
+
+typedef struct {
+  jv_http_conn_t *conn;   /* NULL once the request is over */
+} jv_http_req_box_t;
+
+struct jv_http_server_s {
+  jv_listener_t *listener;
+  int handler_ref;        /* the Lua wrapper that calls the handler */
+  jv_http_limits_t limits;
+  jv_http_conn_t *conns;  /* every open connection */
+  unsigned nconns;
+  unsigned nbusy;         /* connections inside a handler */
+  int draining;
+  int drain_ref;          /* coroutine parked in server:drain() */
+  uv_timer_t *drain_timer;
+  int drain_timed_out;
+  int access_log;
+  int closed;
+};
+
+struct jv_http_conn_s {
+  jv_http_server_t *server;
+  jv_sock_t *sock;
+  int sock_ref;
+  jv_stream_t *stream;
+  llhttp_t parser;
+  uv_timer_t timer;       /* header and keep-alive idle timeouts */
+  int handles;            /* open handles: timer (+ stream via sock) */
+  int state;
+
+  /* Request head: URL and header bytes, referred to by offsets. */
+  char *head;
+  size_t head_len;
+  size_t head_cap;
+  uint32_t url_off;
+  uint32_t url_len;
+  jv_http_header_t *hdrs;
+  unsigned nhdrs;
+  unsigned hdr_cap;
+  int last_was_value;
+  unsigned crlf_run;      /* bare-LF scan of the head */
+  char prev_byte;
+  int head_scanned;
+
+  /* Input the parser has not consumed because it is paused. */
+  char *pending;
+  size_t pending_len;
+  size_t pending_cap;
+  int paused;
+  int upgrade;
+
+  /* Request body read so far but not yet taken by the handler. */
+  char *body;
+  size_t body_len;
+  size_t body_cap;
+  uint64_t body_total;
+  int body_done;
+  int discard_body;
+  int reader_ref;
+  int writer_ref;
+
+  /* Response. */
+  jv_http_req_box_t *box;
+  int req_ref;            /* anchors the request userdata */
+  uint64_t start_ms;
+  uint64_t requests;
+  char req_id[24];
+  int status;
+  uint64_t bytes_sent;
+  int keep_alive;
+  int head_sent;
+  int chunked;
+  int response_done;
+  int is_head;
+  int expect_continue;
+  int continue_sent;
+  int hijacked;
+  int message_done;
+
+  jv_http_conn_t *next;
+  jv_http_conn_t *prev;
+};
+
+static llhttp_settings_t parser_settings;
+static char date_buf[40];
+static time_t date_sec;
+static char id_prefix[9];
+static uint64_t id_counter;
+
+static void conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data);
+static void conn_close(jv_http_conn_t *c);
+static void conn_next_request(jv_http_conn_t *c);
+static void conn_resume_reader(jv_http_conn_t *c, int err);
+
+
+const char *
+jv__http_date(void)
+{
+  time_t now = time(NULL);
+  struct tm tm;
+
+  if (now != date_sec) {
+    date_sec = now;
+    gmtime_r(&now, &tm);
+    strftime(date_buf, sizeof(date_buf), "%a, %d %b %Y %H:%M:%S GMT", &tm);
+  }
+
+  return date_buf;
+}
+
+
+const char *
+jv__http_reason(int status)
+{
+  switch (status) {
+  case 100: return "Continue";
+  case 101: return "Switching Protocols";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 204: return "No Content";
+  case 206: return "Partial Content";
+  case 301: return "Moved Permanently";
+  case 302: return "Found";
+  case 303: return "See Other";
+  case 304: return "Not Modified";
+  case 307: return "Temporary Redirect";
+  case 308: return "Permanent Redirect";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 410: return "Gone";
+  case 411: return "Length Required";
+  case 412: return "Precondition Failed";
+  case 413: return "Content Too Large";
+  case 414: return "URI Too Long";
+  case 415: return "Unsupported Media Type";
+  case 416: return "Range Not Satisfiable";
+  case 417: return "Expectation Failed";
+  case 422: return "Unprocessable Content";
+  case 426: return "Upgrade Required";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "Unknown";
+  }
+}
+
+
+/* ---- head storage ---- */
+
+static int
+head_append(jv_http_conn_t *c, const char *at, size_t len)
+{
+  size_t need = c->head_len + len;
+  char *nb;
+
+  if (need > c->server->limits.max_header_size) {
+    return JV_ETOOLARGE;
+  }
+
+  if (need > c->head_cap) {
+    size_t cap = c->head_cap ? c->head_cap * 2 : 1024;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(c->head, cap);
+    if (nb == NULL) {
+      return JV_ENOMEM;
+    }
+
+    c->head = nb;
+    c->head_cap = cap;
+  }
+
+  memcpy(c->head + c->head_len, at, len);
+  c->head_len += len;
+  return 0;
+}
+
+
+static jv_http_conn_t *
+parser_conn(llhttp_t *p)
+{
+  return p->data;
+}
+
+
+static int
+on_message_begin(llhttp_t *p)
+{
+  jv_http_conn_t *c = parser_conn(p);
+
+  c->head_len = 0;
+  c->url_off = 0;
+  c->url_len = 0;
+  c->nhdrs = 0;
+  c->last_was_value = 0;
+  c->body_len = 0;
+  c->body_total = 0;
+  c->body_done = 0;
+  c->message_done = 0;
+  return 0;
+}
+
+
+static int
+on_url(llhttp_t *p, const char *at, size_t len)
+{
+  jv_http_conn_t *c = parser_conn(p);
+
+  if (c->url_len + len > c->server->limits.max_url) {
+    p->reason = "request-target too long";
+    return HPE_USER;
+  }
+
+  if (head_append(c, at, len) != 0) {
+    p->reason = "request head too large";
+    return HPE_USER;
+  }
+
+  c->url_len += (uint32_t) len;
+  return 0;
+}
+
+
+static int
+on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+  jv_http_conn_t *c = parser_conn(p);
+  jv_http_header_t *h;
+
+  if (c->nhdrs == 0 || c->last_was_value) {
+    if (c->nhdrs >= c->server->limits.max_headers) {
+      p->reason = "too many header fields";
+      return HPE_USER;
+    }
+
+    if (c->nhdrs == c->hdr_cap) {
+      unsigned cap = c->hdr_cap ? c->hdr_cap * 2 : 16;
+      jv_http_header_t *nh = realloc(c->hdrs, cap * sizeof(*nh));
+
+      if (nh == NULL) {
+        p->reason = "out of memory";
+        return HPE_USER;
+      }
+
+      c->hdrs = nh;
+      c->hdr_cap = cap;
+    }
+
+    h = &c->hdrs[c->nhdrs++];
+    h->name_off = (uint32_t) c->head_len;
+    h->name_len = 0;
+    h->value_off = 0;
+    h->value_len = 0;
+    c->last_was_value = 0;
+  }
+
+  h = &c->hdrs[c->nhdrs - 1];
+  if (head_append(c, at, len) != 0) {
+    p->reason = "request head too large";
+    return HPE_USER;
+  }
+
+  h->name_len += (uint32_t) len;
+  return 0;
+}
+
+
+static int
+on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+  jv_http_conn_t *c = parser_conn(p);
+  jv_http_header_t *h = &c->hdrs[c->nhdrs - 1];
+
+  if (!c->last_was_value) {
+    h->value_off = (uint32_t) c->head_len;
+    c->last_was_value = 1;
+  }
+
+  if (head_append(c, at, len) != 0) {
+    p->reason = "request head too large";
+    return HPE_USER;
+  }
+
+  h->value_len += (uint32_t) len;
+  return 0;
+}
+
+
+const char *
+jv__http_find_header(const char *head, const jv_http_header_t *hdrs,
+                     unsigned n, const char *name, size_t *len)
+{
+  size_t nlen = strlen(name);
+  unsigned i;
+
+  for (i = 0; i < n; i++) {
+    if (hdrs[i].name_len == nlen
+        && strncasecmp(head + hdrs[i].name_off, name, nlen) == 0) {
+      *len = hdrs[i].value_len;
+      return head + hdrs[i].value_off;
+    }
+  }
+
+  return NULL;
+}
+
+
+static int
+on_headers_complete(llhttp_t *p)
+{
+  jv_http_conn_t *c = parser_conn(p);
+  const char *v;
+  size_t len;
+
+  if ((p->flags & F_CONTENT_LENGTH)
+      && p->content_length > c->server->limits.max_body) {
+    p->reason = "request body too large";
+    return HPE_USER;
+  }
+
+  v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, "expect", &len);
+  c->expect_continue = (v != NULL && len == 12
+                        && strncasecmp(v, "100-continue", 12) == 0);
+  c->is_head = (p->method == HTTP_HEAD);
+
+  /* Stop here: the handler runs before any body byte is parsed. */
+  return HPE_PAUSED;
+}
+
+
+static int
+on_body(llhttp_t *p, const char *at, size_t len)
+{
+  jv_http_conn_t *c = parser_conn(p);
+  size_t need;
+  char *nb;
+
+  c->body_total += len;
+  if (c->body_total > c->server->limits.max_body) {
+    p->reason = "request body too large";
+    return HPE_USER;
+  }
+
+  if (c->discard_body) {
+    return 0;
+  }
+
+  need = c->body_len + len;
+  if (need > c->body_cap) {
+    size_t cap = c->body_cap ? c->body_cap * 2 : 16384;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(c->body, cap);
+    if (nb == NULL) {
+      p->reason = "out of memory";
+      return HPE_USER;
+    }
+
+    c->body = nb;
+    c->body_cap = cap;
+  }
+
+  memcpy(c->body + c->body_len, at, len);
+  c->body_len += len;
+
+  if (c->body_len >= HTTP_BODY_HIGH_WATER) {
+    llhttp_pause(p);
+  }
+
+  return 0;
+}
+
+
+static int
+on_message_complete(llhttp_t *p)
+{
+  jv_http_conn_t *c = parser_conn(p);
+
+  c->body_done = 1;
+  c->message_done = 1;
+
+  /* One request at a time: the next pipelined one waits in pending. */
+  return HPE_PAUSED;
+}
+
+
+/* ---- writing ---- */
+
+static int
+conn_write(jv_http_conn_t *c, const uv_buf_t *bufs, unsigned n)
+{
+  unsigned i;
+  int rc;
+
+  rc = jv_stream_write(c->stream, bufs, n);
+  if (rc == 0) {
+    for (i = 0; i < n; i++) {
+      c->bytes_sent += bufs[i].len;
+    }
+  }
+
+  return rc;
+}
+
+
+/* Writes a complete error response outside any handler and closes. */
+static void
+conn_reject(jv_http_conn_t *c, int status, const char *code,
+            const char *message)
+{
+  char buf[512];
+  char body[256];
+  uv_buf_t b[2];
+  int blen, hlen;
+
+  blen = snprintf(body, sizeof(body),
+                  "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}\n", code,
+                  message);
+  hlen = snprintf(buf, sizeof(buf),
+                  "HTTP/1.1 %d %s\r\nDate: %s\r\n"
+                  "Content-Type: application/json\r\n"
+                  "Content-Length: %d\r\nConnection: close\r\n\r\n",
+                  status, jv__http_reason(status), jv__http_date(), blen);
+
+  b[0] = uv_buf_init(buf, (unsigned) hlen);
+  b[1] = uv_buf_init(body, (unsigned) blen);
+  c->status = status;
+  conn_write(c, b, 2);
+
+  jv_log(JV_LOG_WARN, "request rejected", "status", code, "reason", message,
+         NULL);
+  jv_stream_shutdown(c->stream);
+  conn_close(c);
+}
+
+
+static void
+conn_parse_error(jv_http_conn_t *c, llhttp_errno_t err)
+{
+  const char *reason = llhttp_get_error_reason(&c->parser);
+
+  if (reason == NULL) {
+    reason = llhttp_errno_name(err);
+  }
+
+  if (reason != NULL && strcmp(reason, "request body too large") == 0) {
+    conn_reject(c, 413, "too_large", "request body too large");
+
+  } else if (reason != NULL && strcmp(reason, "request-target too long") == 0) {
+    conn_reject(c, 414, "uri_too_long", "request-target too long");
+
+  } else if (reason != NULL
+             && (strcmp(reason, "request head too large") == 0
+                 || strcmp(reason, "too many header fields") == 0)) {
+    conn_reject(c, 431, "header_too_large", reason);
+
+  } else {
+    char msg[160];
+    size_t i;
+
+    /* llhttp reasons are fixed ASCII text; keep them JSON-safe anyway. */
+    snprintf(msg, sizeof(msg), "malformed request: %s",
+             reason ? reason : "parse error");
+    for (i = 0; msg[i] != '\0'; i++) {
+      if (msg[i] == '"' || msg[i] == '\\' || (unsigned char) msg[i] < ' ') {
+        msg[i] = ' ';
+      }
+    }
+    conn_reject(c, 400, "bad_request", msg);
+  }
+}
+
+
+/* ---- parsing input ---- */
+
+static int
+pending_set(jv_http_conn_t *c, const char *data, size_t len)
+{
+  char *nb;
+
+  if (len > c->pending_cap) {
+    nb = malloc(len);
+    if (nb == NULL) {
+      return JV_ENOMEM;
+    }
+    free(c->pending);
+    c->pending = nb;
+    c->pending_cap = len;
+  }
+
+  memmove(c->pending, data, len);
+  c->pending_len = len;
+  return 0;
+}
+
+
+/*
+ * Rejects a bare LF anywhere in a request head: a front end that ends
+ * lines only at CRLF would see a different header list than a back end
+ * that accepts LF, which is a request-smuggling gap. Returns -1 on a bare
+ * LF. Scanning stops at the blank line that ends the head.
+ */
+static int
+scan_head(jv_http_conn_t *c, const char *data, size_t len)
+{
+  size_t i;
+
+  if (c->head_scanned) {
+    return 0;
+  }
+
+  for (i = 0; i < len; i++) {
+    char ch = data[i];
+
+    if (ch == '\n') {
+      if (c->prev_byte != '\r') {
+        return -1;
+      }
+
+      if (++c->crlf_run == 2) {
+        c->head_scanned = 1;
+        return 0;
+      }
+
+    } else if (ch != '\r') {
+      c->crlf_run = 0;
+    }
+
+    c->prev_byte = ch;
+  }
+
+  return 0;
+}
+
+
+static void conn_dispatch(jv_http_conn_t *c);
+
+
+/*
+ * Runs the parser over data. Returns 0 when all was consumed, 1 when the
+ * parser paused (the rest is saved in pending), -1 after rejecting the
+ * request (the connection is closing).
+ */
+static int
+conn_execute(jv_http_conn_t *c, const char *data, size_t len)
+{
+  llhttp_errno_t err;
+  const char *pos;
+  size_t used;
+
+  if (c->state == CONN_HEAD && scan_head(c, data, len) != 0) {
+    conn_reject(c, 400, "bad_request", "malformed request: bare LF in "
+                "request head");
+    return -1;
+  }
+
+  err = llhttp_execute(&c->parser, data, len);
+
+  if (err == HPE_OK) {
+    c->pending_len = 0;
+    return 0;
+  }
+
+  if (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE) {
+    pos = llhttp_get_error_pos(&c->parser);
+    used = pos != NULL ? (size_t) (pos - data) : len;
+
+    if (err == HPE_PAUSED_UPGRADE) {
+      c->upgrade = 1;
+    }
+
+    c->paused = 1;
+    if (pending_set(c, data + used, len - used) != 0) {
+      conn_reject(c, 500, "internal", "out of memory");
+      return -1;
+    }
+
+    return 1;
+  }
+
+  conn_parse_error(c, err);
+  return -1;
+}
+
+
+/* Resumes a paused parser over the pending bytes. */
+static int
+conn_unpause(jv_http_conn_t *c)
+{
+  if (!c->paused) {
+    return 0;
+  }
+
+  c->paused = 0;
+  if (c->upgrade) {
+    return 1;
+  }
+
+  llhttp_resume(&c->parser);
+
+  if (c->pending_len == 0) {
+    return 0;
+  }
+
+  /* conn_execute may overwrite pending with its own tail: it moves bytes
+   * with memmove within the same buffer, so passing pending is safe. */
+  return conn_execute(c, c->pending, c->pending_len);
+}
+
+
+static void
+conn_timer_cb(uv_timer_t *t)
+{
+  jv_http_conn_t *c = t->data;
+
+  if (c->state == CONN_HEAD) {
+    if (c->head_len > 0 || c->crlf_run > 0 || c->prev_byte != 0) {
+      conn_reject(c, 408, "request_timeout", "request head not received "
+                  "in time");
+
+    } else {
+      conn_close(c);
+    }
+  }
+}
+
+
+static void
+conn_arm_timer(jv_http_conn_t *c, double seconds)
+{
+  if (seconds > 0) {
+    uv_timer_start(&c->timer, conn_timer_cb, (uint64_t) (seconds * 1000), 0);
+  }
+}
+
+
+static void
+conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
+{
+  jv_http_conn_t *c = s->data;
+  int rc;
+
+  if (nread < 0) {
+    if (c->state == CONN_HANDLER) {
+      jv_stream_read_stop(c->stream);
+      conn_resume_reader(c, (int) nread);
+      return;
+    }
+
+    conn_close(c);
+    return;
+  }
+
+  rc = conn_execute(c, data, (size_t) nread);
+  if (rc < 0) {
+    return;
+  }
+
+  if (c->state == CONN_HEAD) {
+    if (rc == 1) {
+      jv_stream_read_stop(c->stream);
+      conn_dispatch(c);
+    }
+    return;
+  }
+
+  /* In a handler: body bytes arrived for a parked reader. */
+  if (rc == 1 || c->body_done) {
+    jv_stream_read_stop(c->stream);
+  }
+
+  if (c->body_len > 0 || c->body_done) {
+    conn_resume_reader(c, 0);
+  }
+}
+
+
+/* ---- connection life cycle ---- */
+
+static void
+conn_free(jv_http_conn_t *c)
+{
+  free(c->head);
+  free(c->hdrs);
+  free(c->pending);
+  free(c->body);
+  free(c);
+}
+
+
+static void
+conn_timer_closed(uv_handle_t *h)
+{
+  jv_http_conn_t *c = h->data;
+
+  if (--c->handles == 0) {
+    conn_free(c);
+  }
+}
+
+
+static void
+drain_timer_closed(uv_handle_t *h)
+{
+  free(h);
+}
+
+
+static void
+server_maybe_drained(jv_http_server_t *srv)
+{
+  int ref;
+  lua_State *co;
+
+  if (srv->drain_ref == LUA_NOREF || srv->nconns > 0) {
+    return;
+  }
+
+  if (srv->drain_timer != NULL) {
+    uv_close((uv_handle_t *) srv->drain_timer, drain_timer_closed);
+    srv->drain_timer = NULL;
+  }
+
+  ref = srv->drain_ref;
+  srv->drain_ref = LUA_NOREF;
+  co = jv__co_thread(ref);
+  lua_pushboolean(co, !srv->drain_timed_out);
+  jv__co_resume_later(ref, 1);
+}
+
+
+static void
+conn_end_request_object(jv_http_conn_t *c)
+{
+  if (c->box != NULL) {
+    c->box->conn = NULL;
+    c->box = NULL;
+  }
+
+  if (c->req_ref != LUA_NOREF) {
+    luaL_unref(jv__lua(), LUA_REGISTRYINDEX, c->req_ref);
+    c->req_ref = LUA_NOREF;
+  }
+}
+
+
+static void
+conn_close(jv_http_conn_t *c)
+{
+  jv_http_server_t *srv = c->server;
+  lua_State *L = jv__lua();
+
+  if (c->state == CONN_CLOSING) {
+    return;
+  }
+
+  if (c->state == CONN_HANDLER) {
+    srv->nbusy--;
+  }
+
+  c->state = CONN_CLOSING;
+  conn_resume_reader(c, JV_ECLOSED);
+
+  if (c->writer_ref != LUA_NOREF) {
+    int ref = c->writer_ref;
+    lua_State *co = jv__co_thread(ref);
+
+    c->writer_ref = LUA_NOREF;
+    jv__push_error(co, JV_ECLOSED);
+    jv__co_resume_later(ref, 3);
+  }
+
+  conn_end_request_object(c);
+
+  /* Unlink. */
+  if (c->prev != NULL) {
+    c->prev->next = c->next;
+
+  } else {
+    srv->conns = c->next;
+  }
+
+  if (c->next != NULL) {
+    c->next->prev = c->prev;
+  }
+
+  srv->nconns--;
+
+  if (!c->hijacked) {
+    /* Close through the socket so its own bookkeeping runs. */
+    jv__sock_return(c->sock);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->sock_ref);
+    lua_getfield(L, -1, "close");
+    lua_insert(L, -2);
+    lua_call(L, 1, 0);
+  }
+
+  luaL_unref(L, LUA_REGISTRYINDEX, c->sock_ref);
+  c->sock_ref = LUA_NOREF;
+
+  uv_close((uv_handle_t *) &c->timer, conn_timer_closed);
+  server_maybe_drained(srv);
+}
+
+
+static void
+conn_drain_cb(jv_stream_t *s)
+{
+  jv_http_conn_t *c = s->data;
+  int ref = c->writer_ref;
+  lua_State *co;
+
+  if (ref == LUA_NOREF) {
+    return;
+  }
+
+  c->writer_ref = LUA_NOREF;
+  co = jv__co_thread(ref);
+  lua_pushboolean(co, 1);
+  jv__co_resume(ref, 1);
+}
+
+
+static void
+on_stream(jv_listener_t *l, jv_stream_t *s)
+{
+  jv_http_server_t *srv = l->data;
+  lua_State *L = jv__lua();
+  jv_http_conn_t *c;
+
+  if (srv->draining) {
+    jv_stream_close(s, NULL);
+    return;
+  }
+
+  c = calloc(1, sizeof(*c));
+  if (c == NULL) {
+    jv_log(JV_LOG_ALERT, "out of memory accepting a connection", NULL);
+    jv_stream_close(s, NULL);
+    return;
+  }
+
+  c->server = srv;
+  c->reader_ref = LUA_NOREF;
+  c->writer_ref = LUA_NOREF;
+  c->req_ref = LUA_NOREF;
+
+  c->sock = jv__sock_push(L, s);
+  c->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  jv__sock_lend(c->sock);
+  c->stream = s;
+  s->data = c;
+  s->drain_cb = conn_drain_cb;
+
+  uv_timer_init(jv__loop(), &c->timer);
+  c->timer.data = c;
+  c->handles = 1;
+
+  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
+  c->parser.data = c;
+
+  c->next = srv->conns;
+  if (srv->conns != NULL) {
+    srv->conns->prev = c;
+  }
+  srv->conns = c;
+  srv->nconns++;
+
+  c->state = CONN_HEAD;
+  conn_arm_timer(c, srv->limits.header_timeout);
+
+  if (jv_stream_read_start(s, conn_read_cb) != 0) {
+    conn_close(c);
+  }
+}
+
+
+/* ---- dispatch to Lua ---- */
+
+static void
+make_request_id(jv_http_conn_t *c)
+{
+  snprintf(c->req_id, sizeof(c->req_id), "%s%06llx", id_prefix,
+           (unsigned long long) (++id_counter & 0xffffff));
+}
+
+
+static void
+conn_dispatch(jv_http_conn_t *c)
+{
+  jv_http_server_t *srv = c->server;
+  lua_State *L = jv__lua();
+  jv_http_req_box_t *box;
+
+  uv_timer_stop(&c->timer);
+  c->state = CONN_HANDLER;
+  srv->nbusy++;
+  c->requests++;
+  c->start_ms = uv_now(jv__loop());
+  c->status = 0;
+  c->bytes_sent = 0;
+  c->head_sent = 0;
+  c->chunked = 0;
+  c->response_done = 0;
+  c->continue_sent = 0;
+  c->discard_body = 0;
+  c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
+  make_request_id(c);
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+
+  box = lua_newuserdata(L, sizeof(*box));
+  box->conn = c;
+  c->box = box;
+  luaL_getmetatable(L, JV_HTTP_REQUEST_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  jv__co_start(L, 1, "http handler");
+}
+
+
+static void
+access_log(jv_http_conn_t *c)
+{
+  char status[8], bytes[24], ms[24];
+  const char *method = llhttp_method_name(c->parser.method);
+  char url[256];
+  size_t ulen = c->url_len < sizeof(url) - 1 ? c->url_len : sizeof(url) - 1;
+
+  if (!c->server->access_log || !jv_log_enabled(JV_LOG_INFO)) {
+    return;
+  }
+
+  memcpy(url, c->head + c->url_off, ulen);
+  url[ulen] = '\0';
+
+  /* Never log the query string: it may carry a token. */
+  if (strchr(url, '?') != NULL) {
+    *strchr(url, '?') = '\0';
+  }
+
+  snprintf(status, sizeof(status), "%d", c->status);
+  snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long) c->bytes_sent);
+  snprintf(ms, sizeof(ms), "%llu",
+           (unsigned long long) (uv_now(jv__loop()) - c->start_ms));
+  jv_log(JV_LOG_INFO, "access", "req_id", c->req_id, "method", method,
+         "path", url, "status", status, "bytes", bytes, "ms", ms, NULL);
+}
+
+
+/* Called when the response is complete: start the next request or close. */
+static void
+conn_response_done(jv_http_conn_t *c)
+{
+  c->response_done = 1;
+  access_log(c);
+  conn_end_request_object(c);
+
+  if (c->state != CONN_HANDLER) {
+    return;
+  }
+
+  c->server->nbusy--;
+
+  if (!c->keep_alive || c->upgrade) {
+    jv_stream_shutdown(c->stream);
+    conn_close(c);
+    return;
+  }
+
+  if (!c->message_done) {
+    if (c->expect_continue && !c->continue_sent) {
+      /* The client may be holding the body back for a 100 Continue
+       * that will not come: the connection cannot be reused. */
+      jv_stream_shutdown(c->stream);
+      conn_close(c);
+      return;
+    }
+
+    /* Skip the unread rest of the body, then go on. */
+    c->discard_body = 1;
+    c->body_len = 0;
+  }
+
+  conn_next_request(c);
+}
+
+
+static void
+conn_next_request(jv_http_conn_t *c)
+{
+  int rc;
+
+  c->state = CONN_HEAD;
+  c->head_scanned = 0;
+  c->crlf_run = 0;
+  c->prev_byte = 0;
+
+  if (!c->message_done) {
+    /* Discarding a body: parse until the message completes. */
+    c->state = CONN_HANDLER;
+    c->server->nbusy++;
+    rc = conn_unpause(c);
+    if (rc < 0) {
+      return;
+    }
+    if (!c->message_done) {
+      jv_stream_read_start(c->stream, conn_read_cb);
+      return;
+    }
+    c->server->nbusy--;
+    c->state = CONN_HEAD;
+  }
+
+  if (c->server->draining) {
+    jv_stream_shutdown(c->stream);
+    conn_close(c);
+    return;
+  }
+
+  c->discard_body = 0;
+  conn_arm_timer(c, c->server->limits.idle_timeout);
+
+  rc = conn_unpause(c);
+  if (rc < 0) {
+    return;
+  }
+
+  if (rc == 1) {
+    conn_dispatch(c);
+    return;
+  }
+
+  if (jv_stream_read_start(c->stream, conn_read_cb) != 0) {
+    conn_close(c);
+  }
+}
+
+
+/* Hook for conn_read_cb while discarding a body after the response. */
+static void
+conn_resume_reader(jv_http_conn_t *c, int err)
+{
+  int ref = c->reader_ref;
+  lua_State *co;
+  size_t n;
+
+  if (c->response_done && c->state == CONN_HANDLER && err == 0) {
+    /* Discarding: body bytes are dropped by on_body. */
+    if (c->message_done) {
+      c->server->nbusy--;
+      c->state = CONN_HEAD;
+      c->discard_body = 0;
+      conn_next_request(c);
+    } else if (c->paused) {
+      if (conn_unpause(c) >= 0 && !c->message_done) {
+        jv_stream_read_start(c->stream, conn_read_cb);
+      } else if (c->message_done) {
+        conn_resume_reader(c, 0);
+      }
+    }
+    return;
+  }
+
+  if (ref == LUA_NOREF) {
+    return;
+  }
+
+  c->reader_ref = LUA_NOREF;
+  co = jv__co_thread(ref);
+
+  if (err != 0 && c->body_len == 0) {
+    jv__push_error(co, err);
+    jv__co_resume(ref, 3);
+    return;
+  }
+
+  if (c->body_len == 0) {
+    lua_pushnil(co);
+    jv__co_resume(ref, 1);
+    return;
+  }
+
+  n = c->body_len;
+  lua_pushlstring(co, c->body, n);
+  c->body_len = 0;
+  jv__co_resume(ref, 1);
+}
+
+
+/* ---- request object ---- */
+
+static jv_http_conn_t *
+check_req(lua_State *L)
+{
+  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+
+  if (box->conn == NULL) {
+    luaL_error(L, "request is over: its response was sent or its "
+               "connection closed");
+  }
+
+  return box->conn;
+}
+
+
+static int
+push_url_part(lua_State *L, jv_http_conn_t *c, int part)
+{
+  const char *url = c->head + c->url_off;
+  const char *q = memchr(url, '?', c->url_len);
+
+  if (part == 0) {
+    lua_pushlstring(L, url, c->url_len);
+
+  } else if (part == 1) {
+    lua_pushlstring(L, url, q ? (size_t) (q - url) : c->url_len);
+
+  } else if (q != NULL) {
+    lua_pushlstring(L, q + 1, c->url_len - (size_t) (q - url) - 1);
+
+  } else {
+    lua_pushnil(L);
+  }
+
+  return 1;
+}
+
+
+static int l_req_methods_index;
+
+
+/* req.method, req.target, req.path, req.query, req.version, req.id; any
+ * other key looks up a method. */
+static int
+l_req_index(lua_State *L)
+{
+  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+  const char *key = luaL_checkstring(L, 2);
+  jv_http_conn_t *c = box->conn;
+
+  if (c != NULL) {
+    switch (key[0]) {
+    case 'm':
+      if (strcmp(key, "method") == 0) {
+        lua_pushstring(L, llhttp_method_name(c->parser.method));
+        return 1;
+      }
+      break;
+    case 't':
+      if (strcmp(key, "target") == 0) {
+        return push_url_part(L, c, 0);
+      }
+      break;
+    case 'p':
+      if (strcmp(key, "path") == 0) {
+        return push_url_part(L, c, 1);
+      }
+      break;
+    case 'q':
+      if (strcmp(key, "query") == 0) {
+        return push_url_part(L, c, 2);
+      }
+      break;
+    case 'v':
+      if (strcmp(key, "version") == 0) {
+        lua_pushfstring(L, "%d.%d", c->parser.http_major,
+                        c->parser.http_minor);
+        return 1;
+      }
+      break;
+    case 'i':
+      if (strcmp(key, "id") == 0) {
+        lua_pushstring(L, c->req_id);
+        return 1;
+      }
+      break;
+    default:
+      break;
+    }
+  }
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, l_req_methods_index);
+  lua_getfield(L, -1, key);
+  return 1;
+}
+
+
+/* req:header(name): the first value of a header, case-insensitive. */
+static int
+l_req_header(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  const char *name = luaL_checkstring(L, 2);
+  const char *v;
+  size_t len;
+
+  v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, name, &len);
+  if (v == NULL) {
+    lua_pushnil(L);
+
+  } else {
+    lua_pushlstring(L, v, len);
+  }
+
+  return 1;
+}
+
+
+/* req:headers(): a table of lower-case names to values; a repeated header
+ * maps to an array of its values in order. */
+static int
+l_req_headers(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  char name[256];
+  unsigned i;
+  size_t j, n;
+
+  lua_createtable(L, 0, (int) c->nhdrs);
+
+  for (i = 0; i < c->nhdrs; i++) {
+    jv_http_header_t *h = &c->hdrs[i];
+
+    n = h->name_len < sizeof(name) ? h->name_len : sizeof(name);
+    for (j = 0; j < n; j++) {
+      char ch = c->head[h->name_off + j];
+      name[j] = (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch;
+    }
+
+    lua_pushlstring(L, name, n);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, c->head + h->value_off, h->value_len);
+      lua_rawset(L, -3);
+
+    } else if (lua_istable(L, -1)) {
+      lua_pushlstring(L, c->head + h->value_off, h->value_len);
+      lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
+      lua_pop(L, 2);
+
+    } else {
+      lua_createtable(L, 2, 0);
+      lua_insert(L, -2);
+      lua_rawseti(L, -2, 1);
+      lua_pushlstring(L, c->head + h->value_off, h->value_len);
+      lua_rawseti(L, -2, 2);
+      lua_rawset(L, -3);
+    }
+  }
+
+  return 1;
+}
+
+
+/* req:header_list(): {{name, value}, ...} as received, names unchanged. */
+static int
+l_req_header_list(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  unsigned i;
+
+  lua_createtable(L, (int) c->nhdrs, 0);
+
+  for (i = 0; i < c->nhdrs; i++) {
+    jv_http_header_t *h = &c->hdrs[i];
+
+    lua_createtable(L, 2, 0);
+    lua_pushlstring(L, c->head + h->name_off, h->name_len);
+    lua_rawseti(L, -2, 1);
+    lua_pushlstring(L, c->head + h->value_off, h->value_len);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, (int) i + 1);
+  }
+
+  return 1;
+}
+
+
+static int
+l_req_peer(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  char ip[64];
+  int port;
+
+  if (jv_stream_address(c->stream, 1, ip, sizeof(ip), &port) != 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+
+  lua_pushstring(L, ip);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+
+static int
+send_continue(jv_http_conn_t *c)
+{
+  static const char line[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  uv_buf_t b = uv_buf_init((char *) line, sizeof(line) - 1);
+
+  c->continue_sent = 1;
+  return jv_stream_write(c->stream, &b, 1);
+}
+
+
+/*
+ * req:read([max]): the next piece of the request body, at most max bytes
+ * (default: whatever has arrived); nil at the end of the body; nil,
+ * message, code on a closed connection or timeout.
+ */
+static int
+l_req_read(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  lua_Integer max = luaL_optinteger(L, 2, 0);
+  size_t n;
+  int rc;
+
+  if (c->hijacked) {
+    return luaL_error(L, "request was hijacked: read from the socket");
+  }
+
+  if (c->reader_ref != LUA_NOREF) {
+    return luaL_error(L, "request body already has a coroutine reading");
+  }
+
+  if (c->expect_continue && !c->continue_sent && !c->head_sent) {
+    send_continue(c);
+  }
+
+  if (c->body_len == 0 && !c->body_done) {
+    rc = conn_unpause(c);
+    if (rc < 0) {
+      return jv__push_error(L, JV_ECLOSED);
+    }
+  }
+
+  if (c->body_len > 0) {
+    n = c->body_len;
+    if (max > 0 && (size_t) max < n) {
+      n = (size_t) max;
+    }
+
+    lua_pushlstring(L, c->body, n);
+    memmove(c->body, c->body + n, c->body_len - n);
+    c->body_len -= n;
+    return 1;
+  }
+
+  if (c->body_done) {
+    lua_pushnil(L);
+    return 1;
+  }
+
+  if (!c->paused) {
+    rc = jv_stream_read_start(c->stream, conn_read_cb);
+    if (rc != 0) {
+      return jv__push_error(L, rc);
+    }
+  }
+
+  c->reader_ref = jv__co_park(L);
+  return lua_yield(L, 0);
+}
+
+
+static int
+header_value_ok(const char *v, size_t len)
+{
+  size_t i;
+
+  for (i = 0; i < len; i++) {
+    if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+static int
+header_name_ok(const char *v, size_t len)
+{
+  size_t i;
+
+  if (len == 0) {
+    return 0;
+  }
+
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char) v[i];
+
+    if (ch <= ' ' || ch >= 0x7f || ch == ':') {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+/* Appends "Name: value\r\n" to b, raising on CR/LF injection. */
+static void
+add_header(lua_State *L, luaL_Buffer *b, const char *name, size_t nlen,
+           int value_index)
+{
+  size_t vlen;
+  const char *v = lua_tolstring(L, value_index, &vlen);
+
+  if (v == NULL) {
+    luaL_error(L, "header %s: value must be a string or number", name);
+  }
+
+  if (!header_value_ok(v, vlen)) {
+    luaL_error(L, "header %s: value contains CR, LF or NUL", name);
+  }
+
+  luaL_addlstring(b, name, nlen);
+  luaL_addlstring(b, ": ", 2);
+  luaL_addlstring(b, v, vlen);
+  luaL_addlstring(b, "\r\n", 2);
+}
+
+
+/*
+ * Builds and writes the status line and headers. body_len >= 0 sets
+ * Content-Length; -1 means the length is unknown (chunked on HTTP/1.1,
+ * close-delimited on 1.0).
+ */
+static int
+write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
+           const char *body, size_t body_len, int has_body)
+{
+  luaL_Buffer b;
+  char line[96];
+  int has_length = 0, has_te = 0, has_date = 0, has_conn = 0;
+  int bodyless = (status < 200 || status == 204 || status == 304);
+  uv_buf_t bufs[2];
+  unsigned nbufs = 1;
+  int rc;
+
+  if (status < 100 || status > 999) {
+    return luaL_error(L, "invalid status %d", status);
+  }
+
+  luaL_buffinit(L, &b);
+  snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status,
+           jv__http_reason(status));
+  luaL_addstring(&b, line);
+
+  if (headers_index != 0 && lua_istable(L, headers_index)) {
+    lua_pushnil(L);
+    while (lua_next(L, headers_index) != 0) {
+      size_t nlen;
+      const char *name;
+
+      if (lua_type(L, -2) != LUA_TSTRING) {
+        return luaL_error(L, "header names must be strings");
+      }
+
+      name = lua_tolstring(L, -2, &nlen);
+      if (!header_name_ok(name, nlen)) {
+        return luaL_error(L, "invalid header name '%s'", name);
+      }
+
+      if (strcasecmp(name, "content-length") == 0) {
+        has_length = 1;
+
+      } else if (strcasecmp(name, "transfer-encoding") == 0) {
+        has_te = 1;
+
+      } else if (strcasecmp(name, "date") == 0) {
+        has_date = 1;
+
+      } else if (strcasecmp(name, "connection") == 0) {
+        const char *v = lua_tostring(L, -1);
+
+        has_conn = 1;
+        if (v != NULL && strcasecmp(v, "close") == 0) {
+          c->keep_alive = 0;
+        }
+      }
+
+      if (lua_istable(L, -1)) {
+        int i, n = (int) lua_objlen(L, -1);
+
+        for (i = 1; i <= n; i++) {
+          lua_rawgeti(L, -1, i);
+          add_header(L, &b, name, nlen, lua_gettop(L));
+          lua_pop(L, 1);
+        }
+
+      } else {
+        add_header(L, &b, name, nlen, lua_gettop(L));
+      }
+
+      lua_pop(L, 1);
+    }
+  }
+
+  if (!has_date) {
+    luaL_addstring(&b, "Date: ");
+    luaL_addstring(&b, jv__http_date());
+    luaL_addstring(&b, "\r\n");
+  }
+
+  c->chunked = 0;
+  if (!bodyless && !has_length && !has_te) {
+    if (has_body) {
+      snprintf(line, sizeof(line), "Content-Length: %zu\r\n", body_len);
+      luaL_addstring(&b, line);
+
+    } else if (c->parser.http_major == 1 && c->parser.http_minor >= 1) {
+      luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+      c->chunked = 1;
+
+    } else {
+      c->keep_alive = 0;
+    }
+  }
+
+  if (c->server->draining) {
+    c->keep_alive = 0;
+  }
+
+  if (!has_conn && status != 101) {
+    if (!c->keep_alive) {
+      luaL_addstring(&b, "Connection: close\r\n");
+
+    } else if (c->parser.http_major == 1 && c->parser.http_minor == 0) {
+      luaL_addstring(&b, "Connection: keep-alive\r\n");
+    }
+  }
+
+  luaL_addlstring(&b, "\r\n", 2);
+  luaL_pushresult(&b);
+
+  {
+    size_t hlen;
+    const char *h = lua_tolstring(L, -1, &hlen);
+
+    bufs[0] = uv_buf_init((char *) h, (unsigned) hlen);
+    if (has_body && body_len > 0 && !c->is_head && !bodyless) {
+      bufs[1] = uv_buf_init((char *) body, (unsigned) body_len);
+      nbufs = 2;
+    }
+
+    c->status = status;
+    c->head_sent = 1;
+    rc = conn_write(c, bufs, nbufs);
+  }
+
+  lua_pop(L, 1);
+  return rc;
+}
+
+
+static int
+wait_drain(lua_State *L, jv_http_conn_t *c)
+{
+  if (c->stream->write_queue < HTTP_WRITE_HIGH_WATER) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+
+  c->writer_ref = jv__co_park(L);
+  return lua_yield(L, 0);
+}
+
+
+/*
+ * req:respond(status [, headers [, body]]): sends a whole response with
+ * Content-Length and ends the request. headers maps names to a string or
+ * an array of strings.
+ */
+static int
+l_req_respond(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  int status = (int) luaL_checkinteger(L, 2);
+  size_t blen = 0;
+  const char *body = luaL_optlstring(L, 4, NULL, &blen);
+  int rc;
+
+  if (c->head_sent) {
+    return luaL_error(L, "response head already sent");
+  }
+
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+  }
+
+  rc = write_head(L, c, status, lua_isnoneornil(L, 3) ? 0 : 3,
+                  body ? body : "", blen, 1);
+  conn_response_done(c);
+
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* req:send_head(status [, headers]): starts a streamed response. Without a
+ * Content-Length header the body is sent chunked. */
+static int
+l_req_send_head(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  int status = (int) luaL_checkinteger(L, 2);
+  int rc;
+
+  if (c->head_sent) {
+    return luaL_error(L, "response head already sent");
+  }
+
+  rc = write_head(L, c, status, lua_isnoneornil(L, 3) ? 0 : 3, NULL, 0, 0);
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  if (status == 101) {
+    c->upgrade = 1;
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* req:write(data): sends part of a streamed body, waiting while the
+ * client is slow. An empty string sends nothing. */
+static int
+l_req_write(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  char size_line[24];
+  uv_buf_t bufs[3];
+  int rc;
+
+  if (!c->head_sent) {
+    return luaL_error(L, "call send_head before write");
+  }
+
+  if (c->writer_ref != LUA_NOREF) {
+    return luaL_error(L, "response already has a coroutine writing");
+  }
+
+  if (len == 0 || c->is_head) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+
+  if (c->chunked) {
+    int n = snprintf(size_line, sizeof(size_line), "%zx\r\n", len);
+
+    bufs[0] = uv_buf_init(size_line, (unsigned) n);
+    bufs[1] = uv_buf_init((char *) data, (unsigned) len);
+    bufs[2] = uv_buf_init("\r\n", 2);
+    rc = conn_write(c, bufs, 3);
+
+  } else {
+    bufs[0] = uv_buf_init((char *) data, (unsigned) len);
+    rc = conn_write(c, bufs, 1);
+  }
+
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  return wait_drain(L, c);
+}
+
+
+/* req:finish(): ends a streamed response (the last chunk when chunked). */
+static int
+l_req_finish(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  uv_buf_t b;
+  int rc = 0;
+
+  if (!c->head_sent) {
+    return luaL_error(L, "call send_head before finish");
+  }
+
+  if (c->chunked && !c->is_head) {
+    b = uv_buf_init("0\r\n\r\n", 5);
+    rc = conn_write(c, &b, 1);
+  }
+
+  conn_response_done(c);
+
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/*
+ * req:hijack(): takes the connection out of HTTP and returns its Lua
+ * socket, with any bytes received after the request head unread in it.
+ * Used for WebSocket and other upgrades after the 101 is written (or
+ * before, to write it by hand). The request ends here.
+ */
+static int
+l_req_hijack(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  jv_http_server_t *srv = c->server;
+  lua_State *A = jv__lua();
+
+  if (c->hijacked) {
+    return luaL_error(L, "request already hijacked");
+  }
+
+  if (c->body_len > 0) {
+    jv__sock_unread(c->sock, c->body, c->body_len);
+    c->body_len = 0;
+  }
+
+  if (c->pending_len > 0) {
+    size_t buffered;
+
+    jv__sock_buffered(c->sock, &buffered);
+    jv__sock_unread(c->sock, c->pending, c->pending_len);
+    c->pending_len = 0;
+  }
+
+  c->hijacked = 1;
+  c->upgrade = 1;
+  c->keep_alive = 0;
+  if (c->status == 0) {
+    c->status = 101;
+  }
+
+  access_log(c);
+  jv__sock_return(c->sock);
+  lua_rawgeti(A, LUA_REGISTRYINDEX, c->sock_ref);
+  lua_xmove(A, L, 1);
+
+  c->response_done = 1;
+  conn_end_request_object(c);
+  if (c->state == CONN_HANDLER) {
+    srv->nbusy--;
+    c->state = CONN_HEAD;
+  }
+  conn_close(c);
+  return 1;
+}
+
+
+/* req:keepalive([flag]): reads or clears keep-alive for this response. */
+static int
+l_req_keepalive(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+
+  if (lua_isboolean(L, 2) && !lua_toboolean(L, 2)) {
+    c->keep_alive = 0;
+  }
+
+  lua_pushboolean(L, c->keep_alive);
+  return 1;
+}
+
+
+static int
+l_req_is_upgrade(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+
+  lua_pushboolean(L, c->parser.upgrade);
+  return 1;
+}
+
+
+static int
+l_req_head_sent(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+
+  lua_pushboolean(L, c->head_sent);
+  return 1;
+}
+
+
+/* req:_done(ok, status, headers, body): called by the handler wrapper when
+ * the handler returns or raises. */
+static int
+l_req_done(lua_State *L)
+{
+  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+  jv_http_conn_t *c = box->conn;
+  int ok = lua_toboolean(L, 2);
+
+  if (c == NULL) {
+    return 0;   /* responded, hijacked or closed already */
+  }
+
+  if (!ok) {
+    jv_log(JV_LOG_ERR, "handler failed", "req_id", c->req_id,
+           "error", lua_tostring(L, 3), NULL);
+
+    if (c->head_sent) {
+      /* A half-sent response cannot be repaired: cut the connection. */
+      c->keep_alive = 0;
+      conn_response_done(c);
+      return 0;
+    }
+
+    lua_settop(L, 1);
+    lua_pushinteger(L, 500);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "application/json");
+    lua_setfield(L, -2, "Content-Type");
+    lua_pushliteral(L, "{\"error\":{\"code\":\"internal\",\"message\":"
+                    "\"internal server error\"}}\n");
+    return l_req_respond(L);
+  }
+
+  if (c->head_sent) {
+    return l_req_finish(L);
+  }
+
+  if (lua_type(L, 3) != LUA_TNUMBER) {
+    jv_log(JV_LOG_ERR, "handler returned no response", "req_id", c->req_id,
+           NULL);
+    lua_settop(L, 1);
+    lua_pushinteger(L, 500);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "application/json");
+    lua_setfield(L, -2, "Content-Type");
+    lua_pushliteral(L, "{\"error\":{\"code\":\"internal\",\"message\":"
+                    "\"handler returned no response\"}}\n");
+    return l_req_respond(L);
+  }
+
+  lua_remove(L, 2);   /* req, status, headers, body */
+  if (lua_isnil(L, 3)) {
+    lua_remove(L, 3);
+    lua_pushnil(L);
+    lua_insert(L, 3);
+  }
+  return l_req_respond(L);
+}
+
+
+/* ---- server object ---- */
+
+typedef struct {
+  jv_http_server_t *srv;
+} jv_http_server_box_t;
+
+
+static jv_http_server_t *
+check_server(lua_State *L)
+{
+  jv_http_server_box_t *box = luaL_checkudata(L, 1, JV_HTTP_SERVER_MT);
+
+  if (box->srv == NULL) {
+    luaL_error(L, "attempt to use a closed server");
+  }
+
+  return box->srv;
+}
+
+
+static double
+opt_field_number(lua_State *L, int idx, const char *name, double def)
+{
+  double v;
+
+  lua_getfield(L, idx, name);
+  v = luaL_optnumber(L, -1, def);
+  lua_pop(L, 1);
+
+  if (v < 0) {
+    luaL_error(L, "%s must be >= 0", name);
+  }
+
+  return v;
+}
+
+
+/* Wraps the handler so its result and errors come back to l_req_done. */
+static const char wrapper_src[] =
+  "local handler, traceback = ...\n"
+  "local xpcall = xpcall\n"
+  "return function(req)\n"
+  "  req:_done(xpcall(handler, traceback, req))\n"
+  "end\n";
+
+
+static void
+push_wrapper(lua_State *L, int handler_index)
+{
+  luaL_loadbuffer(L, wrapper_src, sizeof(wrapper_src) - 1, "=http handler");
+  lua_pushvalue(L, handler_index);
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  lua_remove(L, -2);
+  lua_call(L, 2, 1);
+}
+
+
+/*
+ * core.http.listen{host=, port=, tls=, handler=fn, max_header_size=,
+ * max_headers=, max_url=, max_body=, header_timeout=, idle_timeout=,
+ * access_log=true}: starts a server; fn(req) runs in a new coroutine per
+ * request and either returns status, headers, body or responds itself.
+ */
+static int
+l_http_listen(lua_State *L)
+{
+  jv_http_server_box_t *box;
+  jv_http_server_t *srv;
+  jv_listener_t *l;
+  const char *host;
+  int port, backlog, tls_index = 0;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+
+  lua_getfield(L, 1, "handler");
+  luaL_argcheck(L, lua_isfunction(L, -1), 1, "handler must be a function");
+  lua_getfield(L, 1, "host");
+  host = luaL_optstring(L, -1, "127.0.0.1");
+  lua_getfield(L, 1, "port");
+  port = (int) luaL_checkinteger(L, -1);
+  lua_getfield(L, 1, "backlog");
+  backlog = (int) luaL_optinteger(L, -1, 511);
+  lua_getfield(L, 1, "tls");
+  if (!lua_isnil(L, -1)) {
+    tls_index = lua_gettop(L);
+  }
+
+  srv = calloc(1, sizeof(*srv));
+  if (srv == NULL) {
+    return luaL_error(L, "out of memory");
+  }
+
+  srv->limits.max_header_size =
+    (size_t) opt_field_number(L, 1, "max_header_size", 16384);
+  srv->limits.max_headers =
+    (unsigned) opt_field_number(L, 1, "max_headers", 100);
+  srv->limits.max_url = (size_t) opt_field_number(L, 1, "max_url", 8192);
+  srv->limits.max_body =
+    (uint64_t) opt_field_number(L, 1, "max_body", 1024 * 1024);
+  srv->limits.header_timeout = opt_field_number(L, 1, "header_timeout", 10);
+  srv->limits.idle_timeout = opt_field_number(L, 1, "idle_timeout", 60);
+  lua_getfield(L, 1, "access_log");
+  srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  srv->drain_ref = LUA_NOREF;
+
+  l = jv__listener_push(L, host, port, backlog, tls_index);
+  if (l == NULL) {
+    free(srv);
+    return 3;
+  }
+
+  srv->listener = l;
+  l->data = srv;
+  l->on_stream = on_stream;
+  lua_pop(L, 1);   /* the listener object: the server owns the listener */
+
+  push_wrapper(L, 2);
+  srv->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  box = lua_newuserdata(L, sizeof(*box));
+  box->srv = srv;
+  luaL_getmetatable(L, JV_HTTP_SERVER_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+
+static int
+l_server_port(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+  struct sockaddr_storage ss;
+  int len = sizeof(ss);
+
+  if (srv->listener == NULL) {
+    return luaL_error(L, "server is no longer listening");
+  }
+
+  uv_tcp_getsockname(&srv->listener->tcp, (struct sockaddr *) &ss, &len);
+  lua_pushinteger(L, ntohs(ss.ss_family == AF_INET6
+                           ? ((struct sockaddr_in6 *) &ss)->sin6_port
+                           : ((struct sockaddr_in *) &ss)->sin_port));
+  return 1;
+}
+
+
+/* server:set_handler(fn): later requests run fn; requests in flight finish
+ * on the handler they started with. */
+static int
+l_server_set_handler(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  push_wrapper(L, 2);
+  luaL_unref(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  srv->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+
+static void
+server_stop_listening(jv_http_server_t *srv)
+{
+  if (srv->listener != NULL) {
+    jv__listener_close(srv->listener);
+    srv->listener = NULL;
+  }
+}
+
+
+/* server:close(): stops accepting; open connections carry on. */
+static int
+l_server_close(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+
+  server_stop_listening(srv);
+  return 0;
+}
+
+
+static void
+drain_timeout_cb(uv_timer_t *t)
+{
+  jv_http_server_t *srv = t->data;
+  jv_http_conn_t *c, *next;
+
+  srv->drain_timed_out = 1;
+  jv_log(JV_LOG_WARN, "drain timed out; closing open connections", NULL);
+
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    conn_close(c);
+  }
+
+  server_maybe_drained(srv);
+}
+
+
+/*
+ * server:drain([timeout]): stops accepting, closes idle keep-alive
+ * connections, lets requests in flight finish with Connection: close, and
+ * returns true once none remain, or false when timeout seconds (default
+ * 30) passed first and the rest were closed.
+ */
+static int
+l_server_drain(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+  double timeout = luaL_optnumber(L, 2, 30);
+  jv_http_conn_t *c, *next;
+
+  if (srv->drain_ref != LUA_NOREF) {
+    return luaL_error(L, "server is already draining");
+  }
+
+  srv->draining = 1;
+  srv->drain_timed_out = 0;
+  server_stop_listening(srv);
+
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    if (c->state == CONN_HEAD) {
+      conn_close(c);
+    }
+  }
+
+  if (srv->nconns == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+
+  srv->drain_timer = malloc(sizeof(*srv->drain_timer));
+  if (srv->drain_timer == NULL) {
+    return luaL_error(L, "out of memory");
+  }
+
+  uv_timer_init(jv__loop(), srv->drain_timer);
+  srv->drain_timer->data = srv;
+  uv_timer_start(srv->drain_timer, drain_timeout_cb,
+                 (uint64_t) (timeout * 1000), 0);
+
+  srv->drain_ref = jv__co_park(L);
+  return lua_yield(L, 0);
+}
+
+
+/* server:close_all(): closes every connection now (after a drain timed
+ * out). Returns how many were closed. */
+static int
+l_server_close_all(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+  jv_http_conn_t *c, *next;
+  int n = 0;
+
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    conn_close(c);
+    n++;
+  }
+
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+
+static int
+l_server_connections(lua_State *L)
+{
+  jv_http_server_t *srv = check_server(L);
+
+  lua_pushinteger(L, srv->nconns);
+  lua_pushinteger(L, srv->nbusy);
+  return 2;
+}
 
 
 int
 jv__open_http(lua_State *L)
 {
+  static const luaL_Reg funcs[] = {
+    { "listen", l_http_listen },
+    { NULL, NULL }
+  };
+  static const luaL_Reg server_methods[] = {
+    { "port", l_server_port },
+    { "set_handler", l_server_set_handler },
+    { "close", l_server_close },
+    { "drain", l_server_drain },
+    { "close_all", l_server_close_all },
+    { "connections", l_server_connections },
+    { NULL, NULL }
+  };
+  static const luaL_Reg req_methods[] = {
+    { "header", l_req_header },
+    { "headers", l_req_headers },
+    { "header_list", l_req_header_list },
+    { "peer", l_req_peer },
+    { "read", l_req_read },
+    { "respond", l_req_respond },
+    { "send_head", l_req_send_head },
+    { "write", l_req_write },
+    { "finish", l_req_finish },
+    { "hijack", l_req_hijack },
+    { "keepalive", l_req_keepalive },
+    { "is_upgrade", l_req_is_upgrade },
+    { "head_sent", l_req_head_sent },
+    { "_done", l_req_done },
+    { NULL, NULL }
+  };
+  unsigned char rnd[4];
+  int i;
+
+  llhttp_settings_init(&parser_settings);
+  parser_settings.on_message_begin = on_message_begin;
+  parser_settings.on_url = on_url;
+  parser_settings.on_header_field = on_header_field;
+  parser_settings.on_header_value = on_header_value;
+  parser_settings.on_headers_complete = on_headers_complete;
+  parser_settings.on_body = on_body;
+  parser_settings.on_message_complete = on_message_complete;
+
+  uv_random(NULL, NULL, rnd, sizeof(rnd), 0, NULL);
+  for (i = 0; i < 4; i++) {
+    snprintf(id_prefix + i * 2, 3, "%02x", rnd[i]);
+  }
+
+  luaL_newmetatable(L, JV_HTTP_SERVER_MT);
   lua_newtable(L);
+  luaL_setfuncs(L, server_methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+
+  luaL_newmetatable(L, JV_HTTP_REQUEST_MT);
+  lua_pushcfunction(L, l_req_index);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+
+  lua_newtable(L);
+  luaL_setfuncs(L, req_methods, 0);
+  l_req_methods_index = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  lua_newtable(L);
+  luaL_setfuncs(L, funcs, 0);
+
   return 1;
 }

@@ -1,0 +1,40 @@
+/*
+ * http_internal.h: what the HTTP server and client share.
+ */
+#ifndef JV_HTTP_INTERNAL_H
+#define JV_HTTP_INTERNAL_H
+
+#include "internal.h"
+
+#include <llhttp.h>
+
+/* One header field: offsets and lengths into the head buffer. */
+typedef struct {
+  uint32_t name_off;
+  uint32_t name_len;
+  uint32_t value_off;
+  uint32_t value_len;
+} jv_http_header_t;
+
+typedef struct {
+  size_t max_header_size;   /* bytes of request-target plus header fields */
+  unsigned max_headers;     /* header fields */
+  size_t max_url;           /* bytes of request-target */
+  uint64_t max_body;        /* bytes of request body */
+  double header_timeout;    /* seconds to receive a whole head */
+  double idle_timeout;      /* seconds a keep-alive connection may idle */
+} jv_http_limits_t;
+
+/* Returns the cached IMF-fixdate for the current second. */
+const char *jv__http_date(void);
+
+/* Returns the reason phrase for a status code. */
+const char *jv__http_reason(int status);
+
+/* Finds the first header named name (case-insensitive); returns its value
+ * and length, or NULL. */
+const char *jv__http_find_header(const char *head,
+                                 const jv_http_header_t *hdrs, unsigned n,
+                                 const char *name, size_t *len);
+
+#endif /* JV_HTTP_INTERNAL_H */
