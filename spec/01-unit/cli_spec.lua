@@ -1,8 +1,21 @@
 local cli = require("justavps.cli")
 local core = require("justavps.core")
 
--- The executable under test; JUSTAVPS_TEST_BIN overrides the default.
-local BIN = os.getenv("JUSTAVPS_TEST_BIN") or "build-fw/justavps"
+-- The executable under test: JUSTAVPS_TEST_BIN, else justavps in
+-- JV_BUILD_DIR (set by tools/test.sh), else in the build directory whose
+-- core module busted was given with --cpath=DIR/lua/?.so.
+local function find_binary()
+  local bin = os.getenv("JUSTAVPS_TEST_BIN")
+  if bin then
+    return bin
+  end
+  local dir = os.getenv("JV_BUILD_DIR")
+    or package.cpath:match("([^;]*)/lua/%?%.so")
+    or "build"
+  return dir .. "/justavps"
+end
+
+local BIN = find_binary()
 
 local function shell_quote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
