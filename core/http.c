@@ -26,7 +26,7 @@
 /* A handler writing faster than the client reads waits above this. */
 #define HTTP_WRITE_HIGH_WATER (256 * 1024)
 
-/* The parser pauses once this much body is buffered unread. */
+/* Reading stops once this much body is buffered unread. */
 #define HTTP_BODY_HIGH_WATER (64 * 1024)
 
 enum {
@@ -115,6 +115,12 @@ struct jv_http_conn_s {
   int continue_sent;
   int hijacked;
   int message_done;
+  int head_started;       /* bytes of the next request have arrived */
+
+  /* A limit a parser callback hit: answered instead of llhttp's reason. */
+  int reject_status;
+  const char *reject_code;
+  const char *reject_message;
 
   jv_http_conn_t *next;
   jv_http_conn_t *prev;
@@ -235,6 +241,18 @@ parser_conn(llhttp_t *p)
 }
 
 
+/* Records why a callback stopped the parser; returns llhttp's error. */
+static int
+limit_hit(jv_http_conn_t *c, int status, const char *code,
+          const char *message)
+{
+  c->reject_status = status;
+  c->reject_code = code;
+  c->reject_message = message;
+  return -1;
+}
+
+
 static int
 on_message_begin(llhttp_t *p)
 {
@@ -259,13 +277,11 @@ on_url(llhttp_t *p, const char *at, size_t len)
   jv_http_conn_t *c = parser_conn(p);
 
   if (c->url_len + len > c->server->limits.max_url) {
-    p->reason = "request-target too long";
-    return HPE_USER;
+    return limit_hit(c, 414, "uri_too_long", "request-target too long");
   }
 
   if (head_append(c, at, len) != 0) {
-    p->reason = "request head too large";
-    return HPE_USER;
+    return limit_hit(c, 431, "header_too_large", "request head too large");
   }
 
   c->url_len += (uint32_t) len;
@@ -281,8 +297,7 @@ on_header_field(llhttp_t *p, const char *at, size_t len)
 
   if (c->nhdrs == 0 || c->last_was_value) {
     if (c->nhdrs >= c->server->limits.max_headers) {
-      p->reason = "too many header fields";
-      return HPE_USER;
+      return limit_hit(c, 431, "header_too_large", "too many header fields");
     }
 
     if (c->nhdrs == c->hdr_cap) {
@@ -290,8 +305,7 @@ on_header_field(llhttp_t *p, const char *at, size_t len)
       jv_http_header_t *nh = realloc(c->hdrs, cap * sizeof(*nh));
 
       if (nh == NULL) {
-        p->reason = "out of memory";
-        return HPE_USER;
+        return limit_hit(c, 500, "internal", "out of memory");
       }
 
       c->hdrs = nh;
@@ -308,8 +322,7 @@ on_header_field(llhttp_t *p, const char *at, size_t len)
 
   h = &c->hdrs[c->nhdrs - 1];
   if (head_append(c, at, len) != 0) {
-    p->reason = "request head too large";
-    return HPE_USER;
+    return limit_hit(c, 431, "header_too_large", "request head too large");
   }
 
   h->name_len += (uint32_t) len;
@@ -329,8 +342,7 @@ on_header_value(llhttp_t *p, const char *at, size_t len)
   }
 
   if (head_append(c, at, len) != 0) {
-    p->reason = "request head too large";
-    return HPE_USER;
+    return limit_hit(c, 431, "header_too_large", "request head too large");
   }
 
   h->value_len += (uint32_t) len;
@@ -366,14 +378,19 @@ on_headers_complete(llhttp_t *p)
 
   if ((p->flags & F_CONTENT_LENGTH)
       && p->content_length > c->server->limits.max_body) {
-    p->reason = "request body too large";
-    return HPE_USER;
+    return limit_hit(c, 413, "too_large", "request body too large");
   }
 
   v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, "expect", &len);
   c->expect_continue = (v != NULL && len == 12
                         && strncasecmp(v, "100-continue", 12) == 0);
   c->is_head = (p->method == HTTP_HEAD);
+
+  if (!(p->flags & F_CHUNKED)
+      && !((p->flags & F_CONTENT_LENGTH) && p->content_length > 0)) {
+    /* No body: let the message complete, which pauses the parser. */
+    return 0;
+  }
 
   /* Stop here: the handler runs before any body byte is parsed. */
   return HPE_PAUSED;
@@ -389,8 +406,7 @@ on_body(llhttp_t *p, const char *at, size_t len)
 
   c->body_total += len;
   if (c->body_total > c->server->limits.max_body) {
-    p->reason = "request body too large";
-    return HPE_USER;
+    return limit_hit(c, 413, "too_large", "request body too large");
   }
 
   if (c->discard_body) {
@@ -407,8 +423,7 @@ on_body(llhttp_t *p, const char *at, size_t len)
 
     nb = realloc(c->body, cap);
     if (nb == NULL) {
-      p->reason = "out of memory";
-      return HPE_USER;
+      return limit_hit(c, 500, "internal", "out of memory");
     }
 
     c->body = nb;
@@ -418,10 +433,9 @@ on_body(llhttp_t *p, const char *at, size_t len)
   memcpy(c->body + c->body_len, at, len);
   c->body_len += len;
 
-  if (c->body_len >= HTTP_BODY_HIGH_WATER) {
-    llhttp_pause(p);
-  }
-
+  /* No llhttp_pause here: llhttp allows pausing only from the message
+   * and head callbacks. conn_read_cb stops reading at the high-water
+   * mark instead, which bounds the buffer at that plus one read. */
   return 0;
 }
 
@@ -482,8 +496,13 @@ conn_reject(jv_http_conn_t *c, int status, const char *code,
   c->status = status;
   conn_write(c, b, 2);
 
-  jv_log(JV_LOG_WARN, "request rejected", "status", code, "reason", message,
-         NULL);
+  {
+    char st[8];
+
+    snprintf(st, sizeof(st), "%d", status);
+    jv_log(JV_LOG_WARN, "request rejected", "status", st, "code", code,
+           "reason", message, NULL);
+  }
   jv_stream_shutdown(c->stream);
   conn_close(c);
 }
@@ -493,36 +512,24 @@ static void
 conn_parse_error(jv_http_conn_t *c, llhttp_errno_t err)
 {
   const char *reason = llhttp_get_error_reason(&c->parser);
+  char msg[160];
+  size_t i;
 
-  if (reason == NULL) {
-    reason = llhttp_errno_name(err);
+  if (c->reject_status != 0) {
+    conn_reject(c, c->reject_status, c->reject_code, c->reject_message);
+    return;
   }
 
-  if (reason != NULL && strcmp(reason, "request body too large") == 0) {
-    conn_reject(c, 413, "too_large", "request body too large");
-
-  } else if (reason != NULL && strcmp(reason, "request-target too long") == 0) {
-    conn_reject(c, 414, "uri_too_long", "request-target too long");
-
-  } else if (reason != NULL
-             && (strcmp(reason, "request head too large") == 0
-                 || strcmp(reason, "too many header fields") == 0)) {
-    conn_reject(c, 431, "header_too_large", reason);
-
-  } else {
-    char msg[160];
-    size_t i;
-
-    /* llhttp reasons are fixed ASCII text; keep them JSON-safe anyway. */
-    snprintf(msg, sizeof(msg), "malformed request: %s",
-             reason ? reason : "parse error");
-    for (i = 0; msg[i] != '\0'; i++) {
-      if (msg[i] == '"' || msg[i] == '\\' || (unsigned char) msg[i] < ' ') {
-        msg[i] = ' ';
-      }
+  /* llhttp reasons are fixed ASCII text; keep them JSON-safe anyway. */
+  snprintf(msg, sizeof(msg), "malformed request: %s",
+           reason ? reason : llhttp_errno_name(err));
+  for (i = 0; msg[i] != '\0'; i++) {
+    if (msg[i] == '"' || msg[i] == '\\' || (unsigned char) msg[i] < ' ') {
+      msg[i] = ' ';
     }
-    conn_reject(c, 400, "bad_request", msg);
   }
+
+  conn_reject(c, 400, "bad_request", msg);
 }
 
 
@@ -550,10 +557,12 @@ pending_set(jv_http_conn_t *c, const char *data, size_t len)
 
 
 /*
- * Rejects a bare LF anywhere in a request head: a front end that ends
- * lines only at CRLF would see a different header list than a back end
- * that accepts LF, which is a request-smuggling gap. Returns -1 on a bare
- * LF. Scanning stops at the blank line that ends the head.
+ * Rejects a bare LF anywhere in a request head, and a line that starts
+ * with a space or tab (obsolete line folding): a front end that splits
+ * lines differently would see a different header list than this server,
+ * which is a request-smuggling gap. llhttp 8 accepts both unless built
+ * strict. Returns -1 on either. Scanning stops at the blank line that
+ * ends the head.
  */
 static int
 scan_head(jv_http_conn_t *c, const char *data, size_t len)
@@ -578,6 +587,10 @@ scan_head(jv_http_conn_t *c, const char *data, size_t len)
       }
 
     } else if (ch != '\r') {
+      if ((ch == ' ' || ch == '\t')
+          && (c->prev_byte == '\n' || c->prev_byte == 0)) {
+        return -1;
+      }
       c->crlf_run = 0;
     }
 
@@ -604,8 +617,8 @@ conn_execute(jv_http_conn_t *c, const char *data, size_t len)
   size_t used;
 
   if (c->state == CONN_HEAD && scan_head(c, data, len) != 0) {
-    conn_reject(c, 400, "bad_request", "malformed request: bare LF in "
-                "request head");
+    conn_reject(c, 400, "bad_request", "malformed request: bare LF or "
+                "folded line in request head");
     return -1;
   }
 
@@ -669,7 +682,7 @@ conn_timer_cb(uv_timer_t *t)
   jv_http_conn_t *c = t->data;
 
   if (c->state == CONN_HEAD) {
-    if (c->head_len > 0 || c->crlf_run > 0 || c->prev_byte != 0) {
+    if (c->head_started) {
       conn_reject(c, 408, "request_timeout", "request head not received "
                   "in time");
 
@@ -706,6 +719,10 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
     return;
   }
 
+  if (c->state == CONN_HEAD) {
+    c->head_started = 1;
+  }
+
   rc = conn_execute(c, data, (size_t) nread);
   if (rc < 0) {
     return;
@@ -720,7 +737,7 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
   }
 
   /* In a handler: body bytes arrived for a parked reader. */
-  if (rc == 1 || c->body_done) {
+  if (rc == 1 || c->body_done || c->body_len >= HTTP_BODY_HIGH_WATER) {
     jv_stream_read_stop(c->stream);
   }
 
@@ -1052,6 +1069,7 @@ conn_next_request(jv_http_conn_t *c)
   c->head_scanned = 0;
   c->crlf_run = 0;
   c->prev_byte = 0;
+  c->head_started = c->pending_len > 0;
 
   if (!c->message_done) {
     /* Discarding a body: parse until the message completes. */
@@ -1957,9 +1975,12 @@ opt_field_number(lua_State *L, int idx, const char *name, double def)
 /* Wraps the handler so its result and errors come back to l_req_done. */
 static const char wrapper_src[] =
   "local handler, traceback = ...\n"
-  "local xpcall = xpcall\n"
+  "local xpcall, pcall = xpcall, pcall\n"
   "return function(req)\n"
-  "  req:_done(xpcall(handler, traceback, req))\n"
+  "  local ok, err = pcall(req._done, req, xpcall(handler, traceback, req))\n"
+  "  if not ok then\n"
+  "    req:_done(false, err)\n"
+  "  end\n"
   "end\n";
 
 
