@@ -98,6 +98,11 @@ struct jv_http_conn_s {
   int reader_ref;
   int writer_ref;
 
+  /* Response head being built; reused across requests. */
+  char *out;
+  size_t out_len;
+  size_t out_cap;
+
   /* Response. */
   jv_http_req_box_t *box;
   int req_ref;            /* anchors the request userdata */
@@ -116,6 +121,7 @@ struct jv_http_conn_s {
   int hijacked;
   int message_done;
   int head_started;       /* bytes of the next request have arrived */
+  int peer_eof;           /* the client closed its side */
 
   /* A limit a parser callback hit: answered instead of llhttp's reason. */
   int reject_status;
@@ -556,6 +562,35 @@ pending_set(jv_http_conn_t *c, const char *data, size_t len)
 }
 
 
+/* Keeps bytes that arrive while the parser is paused, to parse later. */
+static int
+pending_append(jv_http_conn_t *c, const char *data, size_t len)
+{
+  size_t need = c->pending_len + len;
+  char *nb;
+
+  if (need > c->pending_cap) {
+    size_t cap = c->pending_cap ? c->pending_cap * 2 : 4096;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(c->pending, cap);
+    if (nb == NULL) {
+      return JV_ENOMEM;
+    }
+
+    c->pending = nb;
+    c->pending_cap = cap;
+  }
+
+  memcpy(c->pending + c->pending_len, data, len);
+  c->pending_len = need;
+  return 0;
+}
+
+
 /*
  * Rejects a bare LF anywhere in a request head, and a line that starts
  * with a space or tab (obsolete line folding): a front end that splits
@@ -710,12 +745,30 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
 
   if (nread < 0) {
     if (c->state == CONN_HANDLER) {
+      /* The response may still go out: a client may half-close after
+       * its last request. */
+      c->peer_eof = 1;
       jv_stream_read_stop(c->stream);
       conn_resume_reader(c, (int) nread);
       return;
     }
 
     conn_close(c);
+    return;
+  }
+
+  if (c->paused) {
+    /* A handler owns the connection and the parser waits for it. Reading
+     * goes on, so the socket stays registered with epoll between
+     * requests, and bytes queue here up to the high-water mark. */
+    if (pending_append(c, data, (size_t) nread) != 0) {
+      conn_close(c);
+      return;
+    }
+
+    if (c->pending_len >= HTTP_BODY_HIGH_WATER) {
+      jv_stream_read_stop(c->stream);
+    }
     return;
   }
 
@@ -730,14 +783,14 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
 
   if (c->state == CONN_HEAD) {
     if (rc == 1) {
-      jv_stream_read_stop(c->stream);
       conn_dispatch(c);
     }
     return;
   }
 
   /* In a handler: body bytes arrived for a parked reader. */
-  if (rc == 1 || c->body_done || c->body_len >= HTTP_BODY_HIGH_WATER) {
+  if (c->body_len >= HTTP_BODY_HIGH_WATER
+      || (c->paused && c->pending_len >= HTTP_BODY_HIGH_WATER)) {
     jv_stream_read_stop(c->stream);
   }
 
@@ -752,6 +805,7 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
 static void
 conn_free(jv_http_conn_t *c)
 {
+  free(c->out);
   free(c->head);
   free(c->hdrs);
   free(c->pending);
@@ -949,11 +1003,15 @@ on_stream(jv_listener_t *l, jv_stream_t *s)
 
 /* ---- dispatch to Lua ---- */
 
-static void
-make_request_id(jv_http_conn_t *c)
+static const char *
+request_id(jv_http_conn_t *c)
 {
-  snprintf(c->req_id, sizeof(c->req_id), "%s%06llx", id_prefix,
-           (unsigned long long) (++id_counter & 0xffffff));
+  if (c->req_id[0] == '\0') {
+    snprintf(c->req_id, sizeof(c->req_id), "%s%06llx", id_prefix,
+             (unsigned long long) (++id_counter & 0xffffff));
+  }
+
+  return c->req_id;
 }
 
 
@@ -977,7 +1035,7 @@ conn_dispatch(jv_http_conn_t *c)
   c->continue_sent = 0;
   c->discard_body = 0;
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
-  make_request_id(c);
+  c->req_id[0] = '\0';   /* made on first use: most requests never ask */
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
 
@@ -1017,7 +1075,7 @@ access_log(jv_http_conn_t *c)
   snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long) c->bytes_sent);
   snprintf(ms, sizeof(ms), "%llu",
            (unsigned long long) (uv_now(jv__loop()) - c->start_ms));
-  jv_log(JV_LOG_INFO, "access", "req_id", c->req_id, "method", method,
+  jv_log(JV_LOG_INFO, "access", "req_id", request_id(c), "method", method,
          "path", url, "status", status, "bytes", bytes, "ms", ms, NULL);
 }
 
@@ -1106,7 +1164,7 @@ conn_next_request(jv_http_conn_t *c)
     return;
   }
 
-  if (jv_stream_read_start(c->stream, conn_read_cb) != 0) {
+  if (c->peer_eof || jv_stream_read_start(c->stream, conn_read_cb) != 0) {
     conn_close(c);
   }
 }
@@ -1246,7 +1304,7 @@ l_req_index(lua_State *L)
       break;
     case 'i':
       if (strcmp(key, "id") == 0) {
-        lua_pushstring(L, c->req_id);
+        lua_pushstring(L, request_id(c));
         return 1;
       }
       break;
@@ -1433,11 +1491,9 @@ l_req_read(lua_State *L)
     return 1;
   }
 
-  if (!c->paused) {
-    rc = jv_stream_read_start(c->stream, conn_read_cb);
-    if (rc != 0) {
-      return jv__push_error(L, rc);
-    }
+  rc = jv_stream_read_start(c->stream, conn_read_cb);
+  if (rc != 0) {
+    return jv__push_error(L, rc);
   }
 
   c->reader_ref = jv__co_park(L);
@@ -1481,9 +1537,59 @@ header_name_ok(const char *v, size_t len)
 }
 
 
-/* Appends "Name: value\r\n" to b, raising on CR/LF injection. */
 static void
-add_header(lua_State *L, luaL_Buffer *b, const char *name, size_t nlen,
+out_add(lua_State *L, jv_http_conn_t *c, const char *data, size_t len)
+{
+  size_t need = c->out_len + len;
+  char *nb;
+
+  if (need > c->out_cap) {
+    size_t cap = c->out_cap ? c->out_cap * 2 : 1024;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(c->out, cap);
+    if (nb == NULL) {
+      luaL_error(L, "out of memory");
+      return;
+    }
+
+    c->out = nb;
+    c->out_cap = cap;
+  }
+
+  memcpy(c->out + c->out_len, data, len);
+  c->out_len = need;
+}
+
+
+static void
+out_str(lua_State *L, jv_http_conn_t *c, const char *s)
+{
+  out_add(L, c, s, strlen(s));
+}
+
+
+static void
+out_uint(lua_State *L, jv_http_conn_t *c, uint64_t v)
+{
+  char digits[24];
+  int i = (int) sizeof(digits);
+
+  do {
+    digits[--i] = (char) ('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+
+  out_add(L, c, digits + i, sizeof(digits) - (size_t) i);
+}
+
+
+/* Appends "Name: value\r\n", raising on CR/LF injection. */
+static void
+add_header(lua_State *L, jv_http_conn_t *c, const char *name, size_t nlen,
            int value_index)
 {
   size_t vlen;
@@ -1497,10 +1603,10 @@ add_header(lua_State *L, luaL_Buffer *b, const char *name, size_t nlen,
     luaL_error(L, "header %s: value contains CR, LF or NUL", name);
   }
 
-  luaL_addlstring(b, name, nlen);
-  luaL_addlstring(b, ": ", 2);
-  luaL_addlstring(b, v, vlen);
-  luaL_addlstring(b, "\r\n", 2);
+  out_add(L, c, name, nlen);
+  out_add(L, c, ": ", 2);
+  out_add(L, c, v, vlen);
+  out_add(L, c, "\r\n", 2);
 }
 
 
@@ -1513,8 +1619,6 @@ static int
 write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
            const char *body, size_t body_len, int has_body)
 {
-  luaL_Buffer b;
-  char line[96];
   int has_length = 0, has_te = 0, has_date = 0, has_conn = 0;
   int bodyless = (status < 200 || status == 204 || status == 304);
   uv_buf_t bufs[2];
@@ -1525,10 +1629,12 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
     return luaL_error(L, "invalid status %d", status);
   }
 
-  luaL_buffinit(L, &b);
-  snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status,
-           jv__http_reason(status));
-  luaL_addstring(&b, line);
+  c->out_len = 0;
+  out_add(L, c, "HTTP/1.1 ", 9);
+  out_uint(L, c, (uint64_t) status);
+  out_add(L, c, " ", 1);
+  out_str(L, c, jv__http_reason(status));
+  out_add(L, c, "\r\n", 2);
 
   if (headers_index != 0 && lua_istable(L, headers_index)) {
     lua_pushnil(L);
@@ -1568,12 +1674,12 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
 
         for (i = 1; i <= n; i++) {
           lua_rawgeti(L, -1, i);
-          add_header(L, &b, name, nlen, lua_gettop(L));
+          add_header(L, c, name, nlen, lua_gettop(L));
           lua_pop(L, 1);
         }
 
       } else {
-        add_header(L, &b, name, nlen, lua_gettop(L));
+        add_header(L, c, name, nlen, lua_gettop(L));
       }
 
       lua_pop(L, 1);
@@ -1581,19 +1687,20 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
   }
 
   if (!has_date) {
-    luaL_addstring(&b, "Date: ");
-    luaL_addstring(&b, jv__http_date());
-    luaL_addstring(&b, "\r\n");
+    out_add(L, c, "Date: ", 6);
+    out_str(L, c, jv__http_date());
+    out_add(L, c, "\r\n", 2);
   }
 
   c->chunked = 0;
   if (!bodyless && !has_length && !has_te) {
     if (has_body) {
-      snprintf(line, sizeof(line), "Content-Length: %zu\r\n", body_len);
-      luaL_addstring(&b, line);
+      out_add(L, c, "Content-Length: ", 16);
+      out_uint(L, c, body_len);
+      out_add(L, c, "\r\n", 2);
 
     } else if (c->parser.http_major == 1 && c->parser.http_minor >= 1) {
-      luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+      out_str(L, c, "Transfer-Encoding: chunked\r\n");
       c->chunked = 1;
 
     } else {
@@ -1607,21 +1714,17 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
 
   if (!has_conn && status != 101) {
     if (!c->keep_alive) {
-      luaL_addstring(&b, "Connection: close\r\n");
+      out_str(L, c, "Connection: close\r\n");
 
     } else if (c->parser.http_major == 1 && c->parser.http_minor == 0) {
-      luaL_addstring(&b, "Connection: keep-alive\r\n");
+      out_str(L, c, "Connection: keep-alive\r\n");
     }
   }
 
-  luaL_addlstring(&b, "\r\n", 2);
-  luaL_pushresult(&b);
+  out_add(L, c, "\r\n", 2);
 
   {
-    size_t hlen;
-    const char *h = lua_tolstring(L, -1, &hlen);
-
-    bufs[0] = uv_buf_init((char *) h, (unsigned) hlen);
+    bufs[0] = uv_buf_init(c->out, (unsigned) c->out_len);
     if (has_body && body_len > 0 && !c->is_head && !bodyless) {
       bufs[1] = uv_buf_init((char *) body, (unsigned) body_len);
       nbufs = 2;
@@ -1632,7 +1735,6 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
     rc = conn_write(c, bufs, nbufs);
   }
 
-  lua_pop(L, 1);
   return rc;
 }
 
@@ -1888,7 +1990,7 @@ l_req_done(lua_State *L)
   }
 
   if (!ok) {
-    jv_log(JV_LOG_ERR, "handler failed", "req_id", c->req_id,
+    jv_log(JV_LOG_ERR, "handler failed", "req_id", request_id(c),
            "error", lua_tostring(L, 3), NULL);
 
     if (c->head_sent) {
@@ -1913,7 +2015,7 @@ l_req_done(lua_State *L)
   }
 
   if (lua_type(L, 3) != LUA_TNUMBER) {
-    jv_log(JV_LOG_ERR, "handler returned no response", "req_id", c->req_id,
+    jv_log(JV_LOG_ERR, "handler returned no response", "req_id", request_id(c),
            NULL);
     lua_settop(L, 1);
     lua_pushinteger(L, 500);
