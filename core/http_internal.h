@@ -37,4 +37,8 @@ const char *jv__http_find_header(const char *head,
                                  const jv_http_header_t *hdrs, unsigned n,
                                  const char *name, size_t *len);
 
+/* Adds the HTTP client functions (http_client.c) to the core.http table
+ * at table_index. */
+void jv__http_client_register(lua_State *L, int table_index);
+
 #endif /* JV_HTTP_INTERNAL_H */
