@@ -168,6 +168,12 @@ l_signal_on(lua_State *L)
   luaL_argcheck(L, signum != SIGKILL && signum != SIGSTOP, 1,
                 "SIGKILL and SIGSTOP cannot be handled");
 
+  /* The core ignores SIGPIPE so a write to a closed peer fails with EPIPE.
+   * libuv restores the default action, which ends the process, when the
+   * last handler of a signal stops, so a SIGPIPE handler is rejected. */
+  luaL_argcheck(L, signum != SIGPIPE, 1, "SIGPIPE is ignored by the core "
+                "and cannot be handled");
+
   sig = calloc(1, sizeof(*sig));
   if (sig == NULL) {
     return luaL_error(L, "out of memory");
