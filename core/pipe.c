@@ -357,8 +357,7 @@ l_pipe(lua_State *L)
   double idle = 0;
   int i, rc;
 
-  /* Two userdata for one socket would have the pipe read its own
-   * output, so compare the streams. */
+  /* A socket piped to itself would read its own output. */
   luaL_argcheck(L,
                 jv__sock_stream(jv__sock_check(L, 1, 0)) !=
                     jv__sock_stream(jv__sock_check(L, 2, 0)),

@@ -8,6 +8,8 @@ local async = helpers.async
 
 local MiB = 1024 * 1024
 
+local under_asan = (os.getenv("LD_PRELOAD") or ""):find("libasan") ~= nil
+
 
 -- Returns two connected sockets: the accepted one and the dialed one.
 local function socket_pair()
@@ -183,6 +185,11 @@ describe("core.ws.pipe", function()
     received = received + #far:readn(MiB)
     core.sleep(0.3)
 
+    -- During the stall the pipe stops reading once b has 256 KiB queued;
+    -- one more read of at most 64 KiB may land on top.
+    assert.is_true(b:queued() <= 320 * 1024,
+                   "b has " .. b:queued() .. " bytes queued")
+
     while true do
       local data = far:read(256 * 1024)
       if not data then
@@ -201,9 +208,12 @@ describe("core.ws.pipe", function()
     assert.equal(total, received)
     -- The bound is an estimate: socket buffers, two high-water queues and
     -- Lua garbage stay far below the 64 MiB that buffering everything
-    -- would cost.
-    assert.is_true(peak - base < 32 * 1024,
-                   "RSS grew by " .. (peak - base) .. " KiB")
+    -- would cost. AddressSanitizer keeps freed blocks in quarantine, so
+    -- RSS says nothing about live memory there.
+    if not under_asan then
+      assert.is_true(peak - base < 32 * 1024,
+                     "RSS grew by " .. (peak - base) .. " KiB")
+    end
 
     far:shutdown()
     local values = wait_pipe(result)
