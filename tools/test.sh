@@ -67,8 +67,20 @@ step_failed() {
   failed=$((failed + 1))
 }
 
+# On SIGINT or SIGTERM, stop busted first. timeout(1) runs busted in a
+# process group of its own, so a signal sent to this script's group does
+# not reach busted, and timeout forwards the signal it gets.
+interrupted() {
+  step_failed "interrupted"
+  if [[ -n "${busted_pid:-}" ]]; then
+    kill -TERM "$busted_pid" 2>/dev/null
+    wait "$busted_pid" 2>/dev/null
+  fi
+  exit 130
+}
+
 trap finish EXIT
-trap 'step_failed "interrupted"; exit 130' INT TERM
+trap interrupted INT TERM
 
 echo "== setup"
 if ! tools/setup.sh </dev/null; then
@@ -127,9 +139,14 @@ require("ffi").C.unsetenv("LD_PRELOAD")'
 fi
 
 busted_timeout=${JV_TEST_TIMEOUT:-3600}
+# busted runs in the background so that the signal traps run at once,
+# not when busted ends.
 timeout -k 30 "$busted_timeout" "${busted_cmd[@]}" "${busted_args[@]}" \
-  </dev/null
+  </dev/null &
+busted_pid=$!
+wait "$busted_pid"
 busted_status=$?
+busted_pid=
 
 if [[ -s "$summary_file" ]]; then
   read -r spec_passed spec_failed spec_pending <"$summary_file"
