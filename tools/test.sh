@@ -6,8 +6,9 @@
 #
 #   tools/test.sh [--sanitize] [--no-lint] [busted arguments...]
 #
-#   --sanitize  build into build-asan/ with ASan and UBSan and run the specs
-#               against that build
+#   --sanitize  build into build-asan/ with ASan and UBSan, run the specs
+#               against that build, and count any sanitizer report as a
+#               failure
 #   --no-lint   skip luacheck and the clang-format check
 #   anything else goes to busted: a spec file, --tags=NAME, --filter=TEXT
 #
@@ -122,31 +123,61 @@ busted_cmd=(luajit /usr/bin/busted --ignore-lua
   --cpath="$build_dir/lua/?.so"
   -o spec/support/summary_output.lua)
 if ((sanitize)); then
-  # The module is built with ASan but luajit is not, so the ASan runtime
-  # must be loaded first. Leak detection is off because luajit unloads the
-  # module before LeakSanitizer runs at exit, which leaves its reports
-  # without symbols, and memory kept until exit would count as leaked.
-  #
-  # Children must not inherit the preload: with it, curl and psql hang in
-  # exit on Debian 12. So luajit removes LD_PRELOAD from its environment
-  # (the loader has already used it) before busted starts.
+  # The module is built with ASan but luajit is not, so luajit must start
+  # with the ASan runtime in LD_PRELOAD. Other programs must not inherit it,
+  # because curl and psql then hang in setlocale (Debian 12, gcc 12).
+  # So a luajit wrapper first in PATH sets LD_PRELOAD, and LUA_INIT removes
+  # it from the environment of each luajit once the loader has used it.
+  # Specs that start luajit by name get the same treatment.
   libasan=$(gcc -print-file-name=libasan.so)
-  unset_preload='require("ffi").cdef("int unsetenv(const char *name);")
-require("ffi").C.unsetenv("LD_PRELOAD")'
-  busted_cmd=(env LD_PRELOAD="$libasan" ASAN_OPTIONS=detect_leaks=0
-    UBSAN_OPTIONS=print_stacktrace=1
-    luajit -e "$unset_preload" "${busted_cmd[@]:1}")
+  wrapper_dir="$PWD/$build_dir/test-bin"
+  mkdir -p "$wrapper_dir"
+  printf '#!/bin/sh
+LD_PRELOAD=%q exec %q "$@"
+' "$libasan" \
+    "$(command -v luajit)" >"$wrapper_dir/luajit"
+  chmod +x "$wrapper_dir/luajit"
+  unset_preload='local ffi = require("ffi")
+ffi.cdef([[int jv_test_unsetenv(const char *name) asm("unsetenv");]])
+ffi.C.jv_test_unsetenv("LD_PRELOAD")'
+
+  # ASan reports go to files, one per process, so that they count as a
+  # failure below and stay out of the output that specs capture.
+  # Leak detection is off because luajit unloads the module before
+  # LeakSanitizer runs at exit, which leaves its reports without symbols,
+  # and memory kept until exit would count as leaked.
+  report_dir="$PWD/$build_dir/sanitizer-reports"
+  rm -rf "$report_dir"
+  mkdir -p "$report_dir"
+  busted_cmd=(env PATH="$wrapper_dir:$PATH" LUA_INIT="$unset_preload"
+    ASAN_OPTIONS="detect_leaks=0:log_path=$report_dir/asan"
+    UBSAN_OPTIONS="print_stacktrace=1:log_path=$report_dir/ubsan"
+    "${busted_cmd[@]}")
 fi
 
 busted_timeout=${JV_TEST_TIMEOUT:-3600}
 # busted runs in the background so that the signal traps run at once,
 # not when busted ends.
-timeout -k 30 "$busted_timeout" "${busted_cmd[@]}" "${busted_args[@]}" \
-  </dev/null &
-busted_pid=$!
+if ((sanitize)); then
+  # UBSan ignores log_path here and prints its reports to stderr, so busted
+  # writes to a log that is shown live and searched for reports afterwards.
+  busted_log="$PWD/$build_dir/busted.log"
+  timeout -k 30 "$busted_timeout" "${busted_cmd[@]}" "${busted_args[@]}" \
+    </dev/null >"$busted_log" 2>&1 &
+  busted_pid=$!
+  tail -n +1 -f --pid="$busted_pid" "$busted_log" &
+  tail_pid=$!
+else
+  timeout -k 30 "$busted_timeout" "${busted_cmd[@]}" "${busted_args[@]}" \
+    </dev/null &
+  busted_pid=$!
+fi
 wait "$busted_pid"
 busted_status=$?
 busted_pid=
+if [[ -n "${tail_pid:-}" ]]; then
+  wait "$tail_pid"
+fi
 
 if [[ -s "$summary_file" ]]; then
   read -r spec_passed spec_failed spec_pending <"$summary_file"
@@ -160,6 +191,26 @@ elif ((busted_status == 124)); then
   step_failed "busted timed out after $busted_timeout s (JV_TEST_TIMEOUT)"
 else
   step_failed "busted exited with status $busted_status and wrote no counts"
+fi
+
+if ((sanitize)); then
+  echo "== sanitizer reports"
+  shopt -s nullglob
+  reports=("$report_dir"/*)
+  shopt -u nullglob
+  ubsan_reports=$(grep -c 'runtime error: ' "$busted_log")
+  if ((${#reports[@]} == 0 && ubsan_reports == 0)); then
+    echo "sanitizers: no reports"
+    passed=$((passed + 1))
+  else
+    for report in "${reports[@]}"; do
+      echo "-- $report"
+      cat "$report"
+    done
+    grep -oE '[A-Za-z0-9_./-]+:[0-9]+:[0-9]+: runtime error: .*' "$busted_log"
+    step_failed "sanitizers reported problems: ${#reports[@]} ASan report" \
+      "files in $report_dir, $ubsan_reports UBSan reports in $busted_log"
+  fi
 fi
 
 if ((lint)); then
