@@ -28,9 +28,9 @@
 
 /* Defaults for the options of the same names. */
 #define CLIENT_MAX_HEADER_SIZE (64 * 1024)
-#define CLIENT_MAX_HEADERS 100
-#define CLIENT_TIMEOUT 30
-#define CLIENT_MAX_BODY (16 * 1024 * 1024)
+#define CLIENT_MAX_HEADERS     100
+#define CLIENT_TIMEOUT         30
+#define CLIENT_MAX_BODY        (16 * 1024 * 1024)
 
 /* Bytes asked of the socket per read: also the largest body piece that
  * res:read returns without copying. */
@@ -78,21 +78,21 @@ typedef struct {
   size_t span_cap;
 
   int status;
-  int64_t content_length;   /* -1 when the head has no Content-Length */
+  int64_t content_length; /* -1 when the head has no Content-Length */
   unsigned ninterim;
-  int is_head;              /* the request was HEAD: no body follows */
-  int request_close;        /* the request carried Connection: close */
-  int interim;              /* the message being parsed is a 1xx */
-  int headers_done;         /* the final response head is complete */
-  int message_done;         /* the final response is complete */
+  int is_head;       /* the request was HEAD: no body follows */
+  int request_close; /* the request carried Connection: close */
+  int interim;       /* the message being parsed is a 1xx */
+  int headers_done;  /* the final response head is complete */
+  int message_done;  /* the final response is complete */
   int keep_alive;
-  int upgrade;              /* 101 Switching Protocols */
-  int reuse_blocked;        /* the request was not sent in full */
-  int closed;               /* res:close() was called */
-  int handed_over;          /* res:socket() gave the socket away */
-  int failed;               /* err_msg and err_code are in the uservalue */
+  int upgrade;       /* 101 Switching Protocols */
+  int reuse_blocked; /* the request was not sent in full */
+  int closed;        /* res:close() was called */
+  int handed_over;   /* res:socket() gave the socket away */
+  int failed;        /* err_msg and err_code are in the uservalue */
 
-  /* Why a parser callback stopped the parser. */
+  /* The error a parser callback stopped the parser with. */
   int cb_code;
   const char *cb_message;
 } jv_http_response_t;
@@ -148,8 +148,8 @@ static int
 head_fail(jv_http_response_t *res, int rc)
 {
   if (rc == JV_ETOOLARGE) {
-    return callback_fail(res, JV_ETOOLARGE, "response head exceeds "
-                         "max_header_size");
+    return callback_fail(res, JV_ETOOLARGE,
+                         "response head exceeds max_header_size");
   }
 
   return callback_fail(res, JV_ENOMEM, "out of memory");
@@ -200,10 +200,17 @@ on_header_field(llhttp_t *p, const char *at, size_t len)
   jv_http_header_t *h;
   int rc;
 
+  if (res->headers_done) {
+    /* A trailer field after a chunked body: dropped, so that the headers
+     * the caller has seen stay as they were. */
+    return 0;
+  }
+
   if (res->nhdrs == 0 || res->last_was_value) {
     if (res->nhdrs >= res->max_headers) {
-      return callback_fail(res, JV_ETOOLARGE, "response has more header "
-                           "fields than max_headers");
+      return callback_fail(res, JV_ETOOLARGE,
+                           "response has more header fields than "
+                           "max_headers");
     }
 
     if (res->nhdrs == res->hdr_cap) {
@@ -245,6 +252,10 @@ on_header_value(llhttp_t *p, const char *at, size_t len)
   jv_http_header_t *h = &res->hdrs[res->nhdrs - 1];
   int rc;
 
+  if (res->headers_done) {
+    return 0;
+  }
+
   if (!res->last_was_value) {
     h->value_off = (uint32_t) res->head_len;
     res->last_was_value = 1;
@@ -262,10 +273,10 @@ on_header_value(llhttp_t *p, const char *at, size_t len)
 
 /*
  * Returns 1 to tell llhttp that no body follows, which it cannot know by
- * itself for a response to HEAD. It also does not know that a 204 or 304
- * never has a body even when it carries a Content-Length (a 304 often
- * repeats the length of the resource), nor that a 101 ends the HTTP part
- * of the connection even without Connection: upgrade.
+ * itself for a response to HEAD. llhttp 8.1 also expects a body after a
+ * 204 or 304 with a Content-Length, but neither has one (a 304 often
+ * repeats the length of the resource). A 101 ends the HTTP part of the
+ * connection even without Connection: upgrade.
  */
 static int
 on_headers_complete(llhttp_t *p)
@@ -276,8 +287,9 @@ on_headers_complete(llhttp_t *p)
   if (status < 200 && status != 101) {
     /* An interim response (100 Continue, 103 Early Hints): skipped. */
     if (++res->ninterim > CLIENT_MAX_INTERIM) {
-      return callback_fail(res, JV_EPROTOCOL, "malformed response: too "
-                           "many interim (1xx) responses");
+      return callback_fail(res, JV_EPROTOCOL,
+                           "malformed response: too many interim "
+                           "(1xx) responses");
     }
 
     res->interim = 1;
@@ -287,8 +299,8 @@ on_headers_complete(llhttp_t *p)
   res->status = status;
   res->headers_done = 1;
   res->upgrade = (status == 101);
-  res->content_length = (p->flags & F_CONTENT_LENGTH)
-                        ? (int64_t) p->content_length : -1;
+  res->content_length =
+      (p->flags & F_CONTENT_LENGTH) ? (int64_t) p->content_length : -1;
 
   if (res->is_head || status == 101 || status == 204 || status == 304) {
     res->content_length = -1;
@@ -356,8 +368,8 @@ on_message_complete(llhttp_t *p)
 
 /*
  * Rejects a bare LF anywhere in a response head, and a line that starts
- * with a space or tab (obsolete line folding): llhttp 8 accepts both unless
- * built strict, and a proxy that relays the headers must not read a
+ * with a space or tab (obsolete line folding). llhttp 8 accepts both unless
+ * built strict, but a proxy that relays the headers must not read a
  * different header list than the next parser would. Returns -1 on either.
  * Scanning stops at the blank line that ends the head.
  */
@@ -379,8 +391,8 @@ scan_head(jv_http_response_t *res, const char *data, size_t len)
       }
 
     } else if (ch != '\r') {
-      if ((ch == ' ' || ch == '\t')
-          && (res->prev_byte == '\n' || res->prev_byte == 0)) {
+      if ((ch == ' ' || ch == '\t') &&
+          (res->prev_byte == '\n' || res->prev_byte == 0)) {
         return -1;
       }
       res->crlf_run = 0;
@@ -478,8 +490,8 @@ push_stored_error(lua_State *L, int idx)
  * because its framing is lost. Pushes nil, message, code and returns 3.
  */
 static int
-fail_with(lua_State *L, jv_http_response_t *res, int idx,
-          const char *message, const char *code)
+fail_with(lua_State *L, jv_http_response_t *res, int idx, const char *message,
+          const char *code)
 {
   if (!res->failed) {
     res->failed = 1;
@@ -506,8 +518,7 @@ fail_code(lua_State *L, jv_http_response_t *res, int idx, int code,
 
 
 static int
-fail_parse(lua_State *L, jv_http_response_t *res, int idx,
-           llhttp_errno_t err)
+fail_parse(lua_State *L, jv_http_response_t *res, int idx, llhttp_errno_t err)
 {
   const char *reason;
   char msg[160];
@@ -531,10 +542,10 @@ feed_eof(lua_State *L, jv_http_response_t *res)
   llhttp_errno_t err;
 
   if (!res->headers_done) {
-    return fail_code(L, res, 1, JV_ECLOSED, res->head_len == 0
-                     && res->parser.status_code == 0
-                     ? "connection closed before a response arrived"
-                     : "connection closed inside the response head");
+    return fail_code(L, res, 1, JV_ECLOSED,
+                     res->head_len == 0 && res->parser.status_code == 0
+                         ? "connection closed before a response arrived"
+                         : "connection closed inside the response head");
   }
 
   err = llhttp_finish(&res->parser);
@@ -543,8 +554,9 @@ feed_eof(lua_State *L, jv_http_response_t *res)
     return 1;
   }
 
-  return fail_code(L, res, 1, JV_ECLOSED, "connection closed before the end "
-                   "of the response body");
+  return fail_code(L, res, 1, JV_ECLOSED,
+                   "connection closed before the end of the "
+                   "response body");
 }
 
 
@@ -588,8 +600,9 @@ l_response_feed(lua_State *L)
 
   while (pos < len) {
     if (scan_head(res, data + pos, len - pos) != 0) {
-      return fail_code(L, res, 1, JV_EPROTOCOL, "malformed response: bare "
-                       "LF or folded line in response head");
+      return fail_code(L, res, 1, JV_EPROTOCOL,
+                       "malformed response: bare LF or folded "
+                       "line in response head");
     }
 
     err = llhttp_execute(&res->parser, data + pos, len - pos);
@@ -788,8 +801,7 @@ l_response_index(lua_State *L)
   }
 
   if (strcmp(key, "version") == 0) {
-    lua_pushfstring(L, "%d.%d", res->parser.http_major,
-                    res->parser.http_minor);
+    lua_pushfstring(L, "%d.%d", res->parser.http_major, res->parser.http_minor);
     return 1;
   }
 
@@ -909,9 +921,9 @@ l_response_header_list(lua_State *L)
 static int
 may_reuse(jv_http_response_t *res)
 {
-  return res->message_done && res->keep_alive && !res->upgrade
-         && !res->request_close && !res->reuse_blocked && !res->failed
-         && !res->closed && res->span_first == res->nspans;
+  return res->message_done && res->keep_alive && !res->upgrade &&
+         !res->request_close && !res->reuse_blocked && !res->failed &&
+         !res->closed && res->span_first == res->nspans;
 }
 
 
@@ -947,13 +959,13 @@ l_response_socket(lua_State *L)
   if (!res->upgrade) {
     if (!res->message_done || res->span_first < res->nspans) {
       return luaL_error(L, "read the whole response body before taking "
-                        "the socket");
+                           "the socket");
     }
 
     if (!may_reuse(res)) {
-      return jv__push_error_msg(L, JV_ECLOSED, "connection cannot be "
-                                "reused: the request or the response ends "
-                                "it");
+      return jv__push_error_msg(L, JV_ECLOSED,
+                                "connection cannot be reused: the "
+                                "request or the response ends it");
     }
   }
 
@@ -1033,9 +1045,9 @@ l_response_new(lua_State *L)
   llhttp_init(&res->parser, HTTP_RESPONSE, &response_settings);
   res->parser.data = res;
 
-  /* After a 1xx with Connection: close (or any 1xx from an HTTP/1.0
-   * server) llhttp would reject the final response as data after the
-   * end; the final response alone decides keep-alive here. */
+  /* llhttp would reject the final response as data after the end when a
+   * 1xx carried Connection: close or came from an HTTP/1.0 server. Only the
+   * final response decides keep-alive here. */
   llhttp_set_lenient_keep_alive(&res->parser, 1);
   return 1;
 }
@@ -1101,7 +1113,7 @@ is_target(const char *s, size_t len)
 }
 
 
-/* Returns non-zero when the comma-separated list v holds the token
+/* Returns non-zero when the comma-separated list v contains the token
  * "close" in any case. */
 static int
 has_close_token(const char *v, size_t len)
@@ -1167,19 +1179,19 @@ typedef struct {
   size_t method_len;
   const char *target;
   size_t target_len;
-  char host[300];           /* the default Host value */
+  char host[300]; /* the default Host value */
   const char *body;
   size_t body_len;
   int has_reader;
-  int headers_index;        /* 0 when opts.headers is nil */
-  int has_host;             /* set by a pass over the headers */
+  int headers_index; /* 0 when opts.headers is nil */
+  int has_host;      /* set by a pass over the headers */
   int has_length;
   int64_t length;
   int close;
 } jv_request_t;
 
 
-/* Writes one user header and raises on an invalid one. value_index holds a
+/* Writes one user header and raises on an invalid one. value_index is a
  * string or a number. Runs in the counting pass (out == NULL) first, which
  * makes every check before the writing pass. */
 static void
@@ -1189,10 +1201,12 @@ emit_user_header(lua_State *L, jv_request_t *rq, char *out, size_t *pos,
   size_t vlen;
   const char *v;
 
-  if (lua_type(L, value_index) != LUA_TSTRING
-      && lua_type(L, value_index) != LUA_TNUMBER) {
-    luaL_error(L, "header %s: value must be a string, a number or an array "
-               "of them", name);
+  if (lua_type(L, value_index) != LUA_TSTRING &&
+      lua_type(L, value_index) != LUA_TNUMBER) {
+    luaL_error(L,
+               "header %s: value must be a string, a number or an array "
+               "of them",
+               name);
   }
 
   v = lua_tolstring(L, value_index, &vlen);
@@ -1206,28 +1220,30 @@ emit_user_header(lua_State *L, jv_request_t *rq, char *out, size_t *pos,
 
     } else if (strcasecmp(name, "transfer-encoding") == 0) {
       luaL_error(L, "header Transfer-Encoding is set by the client: give "
-                 "body_reader without Content-Length to send chunked");
+                    "body_reader without Content-Length to send chunked");
 
     } else if (strcasecmp(name, "content-length") == 0) {
       char *end;
       long long n = strtoll(v, &end, 10);
 
-      if (rq->has_length || vlen == 0 || *end != '\0' || n < 0
-          || v[0] < '0' || v[0] > '9') {
-        luaL_error(L, "header Content-Length: expected one decimal "
-                   "number, got '%s'", v);
+      if (rq->has_length || vlen == 0 || *end != '\0' || n < 0 || v[0] < '0' ||
+          v[0] > '9') {
+        luaL_error(L,
+                   "header Content-Length: expected one decimal "
+                   "number, got '%s'",
+                   v);
       }
 
       if (rq->body != NULL && (size_t) n != rq->body_len) {
-        luaL_error(L, "header Content-Length is %s but body has %d bytes",
-                   v, (int) rq->body_len);
+        luaL_error(L, "header Content-Length is %s but body has %d bytes", v,
+                   (int) rq->body_len);
       }
 
       rq->has_length = 1;
       rq->length = n;
 
-    } else if (strcasecmp(name, "connection") == 0
-               && has_close_token(v, vlen)) {
+    } else if (strcasecmp(name, "connection") == 0 &&
+               has_close_token(v, vlen)) {
       rq->close = 1;
     }
   }
@@ -1293,12 +1309,11 @@ emit_head(lua_State *L, jv_request_t *rq, char *out)
     } else if (rq->has_reader) {
       emit_str(out, &pos, "Transfer-Encoding: chunked\r\n");
 
-    } else if ((rq->method_len == 4 && memcmp(rq->method, "POST", 4) == 0)
-               || (rq->method_len == 3 && memcmp(rq->method, "PUT", 3) == 0)
-               || (rq->method_len == 5
-                   && memcmp(rq->method, "PATCH", 5) == 0)) {
-      /* A server may answer 411 Length Required to a body-carrying
-       * method without a length, even for an empty body. */
+    } else if ((rq->method_len == 4 && memcmp(rq->method, "POST", 4) == 0) ||
+               (rq->method_len == 3 && memcmp(rq->method, "PUT", 3) == 0) ||
+               (rq->method_len == 5 && memcmp(rq->method, "PATCH", 5) == 0)) {
+      /* A server may reject a body-carrying method without a length
+       * with 411 Length Required, even for an empty body. */
       emit_str(out, &pos, "Content-Length: 0\r\n");
     }
   }
@@ -1389,13 +1404,13 @@ l_build_request(lua_State *L)
 
   if (strcmp(rq.method, "CONNECT") == 0) {
     return luaL_error(L, "method CONNECT is not supported: its response "
-                      "opens a tunnel, not a message");
+                         "opens a tunnel, not a message");
   }
 
   rq.target = opt_string(L, "path", "/", &rq.target_len);
   if (!is_target(rq.target, rq.target_len)) {
     return luaL_error(L, "invalid path: it must be non-empty, without "
-                      "spaces or control characters");
+                         "spaces or control characters");
   }
 
   lua_getfield(L, 1, "sock");
@@ -1404,7 +1419,7 @@ l_build_request(lua_State *L)
   }
   lua_pop(L, 1);
 
-  /* A reused socket already is TLS or not, whatever opts.tls says. */
+  /* A reused socket already is TLS or not, whatever opts.tls is. */
   lua_getfield(L, 1, "tls");
   tls = sock != NULL ? jv__sock_stream(sock)->ssl != NULL : !lua_isnil(L, -1);
   lua_pop(L, 1);
@@ -1412,7 +1427,7 @@ l_build_request(lua_State *L)
   server_name = opt_string(L, "server_name", NULL, NULL);
   if (sock == NULL && tls && server_name == NULL) {
     return luaL_error(L, "option server_name is required with tls: the "
-                      "certificate is checked against it");
+                         "certificate is checked against it");
   }
 
   lua_getfield(L, 1, "port");
@@ -1424,16 +1439,16 @@ l_build_request(lua_State *L)
     return luaL_error(L, "option host is required unless sock is given");
   }
 
-  if (hostname == NULL
-      && jv_stream_address(jv__sock_stream(sock), 1, peer, sizeof(peer),
-                           port == 0 ? &port : &peer_port) == 0) {
+  if (hostname == NULL &&
+      jv_stream_address(jv__sock_stream(sock), 1, peer, sizeof(peer),
+                        port == 0 ? &port : &peer_port) == 0) {
     /* The Host of a reused connection defaults to its peer address. */
     hostname = peer;
   }
 
   if (hostname == NULL) {
     return luaL_error(L, "option host is required: the socket has no peer "
-                      "address");
+                         "address");
   }
 
   if (port == 0) {
@@ -1444,8 +1459,7 @@ l_build_request(lua_State *L)
     return luaL_error(L, "option port must be 1 to 65535");
   }
 
-  default_host(L, &rq, server_name != NULL ? server_name : hostname, port,
-               tls);
+  default_host(L, &rq, server_name != NULL ? server_name : hostname, port, tls);
 
   rq.body = opt_string(L, "body", NULL, &rq.body_len);
 
@@ -1504,190 +1518,191 @@ l_build_request(lua_State *L)
 /* ---- the waiting parts, in Lua ---- */
 
 static const char client_lua[] =
-  "local build_request, new_response, read_size, default_timeout,\n"
-  "  default_max_body = ...\n"
-  "local concat, format, type, pcall, error, tostring, require =\n"
-  "  table.concat, string.format, type, pcall, error, tostring, require\n"
-  "\n"
-  "-- core.tcp.connect, looked up on first use: the core table is still\n"
-  "-- being built when this chunk runs.\n"
-  "local connect\n"
-  "\n"
-  "-- Reads once from the socket and parses what arrived.\n"
-  "local function fill(res, sock)\n"
-  "  local data, err, code = sock:read(read_size)\n"
-  "  if data == nil and code ~= 'closed' then\n"
-  "    return res:_fail('reading the response failed: ' .. err, code)\n"
-  "  end\n"
-  "  return res:_feed(data)\n"
-  "end\n"
-  "\n"
-  "local function read(res, max)\n"
-  "  if max ~= nil and (type(max) ~= 'number' or max < 1) then\n"
-  "    error('bad argument #1 to read (max must be a number >= 1)', 2)\n"
-  "  end\n"
-  "  while true do\n"
-  "    local piece, err, code = res:_take(max)\n"
-  "    if piece then\n"
-  "      return piece\n"
-  "    elseif piece == nil then\n"
-  "      return nil, err, code\n"
-  "    end\n"
-  "    local ok\n"
-  "    ok, err, code = fill(res, res:_conn())\n"
-  "    if not ok then\n"
-  "      return nil, err, code\n"
-  "    end\n"
-  "  end\n"
-  "end\n"
-  "\n"
-  "local function read_body(res, max_bytes)\n"
-  "  max_bytes = max_bytes or default_max_body\n"
-  "  if type(max_bytes) ~= 'number' or max_bytes < 0 then\n"
-  "    error('bad argument #1 to read_body (max_bytes must be a number '\n"
-  "      .. '>= 0)', 2)\n"
-  "  end\n"
-  "  local too_large = 'response body exceeds ' .. max_bytes .. ' bytes'\n"
-  "  local length = res:_content_length()\n"
-  "  if length ~= nil and length > max_bytes then\n"
-  "    res:close()\n"
-  "    return nil, too_large, 'too_large'\n"
-  "  end\n"
-  "  local parts, n, total = {}, 0, 0\n"
-  "  while true do\n"
-  "    local piece, err, code = read(res)\n"
-  "    if piece == nil then\n"
-  "      if err ~= nil then\n"
-  "        return nil, err, code\n"
-  "      end\n"
-  "      break\n"
-  "    end\n"
-  "    total = total + #piece\n"
-  "    if total > max_bytes then\n"
-  "      res:close()\n"
-  "      return nil, too_large, 'too_large'\n"
-  "    end\n"
-  "    n = n + 1\n"
-  "    parts[n] = piece\n"
-  "  end\n"
-  "  if n == 1 then\n"
-  "    return parts[1]\n"
-  "  end\n"
-  "  return concat(parts, '', 1, n)\n"
-  "end\n"
-  "\n"
-  "-- Streams the body_reader's chunks. Returns true, or nil, message,\n"
-  "-- code when a write fails, or false, message when the reader misbehaves.\n"
-  "local function send_body(sock, reader, chunked, length)\n"
-  "  local sent = 0\n"
-  "  while true do\n"
-  "    local chunk = reader()\n"
-  "    if chunk == nil then\n"
-  "      break\n"
-  "    end\n"
-  "    if type(chunk) ~= 'string' then\n"
-  "      return false, 'body_reader returned a ' .. type(chunk)\n"
-  "        .. ', expected a string or nil'\n"
-  "    end\n"
-  "    if #chunk > 0 then\n"
-  "      local ok, err, code\n"
-  "      if chunked then\n"
-  "        ok, err, code = sock:write({ format('%x\\r\\n', #chunk), chunk,\n"
-  "          '\\r\\n' })\n"
-  "      else\n"
-  "        if sent + #chunk > length then\n"
-  "          return false, 'body_reader returned more than the '\n"
-  "            .. length .. ' bytes of Content-Length'\n"
-  "        end\n"
-  "        ok, err, code = sock:write(chunk)\n"
-  "      end\n"
-  "      if not ok then\n"
-  "        return nil, err, code\n"
-  "      end\n"
-  "      sent = sent + #chunk\n"
-  "    end\n"
-  "  end\n"
-  "  if chunked then\n"
-  "    return sock:write('0\\r\\n\\r\\n')\n"
-  "  end\n"
-  "  if sent ~= length then\n"
-  "    return false, 'body_reader returned ' .. sent .. ' bytes but '\n"
-  "      .. 'Content-Length is ' .. length\n"
-  "  end\n"
-  "  return true\n"
-  "end\n"
-  "\n"
-  "-- A server that rejects a request early may close its side while the\n"
-  "-- body is still being sent, yet its response is worth reading.\n"
-  "local peer_gone = { EPIPE = true, ECONNRESET = true }\n"
-  "\n"
-  "local function request(opts)\n"
-  "  if type(opts) ~= 'table' then\n"
-  "    error('bad argument #1 to request (table of options expected)', 2)\n"
-  "  end\n"
-  "  local head, mode, length, request_close = build_request(opts)\n"
-  "  local timeout = opts.timeout or default_timeout\n"
-  "  if type(timeout) ~= 'number' or timeout < 0 then\n"
-  "    error('option timeout must be a number >= 0', 2)\n"
-  "  end\n"
-  "  local sock, ok, err, code = opts.sock\n"
-  "  if sock ~= nil then\n"
-  "    sock:settimeout(timeout)\n"
-  "  else\n"
-  "    local port = opts.port or (opts.tls and 443 or 80)\n"
-  "    connect = connect or require('justavps.core').tcp.connect\n"
-  "    sock, err, code = connect(opts.host, port, { tls = opts.tls,\n"
-  "      server_name = opts.server_name, timeout = timeout })\n"
-  "    if sock == nil then\n"
-  "      return nil, 'connecting to ' .. tostring(opts.host) .. ' port '\n"
-  "        .. port .. ' failed: ' .. err, code\n"
-  "    end\n"
-  "  end\n"
-  "\n"
-  "  if mode == 'string' then\n"
-  "    ok, err, code = sock:write({ head, opts.body })\n"
-  "  else\n"
-  "    ok, err, code = sock:write(head)\n"
-  "  end\n"
-  "  if ok and (mode == 'chunked' or mode == 'length') then\n"
-  "    local ran\n"
-  "    ran, ok, err, code = pcall(send_body, sock, opts.body_reader,\n"
-  "      mode == 'chunked', length)\n"
-  "    if not ran then\n"
-  "      sock:close()\n"
-  "      error(ok, 0)\n"
-  "    end\n"
-  "    if ok == false then\n"
-  "      sock:close()\n"
-  "      error(err, 2)\n"
-  "    end\n"
-  "  end\n"
-  "  if not ok and not peer_gone[code] then\n"
-  "    sock:close()\n"
-  "    return nil, 'writing the request failed: ' .. err, code\n"
-  "  end\n"
-  "\n"
-  "  local res = new_response(sock, opts.method == 'HEAD', request_close,\n"
-  "    opts.max_header_size, opts.max_headers)\n"
-  "  if not ok then\n"
-  "    res:_block_reuse()\n"
-  "  end\n"
-  "  while not res:_head_done() do\n"
-  "    local filled, rerr, rcode = fill(res, sock)\n"
-  "    if not filled and res:_head_done() then\n"
-  "      -- The body went wrong in the same read: res:read reports it.\n"
-  "      break\n"
-  "    elseif not filled then\n"
-  "      if not ok then\n"
-  "        return nil, 'writing the request failed: ' .. err, code\n"
-  "      end\n"
-  "      return nil, rerr, rcode\n"
-  "    end\n"
-  "  end\n"
-  "  return res\n"
-  "end\n"
-  "\n"
-  "return request, read, read_body\n";
+    "local build_request, new_response, read_size, default_timeout,\n"
+    "  default_max_body = ...\n"
+    "local concat, format, type, pcall, error, tostring, require =\n"
+    "  table.concat, string.format, type, pcall, error, tostring, require\n"
+    "\n"
+    "-- core.tcp.connect, looked up on first use: the core table is still\n"
+    "-- being built when this chunk runs.\n"
+    "local connect\n"
+    "\n"
+    "-- Reads once from the socket and parses what arrived.\n"
+    "local function fill(res, sock)\n"
+    "  local data, err, code = sock:read(read_size)\n"
+    "  if data == nil and code ~= 'closed' then\n"
+    "    return res:_fail('reading the response failed: ' .. err, code)\n"
+    "  end\n"
+    "  return res:_feed(data)\n"
+    "end\n"
+    "\n"
+    "local function read(res, max)\n"
+    "  if max ~= nil and (type(max) ~= 'number' or max < 1) then\n"
+    "    error('bad argument #1 to read (max must be a number >= 1)', 2)\n"
+    "  end\n"
+    "  while true do\n"
+    "    local piece, err, code = res:_take(max)\n"
+    "    if piece then\n"
+    "      return piece\n"
+    "    elseif piece == nil then\n"
+    "      return nil, err, code\n"
+    "    end\n"
+    "    local ok\n"
+    "    ok, err, code = fill(res, res:_conn())\n"
+    "    if not ok then\n"
+    "      return nil, err, code\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "\n"
+    "local function read_body(res, max_bytes)\n"
+    "  max_bytes = max_bytes or default_max_body\n"
+    "  if type(max_bytes) ~= 'number' or max_bytes < 0 then\n"
+    "    error('bad argument #1 to read_body (max_bytes must be a number '\n"
+    "      .. '>= 0)', 2)\n"
+    "  end\n"
+    "  local too_large = 'response body exceeds ' .. max_bytes .. ' bytes'\n"
+    "  local length = res:_content_length()\n"
+    "  if length ~= nil and length > max_bytes then\n"
+    "    res:close()\n"
+    "    return nil, too_large, 'too_large'\n"
+    "  end\n"
+    "  local parts, n, total = {}, 0, 0\n"
+    "  while true do\n"
+    "    local piece, err, code = read(res)\n"
+    "    if piece == nil then\n"
+    "      if err ~= nil then\n"
+    "        return nil, err, code\n"
+    "      end\n"
+    "      break\n"
+    "    end\n"
+    "    total = total + #piece\n"
+    "    if total > max_bytes then\n"
+    "      res:close()\n"
+    "      return nil, too_large, 'too_large'\n"
+    "    end\n"
+    "    n = n + 1\n"
+    "    parts[n] = piece\n"
+    "  end\n"
+    "  if n == 1 then\n"
+    "    return parts[1]\n"
+    "  end\n"
+    "  return concat(parts, '', 1, n)\n"
+    "end\n"
+    "\n"
+    "-- Streams the body_reader's chunks. Returns true, or nil, message,\n"
+    "-- code when a write fails, or false, message when the reader "
+    "misbehaves.\n"
+    "local function send_body(sock, reader, chunked, length)\n"
+    "  local sent = 0\n"
+    "  while true do\n"
+    "    local chunk = reader()\n"
+    "    if chunk == nil then\n"
+    "      break\n"
+    "    end\n"
+    "    if type(chunk) ~= 'string' then\n"
+    "      return false, 'body_reader returned a ' .. type(chunk)\n"
+    "        .. ', expected a string or nil'\n"
+    "    end\n"
+    "    if #chunk > 0 then\n"
+    "      local ok, err, code\n"
+    "      if chunked then\n"
+    "        ok, err, code = sock:write({ format('%x\\r\\n', #chunk), chunk,\n"
+    "          '\\r\\n' })\n"
+    "      else\n"
+    "        if sent + #chunk > length then\n"
+    "          return false, 'body_reader returned more than the '\n"
+    "            .. length .. ' bytes of Content-Length'\n"
+    "        end\n"
+    "        ok, err, code = sock:write(chunk)\n"
+    "      end\n"
+    "      if not ok then\n"
+    "        return nil, err, code\n"
+    "      end\n"
+    "      sent = sent + #chunk\n"
+    "    end\n"
+    "  end\n"
+    "  if chunked then\n"
+    "    return sock:write('0\\r\\n\\r\\n')\n"
+    "  end\n"
+    "  if sent ~= length then\n"
+    "    return false, 'body_reader returned ' .. sent .. ' bytes but '\n"
+    "      .. 'Content-Length is ' .. length\n"
+    "  end\n"
+    "  return true\n"
+    "end\n"
+    "\n"
+    "-- A server that rejects a request early may close its side while the\n"
+    "-- body is still being sent, yet its response is worth reading.\n"
+    "local peer_gone = { EPIPE = true, ECONNRESET = true }\n"
+    "\n"
+    "local function request(opts)\n"
+    "  if type(opts) ~= 'table' then\n"
+    "    error('bad argument #1 to request (table of options expected)', 2)\n"
+    "  end\n"
+    "  local head, mode, length, request_close = build_request(opts)\n"
+    "  local timeout = opts.timeout or default_timeout\n"
+    "  if type(timeout) ~= 'number' or timeout < 0 then\n"
+    "    error('option timeout must be a number >= 0', 2)\n"
+    "  end\n"
+    "  local sock, ok, err, code = opts.sock\n"
+    "  if sock ~= nil then\n"
+    "    sock:settimeout(timeout)\n"
+    "  else\n"
+    "    local port = opts.port or (opts.tls and 443 or 80)\n"
+    "    connect = connect or require('justavps.core').tcp.connect\n"
+    "    sock, err, code = connect(opts.host, port, { tls = opts.tls,\n"
+    "      server_name = opts.server_name, timeout = timeout })\n"
+    "    if sock == nil then\n"
+    "      return nil, 'connecting to ' .. tostring(opts.host) .. ' port '\n"
+    "        .. port .. ' failed: ' .. err, code\n"
+    "    end\n"
+    "  end\n"
+    "\n"
+    "  if mode == 'string' then\n"
+    "    ok, err, code = sock:write({ head, opts.body })\n"
+    "  else\n"
+    "    ok, err, code = sock:write(head)\n"
+    "  end\n"
+    "  if ok and (mode == 'chunked' or mode == 'length') then\n"
+    "    local ran\n"
+    "    ran, ok, err, code = pcall(send_body, sock, opts.body_reader,\n"
+    "      mode == 'chunked', length)\n"
+    "    if not ran then\n"
+    "      sock:close()\n"
+    "      error(ok, 0)\n"
+    "    end\n"
+    "    if ok == false then\n"
+    "      sock:close()\n"
+    "      error(err, 2)\n"
+    "    end\n"
+    "  end\n"
+    "  if not ok and not peer_gone[code] then\n"
+    "    sock:close()\n"
+    "    return nil, 'writing the request failed: ' .. err, code\n"
+    "  end\n"
+    "\n"
+    "  local res = new_response(sock, opts.method == 'HEAD', request_close,\n"
+    "    opts.max_header_size, opts.max_headers)\n"
+    "  if not ok then\n"
+    "    res:_block_reuse()\n"
+    "  end\n"
+    "  while not res:_head_done() do\n"
+    "    local filled, rerr, rcode = fill(res, sock)\n"
+    "    if not filled and res:_head_done() then\n"
+    "      -- The body went wrong in the same read: res:read reports it.\n"
+    "      break\n"
+    "    elseif not filled then\n"
+    "      if not ok then\n"
+    "        return nil, 'writing the request failed: ' .. err, code\n"
+    "      end\n"
+    "      return nil, rerr, rcode\n"
+    "    end\n"
+    "  end\n"
+    "  return res\n"
+    "end\n"
+    "\n"
+    "return request, read, read_body\n";
 
 
 void

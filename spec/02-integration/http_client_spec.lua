@@ -104,6 +104,21 @@ describe("http client", function()
     srv:close()
   end))
 
+  it("drops trailer fields", async(function()
+    local srv = raw_server(function(sock)
+      sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "4\r\nbody\r\n0\r\nX-Trailer: 1\r\n\r\n")
+      sock:read()
+      sock:close()
+    end)
+    local res = assert(get(srv:port()))
+    assert.equal("body", res:read_body())
+    assert.is_nil(res:header("x-trailer"))
+    assert.is_true(res:keepalive())
+    res:close()
+    srv:close()
+  end))
+
   it("reads a close-delimited body", async(function()
     local srv = raw_server(function(sock)
       sock:write("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
@@ -149,11 +164,10 @@ describe("http client", function()
   end))
 
   it("reads no body after 304 with a length", async(function()
-    local srv = raw_server(function(sock, head)
+    local srv = raw_server(function(sock)
       -- A 304 may repeat the resource's length, but no body follows it.
       sock:write("HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n")
-      head = sock:readuntil("\r\n\r\n")
-      if head then
+      if sock:readuntil("\r\n\r\n") then
         sock:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
       end
       sock:read()
@@ -244,6 +258,34 @@ describe("http client", function()
     })
     assert.is_false(ok)
     assert.truthy(err:find("Content-Length", 1, true))
+    srv:close()
+  end))
+
+  it("closes when body_reader raises", async(function()
+    local srv = serve(echo_body)
+    local ok, err = pcall(get, srv:port(), {
+      method = "POST",
+      body_reader = function()
+        error("reader bug")
+      end,
+    })
+    assert.is_false(ok)
+    assert.truthy(err:find("reader bug", 1, true))
+    srv:close()
+  end))
+
+  it("fails reads after close", async(function()
+    local srv = serve(function()
+      return 200, nil, "body"
+    end)
+    local res = assert(get(srv:port()))
+    res:close()
+    res:close()
+    local piece, err, code = res:read()
+    assert.is_nil(piece)
+    assert.truthy(err)
+    assert.equal("closed", code)
+    assert.is_false(res:keepalive())
     srv:close()
   end))
 
