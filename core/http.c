@@ -556,7 +556,9 @@ pending_set(jv_http_conn_t *c, const char *data, size_t len)
     c->pending_cap = len;
   }
 
-  memmove(c->pending, data, len);
+  if (len > 0) {
+    memmove(c->pending, data, len);
+  }
   c->pending_len = len;
   return 0;
 }
@@ -2389,6 +2391,6 @@ jv__open_http(lua_State *L)
 
   lua_newtable(L);
   luaL_setfuncs(L, funcs, 0);
-
+  jv__http_client_register(L, lua_gettop(L));
   return 1;
 }

@@ -6,6 +6,7 @@
  * load the core as a C module.
  */
 #include "internal.h"
+#include "ws_pipe.h"
 
 #include <signal.h>
 
@@ -27,6 +28,7 @@ static const jv_module_t modules[] = {
   { "pty", jv__open_pty },
   { "signal", jv__open_signal },
   { "fs", jv__open_fs },
+  { "pipe", jv__open_pipe },
 };
 
 int luaopen_justavps_core(lua_State *L);

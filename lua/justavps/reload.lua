@@ -352,7 +352,7 @@ function _M.watch(dirs, on_change, opts)
     end)
     if not w then
       for _, prev in ipairs(watchers) do
-        prev:close()
+        prev:stop()
       end
       return nil, "reload.watch: " .. dir .. ": " .. tostring(err),
         "watch_failed"
@@ -363,7 +363,7 @@ function _M.watch(dirs, on_change, opts)
   local handle = {}
   function handle.close()
     for _, w in ipairs(watchers) do
-      w:close()
+      w:stop()
     end
     watchers = {}
     if pending then

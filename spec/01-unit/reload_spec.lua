@@ -240,7 +240,7 @@ end]]))
       fs = {
         watch = function(path, fn)
           callbacks[path] = fn
-          return { close = function() callbacks[path] = nil end }
+          return { stop = function() callbacks[path] = nil end }
         end,
       },
       timer = function(_, fn)
