@@ -27,8 +27,8 @@ local known = {
     .. "terminal, toolbox and internal API" },
   { name = "dev", summary = "all roles on loopback with a local provider" },
   { name = "migrate", summary = "applies the SQL migrations in sql/" },
-  { name = "hello", summary = "logs a greeting and exits; a stand-in role "
-    .. "until the HTTP server lands" },
+  { name = "hello", summary = "logs a greeting and exits; exercises the "
+    .. "command line and the loop" },
 }
 
 -- Roles served by another module while their own does not exist yet.
