@@ -66,8 +66,8 @@ jv__co_log_error(lua_State *co, const char *where)
   }
 
   luaL_traceback(L, co, msg, 0);
-  jv_log(JV_LOG_ERR, "lua error", "where", where ? where : "coroutine",
-         "error", lua_tostring(L, -1), NULL);
+  jv_log(JV_LOG_ERR, "lua error", "where", where ? where : "coroutine", "error",
+         lua_tostring(L, -1), NULL);
   lua_pop(L, 1);
 }
 
@@ -139,8 +139,8 @@ jv__co_park(lua_State *L)
 {
   if (!jv__co_parkable(L)) {
     luaL_error(L, "this call waits for I/O and must run in a coroutine "
-               "started by core.spawn or a core callback, not in the main "
-               "chunk or a coroutine.wrap of your own");
+                  "started by core.spawn or a core callback, not in the main "
+                  "chunk or a coroutine.wrap of your own");
     return LUA_NOREF;
   }
 
@@ -510,7 +510,7 @@ l_parkable(lua_State *L)
 #define JV_WAITER_MT "justavps.waiter"
 
 typedef struct {
-  int ref;         /* parked coroutine, or LUA_NOREF */
+  int ref; /* parked coroutine, or LUA_NOREF */
   uv_timer_t *timer;
 } jv_waiter_t;
 
@@ -582,8 +582,7 @@ l_waiter_wait(lua_State *L)
 
     uv_timer_init(jv__loop(), w->timer);
     w->timer->data = w;
-    uv_timer_start(w->timer, waiter_timeout_cb, (uint64_t) (timeout * 1000),
-                   0);
+    uv_timer_start(w->timer, waiter_timeout_cb, (uint64_t) (timeout * 1000), 0);
   }
 
   return lua_yield(L, 0);
@@ -639,29 +638,23 @@ register_metatable(lua_State *L, const char *name, const luaL_Reg *methods)
 int
 jv__open_loop(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "spawn", l_spawn },
-    { "sleep", l_sleep },
-    { "timer", l_timer },
-    { "now", l_now },
-    { "time", l_time },
-    { "update_time", l_update_time },
-    { "run", l_run },
-    { "stop", l_stop },
-    { "parkable", l_parkable },
-    { "waiter", l_waiter },
-    { NULL, NULL }
-  };
-  static const luaL_Reg timer_methods[] = {
-    { "stop", l_timer_stop },
-    { NULL, NULL }
-  };
-  static const luaL_Reg waiter_methods[] = {
-    { "wait", l_waiter_wait },
-    { "wake", l_waiter_wake },
-    { "waiting", l_waiter_waiting },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "spawn", l_spawn },
+                                    { "sleep", l_sleep },
+                                    { "timer", l_timer },
+                                    { "now", l_now },
+                                    { "time", l_time },
+                                    { "update_time", l_update_time },
+                                    { "run", l_run },
+                                    { "stop", l_stop },
+                                    { "parkable", l_parkable },
+                                    { "waiter", l_waiter },
+                                    { NULL, NULL } };
+  static const luaL_Reg timer_methods[] = { { "stop", l_timer_stop },
+                                            { NULL, NULL } };
+  static const luaL_Reg waiter_methods[] = { { "wait", l_waiter_wait },
+                                             { "wake", l_waiter_wake },
+                                             { "waiting", l_waiter_waiting },
+                                             { NULL, NULL } };
 
   if (anchor_L == NULL) {
     anchor_L = lua_newthread(L);

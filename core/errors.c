@@ -11,7 +11,9 @@ const char *
 jv_err_name(int code)
 {
   switch (code) {
-#define XX(name, value, word, message) case value: return word;
+#define XX(name, value, word, message)                                         \
+  case value:                                                                  \
+    return word;
     JV_ERRNO_MAP(XX)
 #undef XX
   case UV_EOF:
@@ -28,7 +30,9 @@ const char *
 jv_strerror(int code)
 {
   switch (code) {
-#define XX(name, value, word, message) case value: return message;
+#define XX(name, value, word, message)                                         \
+  case value:                                                                  \
+    return message;
     JV_ERRNO_MAP(XX)
 #undef XX
   case UV_EOF:

@@ -19,7 +19,7 @@ typedef struct {
 } jv_watch_t;
 
 typedef struct {
-  jv_watch_t *watch;    /* NULL once stopped */
+  jv_watch_t *watch; /* NULL once stopped */
 } jv_watch_box_t;
 
 
@@ -31,8 +31,7 @@ watch_close_cb(uv_handle_t *handle)
 
 
 static void
-watch_cb(uv_fs_event_t *handle, const char *filename, int events,
-         int status)
+watch_cb(uv_fs_event_t *handle, const char *filename, int events, int status)
 {
   jv_watch_t *w = handle->data;
   lua_State *L = jv__lua();
@@ -136,8 +135,8 @@ l_watch_path(lua_State *L)
   char path[4096];
   size_t len = sizeof(path);
 
-  if (box->watch == NULL
-      || uv_fs_event_getpath(&box->watch->handle, path, &len) != 0) {
+  if (box->watch == NULL ||
+      uv_fs_event_getpath(&box->watch->handle, path, &len) != 0) {
     lua_pushnil(L);
     return 1;
   }
@@ -155,7 +154,7 @@ l_watch_path(lua_State *L)
 typedef struct {
   uv_fs_t req;
   int ref;
-  const char *path;     /* for messages; anchored by the parked stack */
+  const char *path; /* for messages; anchored by the parked stack */
 } jv_fs_req_t;
 
 
@@ -230,9 +229,9 @@ fs_done_cb(uv_fs_t *req)
 
   if (req->result < 0) {
     lua_pushnil(co);
-    lua_pushfstring(co, "%s '%s' failed: %s", uv_fs_get_type(req) == UV_FS_STAT
-                    ? "stat" : "rename", r->path,
-                    jv_strerror((int) req->result));
+    lua_pushfstring(co, "%s '%s' failed: %s",
+                    uv_fs_get_type(req) == UV_FS_STAT ? "stat" : "rename",
+                    r->path, jv_strerror((int) req->result));
     lua_pushstring(co, jv_err_name((int) req->result));
     nret = 3;
 
@@ -256,7 +255,7 @@ fs_req_new(lua_State *L, const char *path)
 
   if (!jv__co_parkable(L)) {
     luaL_error(L, "this call waits for the thread pool and must run in a "
-               "coroutine started by core.spawn or a core callback");
+                  "coroutine started by core.spawn or a core callback");
     return NULL;
   }
 
@@ -296,8 +295,7 @@ l_fs_stat(lua_State *L)
   const char *path = luaL_checkstring(L, 1);
   jv_fs_req_t *r = fs_req_new(L, path);
 
-  return fs_req_park(L, r, uv_fs_stat(jv__loop(), &r->req, path,
-                                      fs_done_cb));
+  return fs_req_park(L, r, uv_fs_stat(jv__loop(), &r->req, path, fs_done_cb));
 }
 
 
@@ -310,25 +308,21 @@ l_fs_rename(lua_State *L)
   const char *to = luaL_checkstring(L, 2);
   jv_fs_req_t *r = fs_req_new(L, from);
 
-  return fs_req_park(L, r, uv_fs_rename(jv__loop(), &r->req, from, to,
-                                        fs_done_cb));
+  return fs_req_park(L, r,
+                     uv_fs_rename(jv__loop(), &r->req, from, to, fs_done_cb));
 }
 
 
 int
 jv__open_fs(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "watch", l_fs_watch },
-    { "stat", l_fs_stat },
-    { "rename", l_fs_rename },
-    { NULL, NULL }
-  };
-  static const luaL_Reg methods[] = {
-    { "stop", l_watch_stop },
-    { "path", l_watch_path },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "watch", l_fs_watch },
+                                    { "stat", l_fs_stat },
+                                    { "rename", l_fs_rename },
+                                    { NULL, NULL } };
+  static const luaL_Reg methods[] = { { "stop", l_watch_stop },
+                                      { "path", l_watch_path },
+                                      { NULL, NULL } };
 
   luaL_newmetatable(L, JV_WATCH_MT);
   lua_newtable(L);

@@ -20,7 +20,7 @@
 #include <strings.h>
 #include <time.h>
 
-#define JV_HTTP_SERVER_MT "justavps.http_server"
+#define JV_HTTP_SERVER_MT  "justavps.http_server"
 #define JV_HTTP_REQUEST_MT "justavps.http_request"
 
 /* A handler writing faster than the client reads waits above this. */
@@ -30,8 +30,8 @@
 #define HTTP_BODY_HIGH_WATER (64 * 1024)
 
 enum {
-  CONN_HEAD = 0,     /* reading a request head */
-  CONN_HANDLER,      /* a handler owns the current request */
+  CONN_HEAD = 0, /* reading a request head */
+  CONN_HANDLER,  /* a handler owns the current request */
   CONN_CLOSING,
 };
 
@@ -39,18 +39,18 @@ typedef struct jv_http_server_s jv_http_server_t;
 typedef struct jv_http_conn_s jv_http_conn_t;
 
 typedef struct {
-  jv_http_conn_t *conn;   /* NULL once the request is over */
+  jv_http_conn_t *conn; /* NULL once the request is over */
 } jv_http_req_box_t;
 
 struct jv_http_server_s {
   jv_listener_t *listener;
-  int handler_ref;        /* the Lua wrapper that calls the handler */
+  int handler_ref; /* the Lua wrapper that calls the handler */
   jv_http_limits_t limits;
-  jv_http_conn_t *conns;  /* every open connection */
+  jv_http_conn_t *conns; /* every open connection */
   unsigned nconns;
-  unsigned nbusy;         /* connections inside a handler */
+  unsigned nbusy; /* connections inside a handler */
   int draining;
-  int drain_ref;          /* coroutine parked in server:drain() */
+  int drain_ref; /* coroutine parked in server:drain() */
   uv_timer_t *drain_timer;
   int drain_timed_out;
   int access_log;
@@ -63,8 +63,8 @@ struct jv_http_conn_s {
   int sock_ref;
   jv_stream_t *stream;
   llhttp_t parser;
-  uv_timer_t timer;       /* header and keep-alive idle timeouts */
-  int handles;            /* open handles: timer (+ stream via sock) */
+  uv_timer_t timer; /* header and keep-alive idle timeouts */
+  int handles;      /* open handles: timer (+ stream via sock) */
   int state;
 
   /* Request head: URL and header bytes, referred to by offsets. */
@@ -77,7 +77,7 @@ struct jv_http_conn_s {
   unsigned nhdrs;
   unsigned hdr_cap;
   int last_was_value;
-  unsigned crlf_run;      /* bare-LF scan of the head */
+  unsigned crlf_run; /* bare-LF scan of the head */
   char prev_byte;
   int head_scanned;
 
@@ -105,7 +105,7 @@ struct jv_http_conn_s {
 
   /* Response. */
   jv_http_req_box_t *box;
-  int req_ref;            /* anchors the request userdata */
+  int req_ref; /* anchors the request userdata */
   uint64_t start_ms;
   uint64_t requests;
   char req_id[24];
@@ -120,8 +120,8 @@ struct jv_http_conn_s {
   int continue_sent;
   int hijacked;
   int message_done;
-  int head_started;       /* bytes of the next request have arrived */
-  int peer_eof;           /* the client closed its side */
+  int head_started; /* bytes of the next request have arrived */
+  int peer_eof;     /* the client closed its side */
 
   /* A limit a parser callback hit: answered instead of llhttp's reason. */
   int reject_status;
@@ -164,44 +164,82 @@ const char *
 jv__http_reason(int status)
 {
   switch (status) {
-  case 100: return "Continue";
-  case 101: return "Switching Protocols";
-  case 200: return "OK";
-  case 201: return "Created";
-  case 202: return "Accepted";
-  case 204: return "No Content";
-  case 206: return "Partial Content";
-  case 301: return "Moved Permanently";
-  case 302: return "Found";
-  case 303: return "See Other";
-  case 304: return "Not Modified";
-  case 307: return "Temporary Redirect";
-  case 308: return "Permanent Redirect";
-  case 400: return "Bad Request";
-  case 401: return "Unauthorized";
-  case 403: return "Forbidden";
-  case 404: return "Not Found";
-  case 405: return "Method Not Allowed";
-  case 408: return "Request Timeout";
-  case 409: return "Conflict";
-  case 410: return "Gone";
-  case 411: return "Length Required";
-  case 412: return "Precondition Failed";
-  case 413: return "Content Too Large";
-  case 414: return "URI Too Long";
-  case 415: return "Unsupported Media Type";
-  case 416: return "Range Not Satisfiable";
-  case 417: return "Expectation Failed";
-  case 422: return "Unprocessable Content";
-  case 426: return "Upgrade Required";
-  case 429: return "Too Many Requests";
-  case 431: return "Request Header Fields Too Large";
-  case 500: return "Internal Server Error";
-  case 501: return "Not Implemented";
-  case 502: return "Bad Gateway";
-  case 503: return "Service Unavailable";
-  case 504: return "Gateway Timeout";
-  default: return "Unknown";
+  case 100:
+    return "Continue";
+  case 101:
+    return "Switching Protocols";
+  case 200:
+    return "OK";
+  case 201:
+    return "Created";
+  case 202:
+    return "Accepted";
+  case 204:
+    return "No Content";
+  case 206:
+    return "Partial Content";
+  case 301:
+    return "Moved Permanently";
+  case 302:
+    return "Found";
+  case 303:
+    return "See Other";
+  case 304:
+    return "Not Modified";
+  case 307:
+    return "Temporary Redirect";
+  case 308:
+    return "Permanent Redirect";
+  case 400:
+    return "Bad Request";
+  case 401:
+    return "Unauthorized";
+  case 403:
+    return "Forbidden";
+  case 404:
+    return "Not Found";
+  case 405:
+    return "Method Not Allowed";
+  case 408:
+    return "Request Timeout";
+  case 409:
+    return "Conflict";
+  case 410:
+    return "Gone";
+  case 411:
+    return "Length Required";
+  case 412:
+    return "Precondition Failed";
+  case 413:
+    return "Content Too Large";
+  case 414:
+    return "URI Too Long";
+  case 415:
+    return "Unsupported Media Type";
+  case 416:
+    return "Range Not Satisfiable";
+  case 417:
+    return "Expectation Failed";
+  case 422:
+    return "Unprocessable Content";
+  case 426:
+    return "Upgrade Required";
+  case 429:
+    return "Too Many Requests";
+  case 431:
+    return "Request Header Fields Too Large";
+  case 500:
+    return "Internal Server Error";
+  case 501:
+    return "Not Implemented";
+  case 502:
+    return "Bad Gateway";
+  case 503:
+    return "Service Unavailable";
+  case 504:
+    return "Gateway Timeout";
+  default:
+    return "Unknown";
   }
 }
 
@@ -249,8 +287,7 @@ parser_conn(llhttp_t *p)
 
 /* Records why a callback stopped the parser; returns llhttp's error. */
 static int
-limit_hit(jv_http_conn_t *c, int status, const char *code,
-          const char *message)
+limit_hit(jv_http_conn_t *c, int status, const char *code, const char *message)
 {
   c->reject_status = status;
   c->reject_code = code;
@@ -357,15 +394,15 @@ on_header_value(llhttp_t *p, const char *at, size_t len)
 
 
 const char *
-jv__http_find_header(const char *head, const jv_http_header_t *hdrs,
-                     unsigned n, const char *name, size_t *len)
+jv__http_find_header(const char *head, const jv_http_header_t *hdrs, unsigned n,
+                     const char *name, size_t *len)
 {
   size_t nlen = strlen(name);
   unsigned i;
 
   for (i = 0; i < n; i++) {
-    if (hdrs[i].name_len == nlen
-        && strncasecmp(head + hdrs[i].name_off, name, nlen) == 0) {
+    if (hdrs[i].name_len == nlen &&
+        strncasecmp(head + hdrs[i].name_off, name, nlen) == 0) {
       *len = hdrs[i].value_len;
       return head + hdrs[i].value_off;
     }
@@ -382,18 +419,18 @@ on_headers_complete(llhttp_t *p)
   const char *v;
   size_t len;
 
-  if ((p->flags & F_CONTENT_LENGTH)
-      && p->content_length > c->server->limits.max_body) {
+  if ((p->flags & F_CONTENT_LENGTH) &&
+      p->content_length > c->server->limits.max_body) {
     return limit_hit(c, 413, "too_large", "request body too large");
   }
 
   v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, "expect", &len);
-  c->expect_continue = (v != NULL && len == 12
-                        && strncasecmp(v, "100-continue", 12) == 0);
+  c->expect_continue =
+      (v != NULL && len == 12 && strncasecmp(v, "100-continue", 12) == 0);
   c->is_head = (p->method == HTTP_HEAD);
 
-  if (!(p->flags & F_CHUNKED)
-      && !((p->flags & F_CONTENT_LENGTH) && p->content_length > 0)) {
+  if (!(p->flags & F_CHUNKED) &&
+      !((p->flags & F_CONTENT_LENGTH) && p->content_length > 0)) {
     /* No body: let the message complete, which pauses the parser. */
     return 0;
   }
@@ -624,8 +661,8 @@ scan_head(jv_http_conn_t *c, const char *data, size_t len)
       }
 
     } else if (ch != '\r') {
-      if ((ch == ' ' || ch == '\t')
-          && (c->prev_byte == '\n' || c->prev_byte == 0)) {
+      if ((ch == ' ' || ch == '\t') &&
+          (c->prev_byte == '\n' || c->prev_byte == 0)) {
         return -1;
       }
       c->crlf_run = 0;
@@ -654,7 +691,8 @@ conn_execute(jv_http_conn_t *c, const char *data, size_t len)
   size_t used;
 
   if (c->state == CONN_HEAD && scan_head(c, data, len) != 0) {
-    conn_reject(c, 400, "bad_request", "malformed request: bare LF or "
+    conn_reject(c, 400, "bad_request",
+                "malformed request: bare LF or "
                 "folded line in request head");
     return -1;
   }
@@ -720,7 +758,8 @@ conn_timer_cb(uv_timer_t *t)
 
   if (c->state == CONN_HEAD) {
     if (c->head_started) {
-      conn_reject(c, 408, "request_timeout", "request head not received "
+      conn_reject(c, 408, "request_timeout",
+                  "request head not received "
                   "in time");
 
     } else {
@@ -791,8 +830,8 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
   }
 
   /* In a handler: body bytes arrived for a parked reader. */
-  if (c->body_len >= HTTP_BODY_HIGH_WATER
-      || (c->paused && c->pending_len >= HTTP_BODY_HIGH_WATER)) {
+  if (c->body_len >= HTTP_BODY_HIGH_WATER ||
+      (c->paused && c->pending_len >= HTTP_BODY_HIGH_WATER)) {
     jv_stream_read_stop(c->stream);
   }
 
@@ -1037,7 +1076,7 @@ conn_dispatch(jv_http_conn_t *c)
   c->continue_sent = 0;
   c->discard_body = 0;
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
-  c->req_id[0] = '\0';   /* made on first use: most requests never ask */
+  c->req_id[0] = '\0'; /* made on first use: most requests never ask */
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
 
@@ -1232,7 +1271,7 @@ check_req(lua_State *L)
 
   if (box->conn == NULL) {
     luaL_error(L, "request is over: its response was sent or its "
-               "connection closed");
+                  "connection closed");
   }
 
   return box->conn;
@@ -1299,8 +1338,7 @@ l_req_index(lua_State *L)
       break;
     case 'v':
       if (strcmp(key, "version") == 0) {
-        lua_pushfstring(L, "%d.%d", c->parser.http_major,
-                        c->parser.http_minor);
+        lua_pushfstring(L, "%d.%d", c->parser.http_major, c->parser.http_minor);
         return 1;
       }
       break;
@@ -1776,8 +1814,8 @@ l_req_respond(lua_State *L)
     luaL_checktype(L, 3, LUA_TTABLE);
   }
 
-  rc = write_head(L, c, status, lua_isnoneornil(L, 3) ? 0 : 3,
-                  body ? body : "", blen, 1);
+  rc = write_head(L, c, status, lua_isnoneornil(L, 3) ? 0 : 3, body ? body : "",
+                  blen, 1);
   conn_response_done(c);
 
   if (rc != 0) {
@@ -1988,12 +2026,12 @@ l_req_done(lua_State *L)
   int ok = lua_toboolean(L, 2);
 
   if (c == NULL) {
-    return 0;   /* responded, hijacked or closed already */
+    return 0; /* responded, hijacked or closed already */
   }
 
   if (!ok) {
-    jv_log(JV_LOG_ERR, "handler failed", "req_id", request_id(c),
-           "error", lua_tostring(L, 3), NULL);
+    jv_log(JV_LOG_ERR, "handler failed", "req_id", request_id(c), "error",
+           lua_tostring(L, 3), NULL);
 
     if (c->head_sent) {
       /* A half-sent response cannot be repaired: cut the connection. */
@@ -2008,7 +2046,7 @@ l_req_done(lua_State *L)
     lua_pushliteral(L, "application/json");
     lua_setfield(L, -2, "Content-Type");
     lua_pushliteral(L, "{\"error\":{\"code\":\"internal\",\"message\":"
-                    "\"internal server error\"}}\n");
+                       "\"internal server error\"}}\n");
     return l_req_respond(L);
   }
 
@@ -2025,11 +2063,11 @@ l_req_done(lua_State *L)
     lua_pushliteral(L, "application/json");
     lua_setfield(L, -2, "Content-Type");
     lua_pushliteral(L, "{\"error\":{\"code\":\"internal\",\"message\":"
-                    "\"handler returned no response\"}}\n");
+                       "\"handler returned no response\"}}\n");
     return l_req_respond(L);
   }
 
-  lua_remove(L, 2);   /* req, status, headers, body */
+  lua_remove(L, 2); /* req, status, headers, body */
   if (lua_isnil(L, 3)) {
     lua_remove(L, 3);
     lua_pushnil(L);
@@ -2078,14 +2116,14 @@ opt_field_number(lua_State *L, int idx, const char *name, double def)
 
 /* Wraps the handler so its result and errors come back to l_req_done. */
 static const char wrapper_src[] =
-  "local handler, traceback = ...\n"
-  "local xpcall, pcall = xpcall, pcall\n"
-  "return function(req)\n"
-  "  local ok, err = pcall(req._done, req, xpcall(handler, traceback, req))\n"
-  "  if not ok then\n"
-  "    req:_done(false, err)\n"
-  "  end\n"
-  "end\n";
+    "local handler, traceback = ...\n"
+    "local xpcall, pcall = xpcall, pcall\n"
+    "return function(req)\n"
+    "  local ok, err = pcall(req._done, req, xpcall(handler, traceback, req))\n"
+    "  if not ok then\n"
+    "    req:_done(false, err)\n"
+    "  end\n"
+    "end\n";
 
 
 static void
@@ -2137,12 +2175,12 @@ l_http_listen(lua_State *L)
   }
 
   srv->limits.max_header_size =
-    (size_t) opt_field_number(L, 1, "max_header_size", 16384);
+      (size_t) opt_field_number(L, 1, "max_header_size", 16384);
   srv->limits.max_headers =
-    (unsigned) opt_field_number(L, 1, "max_headers", 100);
+      (unsigned) opt_field_number(L, 1, "max_headers", 100);
   srv->limits.max_url = (size_t) opt_field_number(L, 1, "max_url", 8192);
   srv->limits.max_body =
-    (uint64_t) opt_field_number(L, 1, "max_body", 1024 * 1024);
+      (uint64_t) opt_field_number(L, 1, "max_body", 1024 * 1024);
   srv->limits.header_timeout = opt_field_number(L, 1, "header_timeout", 10);
   srv->limits.idle_timeout = opt_field_number(L, 1, "idle_timeout", 60);
   lua_getfield(L, 1, "access_log");
@@ -2159,7 +2197,7 @@ l_http_listen(lua_State *L)
   srv->listener = l;
   l->data = srv;
   l->on_stream = on_stream;
-  lua_pop(L, 1);   /* the listener object: the server owns the listener */
+  lua_pop(L, 1); /* the listener object: the server owns the listener */
 
   push_wrapper(L, 2);
   srv->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -2185,8 +2223,8 @@ l_server_port(lua_State *L)
 
   uv_tcp_getsockname(&srv->listener->tcp, (struct sockaddr *) &ss, &len);
   lua_pushinteger(L, ntohs(ss.ss_family == AF_INET6
-                           ? ((struct sockaddr_in6 *) &ss)->sin6_port
-                           : ((struct sockaddr_in *) &ss)->sin_port));
+                               ? ((struct sockaddr_in6 *) &ss)->sin6_port
+                               : ((struct sockaddr_in *) &ss)->sin_port));
   return 1;
 }
 
@@ -2327,10 +2365,8 @@ l_server_connections(lua_State *L)
 int
 jv__open_http(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "listen", l_http_listen },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "listen", l_http_listen },
+                                    { NULL, NULL } };
   static const luaL_Reg server_methods[] = {
     { "port", l_server_port },
     { "set_handler", l_server_set_handler },
@@ -2340,23 +2376,21 @@ jv__open_http(lua_State *L)
     { "connections", l_server_connections },
     { NULL, NULL }
   };
-  static const luaL_Reg req_methods[] = {
-    { "header", l_req_header },
-    { "headers", l_req_headers },
-    { "header_list", l_req_header_list },
-    { "peer", l_req_peer },
-    { "read", l_req_read },
-    { "respond", l_req_respond },
-    { "send_head", l_req_send_head },
-    { "write", l_req_write },
-    { "finish", l_req_finish },
-    { "hijack", l_req_hijack },
-    { "keepalive", l_req_keepalive },
-    { "is_upgrade", l_req_is_upgrade },
-    { "head_sent", l_req_head_sent },
-    { "_done", l_req_done },
-    { NULL, NULL }
-  };
+  static const luaL_Reg req_methods[] = { { "header", l_req_header },
+                                          { "headers", l_req_headers },
+                                          { "header_list", l_req_header_list },
+                                          { "peer", l_req_peer },
+                                          { "read", l_req_read },
+                                          { "respond", l_req_respond },
+                                          { "send_head", l_req_send_head },
+                                          { "write", l_req_write },
+                                          { "finish", l_req_finish },
+                                          { "hijack", l_req_hijack },
+                                          { "keepalive", l_req_keepalive },
+                                          { "is_upgrade", l_req_is_upgrade },
+                                          { "head_sent", l_req_head_sent },
+                                          { "_done", l_req_done },
+                                          { NULL, NULL } };
   unsigned char rnd[4];
   int i;
 

@@ -17,12 +17,12 @@ typedef struct {
 } jv_http_header_t;
 
 typedef struct {
-  size_t max_header_size;   /* bytes of request-target plus header fields */
-  unsigned max_headers;     /* header fields */
-  size_t max_url;           /* bytes of request-target */
-  uint64_t max_body;        /* bytes of request body */
-  double header_timeout;    /* seconds to receive a whole head */
-  double idle_timeout;      /* seconds a keep-alive connection may idle */
+  size_t max_header_size; /* bytes of request-target plus header fields */
+  unsigned max_headers;   /* header fields */
+  size_t max_url;         /* bytes of request-target */
+  uint64_t max_body;      /* bytes of request body */
+  double header_timeout;  /* seconds to receive a whole head */
+  double idle_timeout;    /* seconds a keep-alive connection may idle */
 } jv_http_limits_t;
 
 /* Returns the cached IMF-fixdate for the current second. */
@@ -33,9 +33,8 @@ const char *jv__http_reason(int status);
 
 /* Finds the first header named name (case-insensitive); returns its value
  * and length, or NULL. */
-const char *jv__http_find_header(const char *head,
-                                 const jv_http_header_t *hdrs, unsigned n,
-                                 const char *name, size_t *len);
+const char *jv__http_find_header(const char *head, const jv_http_header_t *hdrs,
+                                 unsigned n, const char *name, size_t *len);
 
 /* Adds the HTTP client functions (http_client.c) to the core.http table
  * at table_index. */

@@ -116,19 +116,19 @@ struct jv_stream_s {
     uv_tcp_t tcp;
     uv_pipe_t pipe;
   } uv;
-  struct ssl_st *ssl;          /* NULL for plaintext */
-  struct bio_st *rbio;         /* ciphertext in (network -> OpenSSL) */
-  struct bio_st *wbio;         /* ciphertext out (OpenSSL -> network) */
+  struct ssl_st *ssl;  /* NULL for plaintext */
+  struct bio_st *rbio; /* ciphertext in (network -> OpenSSL) */
+  struct bio_st *wbio; /* ciphertext out (OpenSSL -> network) */
   jv_stream_read_cb read_cb;
   jv_stream_close_cb close_cb;
-  size_t write_queue;          /* bytes accepted but not yet in the kernel */
-  void (*drain_cb)(jv_stream_t *s);  /* called when write_queue reaches 0 */
-  void (*handshake_cb)(jv_stream_t *s, int status);  /* TLS done/failed */
-  jv_stream_t *tls_next;       /* list of TLS streams with buffered input */
-  int write_error;             /* first failed write, reported on next use */
+  size_t write_queue; /* bytes accepted but not yet in the kernel */
+  void (*drain_cb)(jv_stream_t *s); /* called when write_queue reaches 0 */
+  void (*handshake_cb)(jv_stream_t *s, int status); /* TLS done/failed */
+  jv_stream_t *tls_next; /* list of TLS streams with buffered input */
+  int write_error;       /* first failed write, reported on next use */
   unsigned flags;
   int tls_error;
-  void *data;                  /* owner */
+  void *data; /* owner */
 };
 
 /* Allocates a TCP stream on the loop; NULL when out of memory. */
@@ -140,8 +140,8 @@ jv_stream_t *jv_stream_new_fd(int fd, int *err);
 
 /* Starts TLS on a connected stream. sni may be NULL; for a client it is
  * also the name the certificate must match when the context verifies. */
-int jv_stream_start_tls(jv_stream_t *s, struct ssl_ctx_st *ctx,
-                        int is_server, const char *sni);
+int jv_stream_start_tls(jv_stream_t *s, struct ssl_ctx_st *ctx, int is_server,
+                        const char *sni);
 
 /* Drives a client handshake once connected: sends the ClientHello. The
  * server side needs no call, its handshake runs on the first read. */
@@ -224,9 +224,9 @@ typedef struct jv_listener_s jv_listener_t;
 
 struct jv_listener_s {
   uv_tcp_t tcp;
-  struct ssl_ctx_st *tls;      /* NULL for plaintext */
-  int tls_ref;                 /* keeps the Lua TLS context alive */
-  int fn_ref;                  /* Lua callback, for listeners that use one */
+  struct ssl_ctx_st *tls; /* NULL for plaintext */
+  int tls_ref;            /* keeps the Lua TLS context alive */
+  int fn_ref;             /* Lua callback, for listeners that use one */
   void (*on_stream)(jv_listener_t *l, jv_stream_t *s);
   void (*on_close)(jv_listener_t *l);
   void *data;
@@ -251,17 +251,17 @@ struct ssl_ctx_st *jv__tls_check(lua_State *L, int idx, int server);
 
 /* Module openers: each pushes one table that lua_core.c stores in the core
  * table under the name in the comment. */
-int jv__open_loop(lua_State *L);    /* core.* (spawn, sleep, now, run, ...) */
-int jv__open_log(lua_State *L);     /* core.log */
-int jv__open_crypto(lua_State *L);  /* core.crypto */
-int jv__open_nonce(lua_State *L);   /* core.nonce */
-int jv__open_tcp(lua_State *L);     /* core.tcp */
-int jv__open_tls(lua_State *L);     /* core.tls */
-int jv__open_http(lua_State *L);    /* core.http */
-int jv__open_ws(lua_State *L);      /* core.ws */
-int jv__open_proc(lua_State *L);    /* core.proc */
-int jv__open_pty(lua_State *L);     /* core.pty */
-int jv__open_signal(lua_State *L);  /* core.signal */
-int jv__open_fs(lua_State *L);      /* core.fs */
+int jv__open_loop(lua_State *L);   /* core.* (spawn, sleep, now, run, ...) */
+int jv__open_log(lua_State *L);    /* core.log */
+int jv__open_crypto(lua_State *L); /* core.crypto */
+int jv__open_nonce(lua_State *L);  /* core.nonce */
+int jv__open_tcp(lua_State *L);    /* core.tcp */
+int jv__open_tls(lua_State *L);    /* core.tls */
+int jv__open_http(lua_State *L);   /* core.http */
+int jv__open_ws(lua_State *L);     /* core.ws */
+int jv__open_proc(lua_State *L);   /* core.proc */
+int jv__open_pty(lua_State *L);    /* core.pty */
+int jv__open_signal(lua_State *L); /* core.signal */
+int jv__open_fs(lua_State *L);     /* core.fs */
 
 #endif /* JV_INTERNAL_H */

@@ -15,9 +15,8 @@
 #include <sys/time.h>
 #include <time.h>
 
-static const char *const level_names[] = {
-  "debug", "info", "warn", "error", "alert"
-};
+static const char *const level_names[] = { "debug", "info", "warn", "error",
+                                           "alert" };
 
 static char log_role[32] = "core";
 static jv_log_level_t log_min = JV_LOG_INFO;
@@ -130,8 +129,8 @@ line_begin(jv_line_t *line, jv_log_level_t level)
   gettimeofday(&tv, NULL);
   gmtime_r(&tv.tv_sec, &tm);
   snprintf(ts, sizeof(ts), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
-           tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-           tm.tm_min, tm.tm_sec, (int) (tv.tv_usec / 1000));
+           tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+           tm.tm_sec, (int) (tv.tv_usec / 1000));
 
   line->len = 0;
   line->truncated = 0;
@@ -201,9 +200,8 @@ jv_log(jv_log_level_t level, const char *msg, ...)
 static int
 check_level(lua_State *L, int arg)
 {
-  static const char *const names[] = {
-    "debug", "info", "warn", "error", "alert", NULL
-  };
+  static const char *const names[] = { "debug", "info",  "warn",
+                                       "error", "alert", NULL };
 
   return luaL_checkoption(L, arg, NULL, names);
 }
@@ -305,13 +303,11 @@ l_log_enabled(lua_State *L)
 int
 jv__open_log(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "write", l_log_write },
-    { "set_role", l_log_set_role },
-    { "set_level", l_log_set_level },
-    { "enabled", l_log_enabled },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "write", l_log_write },
+                                    { "set_role", l_log_set_role },
+                                    { "set_level", l_log_set_level },
+                                    { "enabled", l_log_enabled },
+                                    { NULL, NULL } };
 
   lua_newtable(L);
   luaL_setfuncs(L, funcs, 0);

@@ -11,23 +11,17 @@
 #include <signal.h>
 
 typedef struct {
-  const char *name;   /* field in the core table, or NULL for core.* */
+  const char *name; /* field in the core table, or NULL for core.* */
   int (*open)(lua_State *L);
 } jv_module_t;
 
 static const jv_module_t modules[] = {
-  { NULL, jv__open_loop },
-  { "log", jv__open_log },
-  { "crypto", jv__open_crypto },
-  { "nonce", jv__open_nonce },
-  { "tcp", jv__open_tcp },
-  { "tls", jv__open_tls },
-  { "http", jv__open_http },
-  { "ws", jv__open_ws },
-  { "proc", jv__open_proc },
-  { "pty", jv__open_pty },
-  { "signal", jv__open_signal },
-  { "fs", jv__open_fs },
+  { NULL, jv__open_loop },       { "log", jv__open_log },
+  { "crypto", jv__open_crypto }, { "nonce", jv__open_nonce },
+  { "tcp", jv__open_tcp },       { "tls", jv__open_tls },
+  { "http", jv__open_http },     { "ws", jv__open_ws },
+  { "proc", jv__open_proc },     { "pty", jv__open_pty },
+  { "signal", jv__open_signal }, { "fs", jv__open_fs },
   { "pipe", jv__open_pipe },
 };
 

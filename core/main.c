@@ -114,7 +114,7 @@ main(int argc, char **argv)
 
   if (find_root(root, sizeof(root)) != 0) {
     fprintf(stderr, "justavps: cannot find lua/justavps/cli.lua; set "
-            "JUSTAVPS_ROOT to the directory that contains lua/\n");
+                    "JUSTAVPS_ROOT to the directory that contains lua/\n");
     return 1;
   }
 

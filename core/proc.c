@@ -11,7 +11,7 @@
  * This file also contains what pty.c shares with it: the exit status with its
  * parked waiters, and the argv and environment builders.
  */
-#define _GNU_SOURCE   /* pipe2 */
+#define _GNU_SOURCE /* pipe2 */
 
 #include "internal.h"
 
@@ -58,8 +58,8 @@ struct jv_exit_waiter_s {
 struct jv_exit_s {
   jv_exit_waiter_t *waiters;
   int done;
-  int status;    /* exit status, or 128 + signal number */
-  int signum;    /* terminating signal, or 0 */
+  int status; /* exit status, or 128 + signal number */
+  int signum; /* terminating signal, or 0 */
 };
 
 
@@ -181,7 +181,8 @@ waiter_timeout_cb(uv_timer_t *timer)
 
   waiter_release(w);
   co = jv__co_thread(ref);
-  jv__push_error_msg(co, JV_ETIMEOUT, "timed out waiting for the process "
+  jv__push_error_msg(co, JV_ETIMEOUT,
+                     "timed out waiting for the process "
                      "to exit");
   jv__co_resume(ref, 3);
 }
@@ -197,8 +198,8 @@ jv__exit_wait(lua_State *L, jv_exit_t *x, int timeout_idx)
   double timeout = luaL_optnumber(L, timeout_idx, -1);
   jv_exit_waiter_t *w;
 
-  luaL_argcheck(L, lua_isnoneornil(L, timeout_idx) || timeout >= 0,
-                timeout_idx, "must be >= 0");
+  luaL_argcheck(L, lua_isnoneornil(L, timeout_idx) || timeout >= 0, timeout_idx,
+                "must be >= 0");
 
   if (x->done) {
     return exit_push(L, x);
@@ -206,7 +207,7 @@ jv__exit_wait(lua_State *L, jv_exit_t *x, int timeout_idx)
 
   if (!jv__co_parkable(L)) {
     return luaL_error(L, "wait() must run in a coroutine started by "
-                      "core.spawn or a core callback");
+                         "core.spawn or a core callback");
   }
 
   w = calloc(1, sizeof(*w));
@@ -401,10 +402,10 @@ typedef struct jv_proc_box_s jv_proc_box_t;
 typedef struct {
   uv_process_t handle;
   jv_exit_t *exit;
-  jv_proc_box_t *box;      /* NULL once the Lua object is collected */
+  jv_proc_box_t *box; /* NULL once the Lua object is collected */
   int pid;
-  unsigned detached:1;
-  unsigned closed:1;       /* the handle's close callback has run */
+  unsigned detached : 1;
+  unsigned closed : 1; /* the handle's close callback has run */
 } jv_proc_t;
 
 struct jv_proc_box_s {
@@ -413,9 +414,8 @@ struct jv_proc_box_s {
 
 enum { STDIO_NULL, STDIO_PIPE, STDIO_INHERIT, STDIO_STDOUT };
 
-static const char *const stdio_modes[] = {
-  "null", "pipe", "inherit", "stdout", NULL
-};
+static const char *const stdio_modes[] = { "null", "pipe", "inherit", "stdout",
+                                           NULL };
 
 static const char *const stdio_names[] = { "stdin", "stdout", "stderr" };
 
@@ -467,8 +467,8 @@ stdio_cleanup(jv_stdio_t *io, int close_streams)
 
   for (i = 0; i < 3; i++) {
     /* Inherited fds and the shared stdout are not ours to close. */
-    if (io[i].child_fd >= 0
-        && (io[i].mode == STDIO_NULL || io[i].mode == STDIO_PIPE)) {
+    if (io[i].child_fd >= 0 &&
+        (io[i].mode == STDIO_NULL || io[i].mode == STDIO_PIPE)) {
       close(io[i].child_fd);
     }
     io[i].child_fd = -1;
@@ -546,9 +546,9 @@ check_stdio_mode(lua_State *L, const char *name)
     }
   }
 
-  return luaL_error(L, "%s must be \"pipe\", \"null\" or \"inherit\"%s",
-                    name, strcmp(name, "stderr") == 0
-                          ? " or \"stdout\" (merge into stdout)" : "");
+  return luaL_error(
+      L, "%s must be \"pipe\", \"null\" or \"inherit\"%s", name,
+      strcmp(name, "stderr") == 0 ? " or \"stdout\" (merge into stdout)" : "");
 }
 
 
@@ -754,7 +754,7 @@ l_proc_kill(lua_State *L)
 
   if (group && !p->detached) {
     return luaL_error(L, "a group kill needs a process spawned with "
-                      "detached = true, or it would signal our own group");
+                         "detached = true, or it would signal our own group");
   }
 
   /* The pid may belong to another process once the child is reaped. The
@@ -864,19 +864,15 @@ l_kill(lua_State *L)
 int
 jv__open_proc(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "spawn", l_proc_spawn },
-    { "getpid", l_getpid },
-    { "kill", l_kill },
-    { NULL, NULL }
-  };
-  static const luaL_Reg methods[] = {
-    { "pid", l_proc_pid },
-    { "wait", l_proc_wait },
-    { "kill", l_proc_kill },
-    { "exited", l_proc_exited },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "spawn", l_proc_spawn },
+                                    { "getpid", l_getpid },
+                                    { "kill", l_kill },
+                                    { NULL, NULL } };
+  static const luaL_Reg methods[] = { { "pid", l_proc_pid },
+                                      { "wait", l_proc_wait },
+                                      { "kill", l_proc_kill },
+                                      { "exited", l_proc_exited },
+                                      { NULL, NULL } };
 
   luaL_newmetatable(L, JV_PROC_MT);
   lua_newtable(L);

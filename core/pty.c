@@ -13,7 +13,7 @@
  * turn waits only on the pids it spawned, which the spec that runs both
  * kinds of child together checks.
  */
-#define _GNU_SOURCE   /* pipe2 */
+#define _GNU_SOURCE /* pipe2 */
 
 #include "internal.h"
 
@@ -50,19 +50,19 @@ char **jv__build_env(lua_State *L, int opts, const char *term);
 #define PTY_TERM "xterm-256color"
 
 /* Socket methods that a pty object forwards to pty.io. */
-static const char *const forwarded[] = {
-  "read", "readn", "readuntil", "write", "flush", "close", "closed",
-  "settimeout", "buffered", "queued", NULL
-};
+static const char *const forwarded[] = { "read",   "readn",      "readuntil",
+                                         "write",  "flush",      "close",
+                                         "closed", "settimeout", "buffered",
+                                         "queued", NULL };
 
 typedef struct jv_pty_s jv_pty_t;
 
 struct jv_pty_s {
-  jv_pty_t *next;       /* in reaper.children while the child runs */
+  jv_pty_t *next; /* in reaper.children while the child runs */
   jv_exit_t *exit;
-  void *box;            /* NULL once the Lua object is collected */
+  void *box; /* NULL once the Lua object is collected */
   pid_t pid;
-  int status;           /* from waitpid() */
+  int status; /* from waitpid() */
 };
 
 typedef struct {
@@ -78,13 +78,12 @@ static struct {
 /* The step of the child's setup that failed, reported through a pipe. */
 enum { STEP_SETGID = 1, STEP_SETUID, STEP_CHDIR, STEP_EXEC };
 
-static const char *const step_names[] = {
-  NULL, "setgid", "setuid", "chdir", "exec"
-};
+static const char *const step_names[] = { NULL, "setgid", "setuid", "chdir",
+                                          "exec" };
 
 typedef struct {
   int step;
-  int error;            /* errno */
+  int error; /* errno */
 } jv_child_error_t;
 
 /* Everything the child needs, prepared before the fork: between fork and
@@ -130,8 +129,10 @@ reaper_cb(uv_signal_t *handle, int signum)
 
     if (r == -1) {
       /* Only a waitpid(-1) elsewhere in the process can have reaped it. */
-      jv_log(JV_LOG_ALERT, "pty child was reaped elsewhere; its exit "
-             "status is lost", NULL);
+      jv_log(JV_LOG_ALERT,
+             "pty child was reaped elsewhere; its exit "
+             "status is lost",
+             NULL);
       t->status = 255 << 8;
     }
 
@@ -422,7 +423,8 @@ l_pty_spawn(lua_State *L)
 
   err = reaper_start();
   if (err != 0) {
-    return jv__push_error_msg(L, err, "cannot watch SIGCHLD for the pty "
+    return jv__push_error_msg(L, err,
+                              "cannot watch SIGCHLD for the pty "
                               "child");
   }
 
@@ -442,8 +444,8 @@ l_pty_spawn(lua_State *L)
     pty_free(t);
     lua_pushnil(L);
     if (step != 0) {
-      lua_pushfstring(L, "cannot spawn '%s' on a pty: %s failed: %s",
-                      c.file, step_names[step], jv_strerror(pid));
+      lua_pushfstring(L, "cannot spawn '%s' on a pty: %s failed: %s", c.file,
+                      step_names[step], jv_strerror(pid));
 
     } else {
       lua_pushfstring(L, "cannot open a pty for '%s': %s", c.file,
@@ -498,8 +500,8 @@ pty_master_fd(lua_State *L)
   s = jv__sock_stream(jv__sock_check(L, -1, 1));
   lua_pop(L, 2);
 
-  if (s == NULL || jv_stream_is_closing(s)
-      || uv_fileno(&s->uv.handle, &fd) != 0) {
+  if (s == NULL || jv_stream_is_closing(s) ||
+      uv_fileno(&s->uv.handle, &fd) != 0) {
     return -1;
   }
 
@@ -656,19 +658,17 @@ l_pty_tostring(lua_State *L)
 static void
 add_forwarders(lua_State *L)
 {
-  static const char chunk[] =
-    "local methods, names = ...\n"
-    "for i = 1, #names do\n"
-    "  local name = names[i]\n"
-    "  methods[name] = function(self, ...)\n"
-    "    local io = self.io\n"
-    "    return io[name](io, ...)\n"
-    "  end\n"
-    "end\n";
+  static const char chunk[] = "local methods, names = ...\n"
+                              "for i = 1, #names do\n"
+                              "  local name = names[i]\n"
+                              "  methods[name] = function(self, ...)\n"
+                              "    local io = self.io\n"
+                              "    return io[name](io, ...)\n"
+                              "  end\n"
+                              "end\n";
   int i;
 
-  if (luaL_loadbuffer(L, chunk, sizeof(chunk) - 1, "=pty forwarders")
-      != 0) {
+  if (luaL_loadbuffer(L, chunk, sizeof(chunk) - 1, "=pty forwarders") != 0) {
     lua_error(L);
   }
 
@@ -686,17 +686,11 @@ add_forwarders(lua_State *L)
 int
 jv__open_pty(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "spawn", l_pty_spawn },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "spawn", l_pty_spawn }, { NULL, NULL } };
   static const luaL_Reg methods[] = {
-    { "pid", l_pty_pid },
-    { "wait", l_pty_wait },
-    { "kill", l_pty_kill },
-    { "resize", l_pty_resize },
-    { "exited", l_pty_exited },
-    { NULL, NULL }
+    { "pid", l_pty_pid },       { "wait", l_pty_wait },
+    { "kill", l_pty_kill },     { "resize", l_pty_resize },
+    { "exited", l_pty_exited }, { NULL, NULL }
   };
 
   luaL_newmetatable(L, JV_PTY_MT);

@@ -7,7 +7,7 @@
  * where it may wait for I/O. libuv lets several handles watch one signal,
  * so every handler registered for a signal runs.
  */
-#define _GNU_SOURCE   /* dladdr, RTLD_NODELETE */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
 
 #include "internal.h"
 
@@ -29,35 +29,16 @@ static const struct {
   const char *name;
   int signum;
 } signal_names[] = {
-  { "SIGHUP", SIGHUP },
-  { "SIGINT", SIGINT },
-  { "SIGQUIT", SIGQUIT },
-  { "SIGILL", SIGILL },
-  { "SIGTRAP", SIGTRAP },
-  { "SIGABRT", SIGABRT },
-  { "SIGBUS", SIGBUS },
-  { "SIGFPE", SIGFPE },
-  { "SIGKILL", SIGKILL },
-  { "SIGUSR1", SIGUSR1 },
-  { "SIGSEGV", SIGSEGV },
-  { "SIGUSR2", SIGUSR2 },
-  { "SIGPIPE", SIGPIPE },
-  { "SIGALRM", SIGALRM },
-  { "SIGTERM", SIGTERM },
-  { "SIGCHLD", SIGCHLD },
-  { "SIGCONT", SIGCONT },
-  { "SIGSTOP", SIGSTOP },
-  { "SIGTSTP", SIGTSTP },
-  { "SIGTTIN", SIGTTIN },
-  { "SIGTTOU", SIGTTOU },
-  { "SIGURG", SIGURG },
-  { "SIGXCPU", SIGXCPU },
-  { "SIGXFSZ", SIGXFSZ },
-  { "SIGVTALRM", SIGVTALRM },
-  { "SIGPROF", SIGPROF },
-  { "SIGWINCH", SIGWINCH },
-  { "SIGIO", SIGIO },
-  { "SIGSYS", SIGSYS },
+  { "SIGHUP", SIGHUP },       { "SIGINT", SIGINT },   { "SIGQUIT", SIGQUIT },
+  { "SIGILL", SIGILL },       { "SIGTRAP", SIGTRAP }, { "SIGABRT", SIGABRT },
+  { "SIGBUS", SIGBUS },       { "SIGFPE", SIGFPE },   { "SIGKILL", SIGKILL },
+  { "SIGUSR1", SIGUSR1 },     { "SIGSEGV", SIGSEGV }, { "SIGUSR2", SIGUSR2 },
+  { "SIGPIPE", SIGPIPE },     { "SIGALRM", SIGALRM }, { "SIGTERM", SIGTERM },
+  { "SIGCHLD", SIGCHLD },     { "SIGCONT", SIGCONT }, { "SIGSTOP", SIGSTOP },
+  { "SIGTSTP", SIGTSTP },     { "SIGTTIN", SIGTTIN }, { "SIGTTOU", SIGTTOU },
+  { "SIGURG", SIGURG },       { "SIGXCPU", SIGXCPU }, { "SIGXFSZ", SIGXFSZ },
+  { "SIGVTALRM", SIGVTALRM }, { "SIGPROF", SIGPROF }, { "SIGWINCH", SIGWINCH },
+  { "SIGIO", SIGIO },         { "SIGSYS", SIGSYS },
 };
 
 
@@ -116,8 +97,9 @@ jv__check_signal(lua_State *L, int idx)
 
   signum = jv__signal_number(luaL_checkstring(L, idx));
   if (signum == 0) {
-    luaL_argerror(L, idx, lua_pushfstring(L, "unknown signal name '%s'",
-                                          lua_tostring(L, idx)));
+    luaL_argerror(
+        L, idx,
+        lua_pushfstring(L, "unknown signal name '%s'", lua_tostring(L, idx)));
   }
 
   return signum;
@@ -130,7 +112,7 @@ typedef struct {
 } jv_signal_t;
 
 typedef struct {
-  jv_signal_t *sig;   /* NULL once stopped */
+  jv_signal_t *sig; /* NULL once stopped */
 } jv_signal_box_t;
 
 
@@ -171,7 +153,8 @@ l_signal_on(lua_State *L)
   /* The core ignores SIGPIPE so a write to a closed peer fails with EPIPE.
    * libuv restores the default action, which ends the process, when the
    * last handler of a signal stops, so a SIGPIPE handler is rejected. */
-  luaL_argcheck(L, signum != SIGPIPE, 1, "SIGPIPE is ignored by the core "
+  luaL_argcheck(L, signum != SIGPIPE, 1,
+                "SIGPIPE is ignored by the core "
                 "and cannot be handled");
 
   sig = calloc(1, sizeof(*sig));
@@ -269,16 +252,12 @@ pin_module(void)
 int
 jv__open_signal(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "on", l_signal_on },
-    { "number", l_signal_number },
-    { "name", l_signal_name },
-    { NULL, NULL }
-  };
-  static const luaL_Reg methods[] = {
-    { "stop", l_signal_stop },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "on", l_signal_on },
+                                    { "number", l_signal_number },
+                                    { "name", l_signal_name },
+                                    { NULL, NULL } };
+  static const luaL_Reg methods[] = { { "stop", l_signal_stop },
+                                      { NULL, NULL } };
 
   pin_module();
 

@@ -23,7 +23,7 @@ enum {
   STREAM_TLS_READY = 1 << 2,
   STREAM_SHUTDOWN_WANTED = 1 << 3,
   STREAM_SHUTDOWN_SENT = 1 << 4,
-  STREAM_TLS_QUEUED = 1 << 5,   /* on the deferred-delivery list */
+  STREAM_TLS_QUEUED = 1 << 5, /* on the deferred-delivery list */
   STREAM_FD = 1 << 6,
 };
 
@@ -239,8 +239,8 @@ tls_fail(jv_stream_t *s, const char *call)
 
   if (s->tls_error == 0) {
     s->tls_error = JV_ETLS;
-    jv_log(JV_LOG_WARN, "tls failure", "call", call,
-           "reason", e ? reason : "peer closed or protocol error", NULL);
+    jv_log(JV_LOG_WARN, "tls failure", "call", call, "reason",
+           e ? reason : "peer closed or protocol error", NULL);
   }
 }
 
@@ -453,8 +453,8 @@ read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
   }
 
   if (s->ssl == NULL) {
-    if (nread < 0 && nread != UV_EOF && s->flags & STREAM_FD
-        && nread == UV_EIO) {
+    if (nread < 0 && nread != UV_EOF && s->flags & STREAM_FD &&
+        nread == UV_EIO) {
       /* A PTY master reports EIO once the slave side is closed. */
       nread = UV_EOF;
     }
@@ -513,8 +513,8 @@ jv_stream_read_start(jv_stream_t *s, jv_stream_read_cb cb)
 
   s->flags |= STREAM_READING;
 
-  if (s->ssl != NULL && (s->flags & STREAM_TLS_READY)
-      && (SSL_pending(s->ssl) > 0 || BIO_ctrl_pending(s->rbio) > 0)) {
+  if (s->ssl != NULL && (s->flags & STREAM_TLS_READY) &&
+      (SSL_pending(s->ssl) > 0 || BIO_ctrl_pending(s->rbio) > 0)) {
     tls_queue(s);
   }
 
@@ -563,8 +563,8 @@ stream_finish_shutdown(jv_stream_t *s)
 int
 jv_stream_shutdown(jv_stream_t *s)
 {
-  if (s->flags & (STREAM_CLOSING | STREAM_SHUTDOWN_SENT
-                  | STREAM_SHUTDOWN_WANTED)) {
+  if (s->flags &
+      (STREAM_CLOSING | STREAM_SHUTDOWN_SENT | STREAM_SHUTDOWN_WANTED)) {
     return 0;
   }
 
@@ -594,7 +594,7 @@ close_cb(uv_handle_t *handle)
   }
 
   if (s->ssl != NULL) {
-    SSL_free(s->ssl);   /* frees both BIOs */
+    SSL_free(s->ssl); /* frees both BIOs */
   }
 
   free(s);
@@ -653,8 +653,8 @@ jv_stream_start_tls(jv_stream_t *s, SSL_CTX *ctx, int is_server,
     SSL_set_connect_state(ssl);
 
     if (sni != NULL && *sni != '\0') {
-      if (SSL_set_tlsext_host_name(ssl, sni) != 1
-          || SSL_set1_host(ssl, sni) != 1) {
+      if (SSL_set_tlsext_host_name(ssl, sni) != 1 ||
+          SSL_set1_host(ssl, sni) != 1) {
         SSL_free(ssl);
         s->rbio = s->wbio = NULL;
         goto failed;
@@ -673,8 +673,7 @@ failed:
 
 
 int
-jv_stream_address(jv_stream_t *s, int peer, char *ip, size_t size,
-                  int *port)
+jv_stream_address(jv_stream_t *s, int peer, char *ip, size_t size, int *port)
 {
   struct sockaddr_storage ss;
   int len = sizeof(ss);

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define JV_SOCK_MT "justavps.sock"
+#define JV_SOCK_MT     "justavps.sock"
 #define JV_LISTENER_MT "justavps.listener"
 
 /* Stop reading from the kernel once this much input is buffered unread:
@@ -25,9 +25,9 @@
 
 typedef enum {
   READ_NONE = 0,
-  READ_ANY,       /* up to want bytes, as soon as there are some */
-  READ_N,         /* exactly want bytes */
-  READ_UNTIL,     /* up to and excluding delim, at most want bytes */
+  READ_ANY,   /* up to want bytes, as soon as there are some */
+  READ_N,     /* exactly want bytes */
+  READ_UNTIL, /* up to and excluding delim, at most want bytes */
 } jv_read_mode_t;
 
 typedef struct {
@@ -36,27 +36,27 @@ typedef struct {
 
 struct jv_sock_s {
   jv_stream_t *stream;
-  jv_sock_box_t *box;        /* NULL once the userdata is collected */
+  jv_sock_box_t *box; /* NULL once the userdata is collected */
 
-  char *buf;                 /* unread input: buf[off .. off + len) */
+  char *buf; /* unread input: buf[off .. off + len) */
   size_t off;
   size_t len;
   size_t cap;
 
-  jv_read_mode_t mode;       /* what the parked reader waits for */
+  jv_read_mode_t mode; /* what the parked reader waits for */
   size_t want;
   char delim[16];
   size_t delim_len;
 
-  int read_ref;              /* parked reader, or LUA_NOREF */
-  int write_ref;             /* parked writer */
-  int connect_ref;           /* parked dialer */
-  uv_timer_t *timer[2];      /* timeouts: reader or dialer, writer */
+  int read_ref;         /* parked reader, or LUA_NOREF */
+  int write_ref;        /* parked writer */
+  int connect_ref;      /* parked dialer */
+  uv_timer_t *timer[2]; /* timeouts: reader or dialer, writer */
 
-  double timeout;            /* seconds per operation; 0 = none */
-  int read_error;            /* sticky: UV_EOF or an error code */
-  unsigned closed:1;         /* close() called */
-  unsigned reading:1;
+  double timeout;      /* seconds per operation; 0 = none */
+  int read_error;      /* sticky: UV_EOF or an error code */
+  unsigned closed : 1; /* close() called */
+  unsigned reading : 1;
 };
 
 static void sock_read_cb(jv_stream_t *s, ssize_t nread, const char *data);
@@ -365,8 +365,8 @@ jv__sock_consume(jv_sock_t *sock, size_t n)
 int
 jv__sock_lend(jv_sock_t *sock)
 {
-  if (sock->read_ref != LUA_NOREF || sock->write_ref != LUA_NOREF
-      || sock->connect_ref != LUA_NOREF) {
+  if (sock->read_ref != LUA_NOREF || sock->write_ref != LUA_NOREF ||
+      sock->connect_ref != LUA_NOREF) {
     return JV_EBUSY;
   }
 
@@ -454,7 +454,8 @@ sock_try_read(jv_sock_t *sock, lua_State *L)
     }
 
     if (sock->len > sock->want + sock->delim_len) {
-      jv__push_error_msg(L, JV_ETOOLARGE, "delimiter not found within the "
+      jv__push_error_msg(L, JV_ETOOLARGE,
+                         "delimiter not found within the "
                          "maximum length");
       return 3;
     }
@@ -638,8 +639,7 @@ l_sock_write(lua_State *L)
 
   if (lua_type(L, 2) == LUA_TTABLE) {
     n = (int) lua_objlen(L, 2);
-    luaL_argcheck(L, n <= (int) JV_ARRAY_SIZE(bufs), 2,
-                  "at most 64 pieces");
+    luaL_argcheck(L, n <= (int) JV_ARRAY_SIZE(bufs), 2, "at most 64 pieces");
 
     for (i = 1; i <= n; i++) {
       const char *p;
@@ -806,8 +806,8 @@ l_sock_queued(lua_State *L)
 {
   jv_sock_t *sock = jv__sock_check(L, 1, 1);
 
-  lua_pushinteger(L, sock->stream ? (lua_Integer) sock->stream->write_queue
-                                  : 0);
+  lua_pushinteger(L,
+                  sock->stream ? (lua_Integer) sock->stream->write_queue : 0);
   return 1;
 }
 
@@ -945,7 +945,8 @@ l_sock_connect(lua_State *L)
 
   rc = jv__parse_addr(host, port, &addr);
   if (rc != 0) {
-    return jv__push_error_msg(L, JV_EINVALID, "invalid address: expected an "
+    return jv__push_error_msg(L, JV_EINVALID,
+                              "invalid address: expected an "
                               "IPv4 or IPv6 literal and a port 0-65535");
   }
 
@@ -1102,7 +1103,8 @@ jv__listener_push(lua_State *L, const char *host, int port, int backlog,
   int rc;
 
   if (jv__parse_addr(host, port, &addr) != 0) {
-    jv__push_error_msg(L, JV_EINVALID, "invalid listen address: expected an "
+    jv__push_error_msg(L, JV_EINVALID,
+                       "invalid listen address: expected an "
                        "IPv4 or IPv6 literal and a port 0-65535");
     return NULL;
   }
@@ -1270,28 +1272,24 @@ l_listener_accepted(lua_State *L)
 int
 jv__open_tcp(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "socket", l_tcp_socket },
-    { "listen", l_tcp_listen },
-    { NULL, NULL }
-  };
-  static const luaL_Reg sock_methods[] = {
-    { "read", l_sock_read },
-    { "readn", l_sock_readn },
-    { "readuntil", l_sock_readuntil },
-    { "write", l_sock_write },
-    { "flush", l_sock_flush },
-    { "shutdown", l_sock_shutdown },
-    { "close", l_sock_close },
-    { "closed", l_sock_closed },
-    { "settimeout", l_sock_settimeout },
-    { "peername", l_sock_peername },
-    { "sockname", l_sock_sockname },
-    { "buffered", l_sock_buffered },
-    { "queued", l_sock_queued },
-    { "connect", l_sock_connect },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "socket", l_tcp_socket },
+                                    { "listen", l_tcp_listen },
+                                    { NULL, NULL } };
+  static const luaL_Reg sock_methods[] = { { "read", l_sock_read },
+                                           { "readn", l_sock_readn },
+                                           { "readuntil", l_sock_readuntil },
+                                           { "write", l_sock_write },
+                                           { "flush", l_sock_flush },
+                                           { "shutdown", l_sock_shutdown },
+                                           { "close", l_sock_close },
+                                           { "closed", l_sock_closed },
+                                           { "settimeout", l_sock_settimeout },
+                                           { "peername", l_sock_peername },
+                                           { "sockname", l_sock_sockname },
+                                           { "buffered", l_sock_buffered },
+                                           { "queued", l_sock_queued },
+                                           { "connect", l_sock_connect },
+                                           { NULL, NULL } };
   static const luaL_Reg listener_methods[] = {
     { "address", l_listener_address },
     { "port", l_listener_port },
@@ -1321,17 +1319,16 @@ jv__open_tcp(lua_State *L)
 
   /* connect must return the socket after waiting, which a C function that
    * yields cannot do, so it is a small Lua function over socket:connect. */
-  luaL_loadstring(L,
-    "local socket = ...\n"
-    "return function(host, port, opts)\n"
-    "  local sock = socket(opts)\n"
-    "  local ok, err, code = sock:connect(host, port)\n"
-    "  if not ok then\n"
-    "    sock:close()\n"
-    "    return nil, err, code\n"
-    "  end\n"
-    "  return sock\n"
-    "end\n");
+  luaL_loadstring(L, "local socket = ...\n"
+                     "return function(host, port, opts)\n"
+                     "  local sock = socket(opts)\n"
+                     "  local ok, err, code = sock:connect(host, port)\n"
+                     "  if not ok then\n"
+                     "    sock:close()\n"
+                     "    return nil, err, code\n"
+                     "  end\n"
+                     "  return sock\n"
+                     "end\n");
   lua_pushcfunction(L, l_tcp_socket);
   lua_call(L, 1, 1);
   lua_setfield(L, -2, "connect");

@@ -25,7 +25,7 @@
 #define JV_TLS_MT "justavps.tls_context"
 
 typedef struct {
-  char *name;          /* lower-case host name or "*.suffix" */
+  char *name; /* lower-case host name or "*.suffix" */
   SSL_CTX *ctx;
 } jv_sni_entry_t;
 
@@ -111,8 +111,8 @@ new_server_ctx(void)
   }
 
   SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION
-                      | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION |
+                               SSL_OP_CIPHER_SERVER_PREFERENCE);
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
   return ctx;
 }
@@ -245,8 +245,7 @@ l_server_context(lua_State *L)
         return push_ssl_error(L, "SSL_CTX_new");
       }
 
-      rc = load_pair(L, sctx, luaL_checkstring(L, -3),
-                     luaL_checkstring(L, -2));
+      rc = load_pair(L, sctx, luaL_checkstring(L, -3), luaL_checkstring(L, -2));
       if (rc != 0) {
         SSL_CTX_free(sctx);
         return rc;
@@ -527,7 +526,7 @@ l_generate(lua_State *L)
     goto cleanup;
   }
 
-  serial[0] &= 0x7f;   /* a positive serial */
+  serial[0] &= 0x7f; /* a positive serial */
   bn = BN_bin2bn(serial, sizeof(serial), NULL);
   BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert));
   X509_set_version(cert, 2);
@@ -541,12 +540,12 @@ l_generate(lua_State *L)
   X509_set_issuer_name(cert, icert ? X509_get_subject_name(icert) : name);
 
   if (add_ext(cert, icert ? icert : cert, NID_basic_constraints,
-              is_ca ? "critical,CA:TRUE" : "critical,CA:FALSE") != 0
-      || add_ext(cert, icert ? icert : cert, NID_key_usage,
-                 is_ca ? "critical,keyCertSign,cRLSign"
-                       : "critical,digitalSignature,keyEncipherment") != 0
-      || add_ext(cert, icert ? icert : cert, NID_subject_key_identifier,
-                 "hash") != 0) {
+              is_ca ? "critical,CA:TRUE" : "critical,CA:FALSE") != 0 ||
+      add_ext(cert, icert ? icert : cert, NID_key_usage,
+              is_ca ? "critical,keyCertSign,cRLSign"
+                    : "critical,digitalSignature,keyEncipherment") != 0 ||
+      add_ext(cert, icert ? icert : cert, NID_subject_key_identifier, "hash") !=
+          0) {
     nret = push_ssl_error(L, "X509V3_EXT_conf_nid");
     goto cleanup;
   }
@@ -569,7 +568,8 @@ l_generate(lua_State *L)
   }
 
   if (write_pem(key_out, key, cert_out, cert) != 0) {
-    nret = jv__push_error_msg(L, UV_EIO, "cannot write the certificate or "
+    nret = jv__push_error_msg(L, UV_EIO,
+                              "cannot write the certificate or "
                               "key file");
     goto cleanup;
   }
@@ -591,12 +591,10 @@ cleanup:
 int
 jv__open_tls(lua_State *L)
 {
-  static const luaL_Reg funcs[] = {
-    { "server_context", l_server_context },
-    { "client_context", l_client_context },
-    { "generate", l_generate },
-    { NULL, NULL }
-  };
+  static const luaL_Reg funcs[] = { { "server_context", l_server_context },
+                                    { "client_context", l_client_context },
+                                    { "generate", l_generate },
+                                    { NULL, NULL } };
 
   luaL_newmetatable(L, JV_TLS_MT);
   lua_pushcfunction(L, l_tls_gc);

@@ -21,17 +21,17 @@
  * libuv's range. Each has a stable name that Lua sees as the third return
  * value, and a message for people.
  */
-#define JV_ERRNO_MAP(XX)                                                      \
-  XX(TIMEOUT,  -5001, "timeout",        "operation timed out")                \
-  XX(CLOSED,   -5002, "closed",         "connection closed")                  \
-  XX(INVALID,  -5003, "invalid",        "invalid argument")                   \
-  XX(TOOLARGE, -5004, "too_large",      "size limit exceeded")                \
-  XX(FULL,     -5005, "full",           "cache is at its memory bound")       \
-  XX(TLS,      -5006, "tls_error",      "TLS failure")                        \
-  XX(PROTOCOL, -5007, "protocol_error", "protocol violation")                 \
-  XX(BUSY,     -5008, "busy",           "operation already in progress")      \
-  XX(NOMEM,    -5009, "no_memory",      "out of memory")                      \
-  XX(CANCELED, -5010, "canceled",       "operation canceled")
+#define JV_ERRNO_MAP(XX)                                                       \
+  XX(TIMEOUT, -5001, "timeout", "operation timed out")                         \
+  XX(CLOSED, -5002, "closed", "connection closed")                             \
+  XX(INVALID, -5003, "invalid", "invalid argument")                            \
+  XX(TOOLARGE, -5004, "too_large", "size limit exceeded")                      \
+  XX(FULL, -5005, "full", "cache is at its memory bound")                      \
+  XX(TLS, -5006, "tls_error", "TLS failure")                                   \
+  XX(PROTOCOL, -5007, "protocol_error", "protocol violation")                  \
+  XX(BUSY, -5008, "busy", "operation already in progress")                     \
+  XX(NOMEM, -5009, "no_memory", "out of memory")                               \
+  XX(CANCELED, -5010, "canceled", "operation canceled")
 
 enum {
 #define XX(name, value, word, message) JV_E##name = value,

@@ -40,7 +40,7 @@ end
 
 
 local function watch_sources(app)
-  local root = JUSTAVPS_ROOT or "."
+  local root = rawget(_G, "JUSTAVPS_ROOT") or "."
   local dirs = {}
   for _, dir in ipairs(WATCHED) do
     local path = root .. "/" .. dir

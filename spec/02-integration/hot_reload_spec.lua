@@ -124,7 +124,7 @@ end
 describe("hot reload", function()
   it("swaps code on SIGHUP with no failed request", async(function()
     local root = make_tree()
-    local p, port, lines = start_dev(root, { "--no-watch" })
+    local p, port = start_dev(root, { "--no-watch" })
 
     local failures, served = {}, 0
     local running = true
