@@ -214,6 +214,11 @@ void jv__sock_consume(jv_sock_t *sock, size_t n);
 int jv__sock_lend(jv_sock_t *sock);
 void jv__sock_return(jv_sock_t *sock);
 
+/* Registers fn(arg) to run when the socket is closed while lent, before
+ * the stream goes away: the borrower must stop using the stream and call
+ * jv__sock_return. jv__sock_return clears it. */
+void jv__sock_on_lent_close(jv_sock_t *sock, void (*fn)(void *arg), void *arg);
+
 
 /*
  * Listeners: a bound TCP socket that hands each accepted connection, with

@@ -289,7 +289,21 @@ pipe_timer_cb(uv_timer_t *timer)
 }
 
 
+/* Runs when other code closes a socket the pipe holds: the pipe ends with
+ * an error, giving both streams back before the socket closes. */
+static void
+side_lent_close(void *arg)
+{
+  jv_pipe_side_t *side = arg;
+
+  pipe_finish(side->pipe, JV_ECLOSED, "socket closed while piped");
+}
+
+
 /* Borrows sock's stream for the pipe. Returns 0 or JV_EBUSY. */
+static void side_lent_close(void *arg);
+
+
 static int
 side_attach(lua_State *L, jv_pipe_t *pipe, int index, int idx)
 {
@@ -308,6 +322,7 @@ side_attach(lua_State *L, jv_pipe_t *pipe, int index, int idx)
   side->stream = jv__sock_stream(sock);
   side->stream->data = side;
   side->stream->drain_cb = pipe_drain_cb;
+  jv__sock_on_lent_close(sock, side_lent_close, side);
   lua_pushvalue(L, idx);
   side->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
@@ -346,8 +361,8 @@ side_forward_buffered(jv_pipe_side_t *side)
  * nil, message, code, bytes_a_to_b, bytes_b_to_a. Raises when a socket is
  * closed, is the other socket, or has a coroutine parked on it.
  *
- * NOTE: neither socket may be closed by other code while the pipe runs:
- * the pipe uses their streams and gets no notice of the close.
+ * Closing either socket from other code while the pipe runs ends the pipe
+ * with "closed" and closes the other socket too.
  */
 static int
 l_pipe(lua_State *L)

@@ -53,7 +53,9 @@ struct jv_sock_s {
   int connect_ref;      /* parked dialer */
   uv_timer_t *timer[2]; /* timeouts: reader or dialer, writer */
 
-  double timeout;      /* seconds per operation; 0 = none */
+  double timeout;             /* seconds per operation; 0 = none */
+  void (*lent_close)(void *); /* borrower hook, see jv__sock_lend */
+  void *lent_arg;
   int read_error;      /* sticky: UV_EOF or an error code */
   unsigned closed : 1; /* close() called */
   unsigned reading : 1;
@@ -188,8 +190,21 @@ sock_stream_closed(jv_stream_t *s)
 static void
 sock_close(jv_sock_t *sock)
 {
+  void (*hook)(void *) = sock->lent_close;
+
   if (sock->closed) {
     return;
+  }
+
+  if (hook != NULL) {
+    /* The stream is lent: its borrower gives it back first, which may
+     * close this socket itself. */
+    sock->lent_close = NULL;
+    hook(sock->lent_arg);
+
+    if (sock->closed) {
+      return;
+    }
   }
 
   sock->closed = 1;
@@ -383,8 +398,19 @@ static void sock_drain_cb(jv_stream_t *s);
 
 
 void
+jv__sock_on_lent_close(jv_sock_t *sock, void (*fn)(void *arg), void *arg)
+{
+  sock->lent_close = fn;
+  sock->lent_arg = arg;
+}
+
+
+void
 jv__sock_return(jv_sock_t *sock)
 {
+  sock->lent_close = NULL;
+  sock->lent_arg = NULL;
+
   if (sock->stream != NULL) {
     jv_stream_read_stop(sock->stream);
     sock->stream->drain_cb = sock_drain_cb;

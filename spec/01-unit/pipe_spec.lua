@@ -139,6 +139,22 @@ describe("core.ws.pipe", function()
     far:close()
   end))
 
+  it("ends when a piped socket is closed", async(function()
+    local client, a, b, far = piped_chain()
+    local result = start_pipe(a, b)
+
+    assert(client:write("x"))
+    assert.equal("x", far:readn(1))
+    a:close()
+
+    local values = wait_pipe(result)
+    assert.is_nil(values[1])
+    assert.equal("closed", values[3])
+    assert.is_true(b:closed())
+    client:close()
+    far:close()
+  end))
+
   it("forwards buffered bytes first", async(function()
     local client, a, b, far = piped_chain()
 
