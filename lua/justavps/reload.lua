@@ -39,6 +39,10 @@ local stable_prefixes = {
   "justavps.router",
   "justavps.units",
   "justavps.roles",
+  "justavps.service",
+  "justavps.proxy",
+  "justavps.cidr",
+  "justavps.websocket",
 }
 
 -- Roles live under justavps.roles but are application code.

@@ -21,11 +21,6 @@ local WATCHED = { "lua/justavps", "lua/justavps/apps", "lua/justavps/roles",
   "policies", "providers" }
 
 
-local function current_handler(req)
-  return reload.current().module.handle(req)
-end
-
-
 local function reload_app(app, reason)
   local gen, err, code = reload.load(app)
   if not gen then
@@ -61,10 +56,26 @@ local function watch_sources(app)
 end
 
 
--- Runs the service until a drain finishes. opts: app (module name), host,
--- port, tls (a core.tls server context or nil), watch (boolean),
--- drain_timeout (seconds), access_log (boolean), limits (table of
--- core.http.listen limits). Returns the exit status.
+-- Returns the request handler for listener name: the app's
+-- handlers[name] when it has handlers, else its handle.
+local function handler_for(name)
+  return function(req)
+    local app = reload.current().module
+    local handlers = app.handlers
+    if handlers then
+      return handlers[name](req)
+    end
+    return app.handle(req)
+  end
+end
+
+
+-- Runs the service until a drain finishes. opts: app (module name),
+-- listeners (a list of {name=, host=, port=, tls=, limits=}; by default one
+-- listener named "main" from opts.host, opts.port, opts.tls and
+-- opts.limits), watch (boolean), drain_timeout (seconds), access_log
+-- (boolean), on_start (function(servers) run once listening, in a
+-- coroutine). Returns the exit status.
 function _M.run(opts)
   local gen, err = reload.load(opts.app)
   if not gen then
@@ -72,28 +83,41 @@ function _M.run(opts)
     return 1
   end
 
-  local listen = {
-    host = opts.host,
-    port = opts.port,
-    tls = opts.tls,
-    handler = current_handler,
-    access_log = opts.access_log ~= false,
+  local listeners = opts.listeners or {
+    { name = "main", host = opts.host, port = opts.port, tls = opts.tls,
+      limits = opts.limits },
   }
-  for k, v in pairs(opts.limits or {}) do
-    listen[k] = v
-  end
 
-  local server, lerr = core.http.listen(listen)
-  if not server then
-    log.alert("cannot listen", { host = opts.host, port = opts.port,
-      error = lerr })
-    return 1
+  local servers = {}
+  for _, l in ipairs(listeners) do
+    local listen = {
+      host = l.host,
+      port = l.port,
+      tls = l.tls,
+      handler = handler_for(l.name),
+      access_log = opts.access_log ~= false,
+    }
+    for k, v in pairs(l.limits or {}) do
+      listen[k] = v
+    end
+
+    local server, lerr = core.http.listen(listen)
+    if not server then
+      log.alert("cannot listen", { listener = l.name, host = l.host,
+        port = l.port, error = lerr })
+      for _, s in pairs(servers) do
+        s:close()
+      end
+      return 1
+    end
+    servers[l.name] = server
+    log.info("listening", { listener = l.name, host = l.host,
+      port = server:port(), app = opts.app, tls = l.tls ~= nil })
   end
 
   local handles = {}
   local watcher = opts.watch and watch_sources(opts.app) or nil
   local stopping = false
-  local clean = true
 
   local function stop(signame)
     if stopping then
@@ -102,12 +126,18 @@ function _M.run(opts)
     stopping = true
     log.info("draining", { signal = signame,
       timeout = opts.drain_timeout })
-    clean = server:drain(opts.drain_timeout)
+    local clean = true
+    for _, server in pairs(servers) do
+      clean = server:drain(opts.drain_timeout) and clean
+    end
     for _, h in ipairs(handles) do
       h:stop()
     end
     if watcher then
       watcher.close()
+    end
+    if opts.on_stop then
+      opts.on_stop()
     end
     log.info("stopped", { clean = clean })
     core.stop()
@@ -119,8 +149,9 @@ function _M.run(opts)
   handles[#handles + 1] = core.signal.on("SIGTERM", stop)
   handles[#handles + 1] = core.signal.on("SIGINT", stop)
 
-  log.info("listening", { host = opts.host, port = server:port(),
-    app = opts.app, tls = opts.tls ~= nil })
+  if opts.on_start then
+    core.spawn(opts.on_start, servers)
+  end
 
   core.run()
   return 0

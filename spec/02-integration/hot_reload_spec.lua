@@ -98,16 +98,19 @@ local function get(port)
 end
 
 
+-- Polls until GET / returns want. Returns true, or false and the last
+-- answer seen.
 local function wait_for_body(port, want, seconds)
   local deadline = core.now() + seconds
+  local status, body
   while core.now() < deadline do
-    local status, body = get(port)
+    status, body = get(port)
     if status == 200 and body == want then
       return true
     end
     core.sleep(0.05)
   end
-  return false
+  return false, tostring(status) .. " " .. tostring(body)
 end
 
 
@@ -146,7 +149,9 @@ describe("hot reload", function()
       write_file(root .. APP,
         (source:gsub('"hello world\\n"', '"hello ' .. i .. '\\n"')))
       assert(p:kill("SIGHUP"))
-      assert.is_true(wait_for_body(port, "hello " .. i .. "\n", 10))
+      local ok, last = wait_for_body(port, "hello " .. i .. "\n", 10)
+      assert(ok, "last answer: " .. tostring(last) .. "\nlog:\n"
+        .. table.concat(lines, "\n"))
     end
 
     running = false
@@ -196,12 +201,14 @@ describe("hot reload", function()
 
   it("reloads when a watched file changes", async(function()
     local root = make_tree()
-    local p, port = start_dev(root)
+    local p, port, lines = start_dev(root)
     local source = read_file(root .. APP)
 
     write_file(root .. APP,
       (source:gsub('"hello world\\n"', '"watched\\n"')))
-    assert.is_true(wait_for_body(port, "watched\n", 10))
+    local ok, last = wait_for_body(port, "watched\n", 10)
+    assert(ok, "last answer: " .. tostring(last) .. "\nlog:\n"
+      .. table.concat(lines, "\n"))
 
     assert(p:kill("SIGTERM"))
     assert.equal(0, p:wait(10))

@@ -1,0 +1,98 @@
+-- The daemon's request entry: the public listener (traffic from brokers)
+-- and the internal listener (machine-signed API on 127.0.0.1:7777).
+--
+-- The routing policy decides where a public request goes; this module
+-- admits the peer, asks the policy and hands the request to the module
+-- that executes the decision: proxy.lua for ports, terminal.lua for
+-- /_pty, toolbox.lua for /_toolbox.
+local cidr = require("justavps.cidr")
+local proxy = require("justavps.proxy")
+local log = require("justavps.log")
+local routing = require("policies.daemon_routing")
+local state = require("justavps.daemon.state")
+
+local _M = {}
+
+local error_response = proxy.error_response
+
+
+local function not_yet(what)
+  -- TODO: the terminal and toolbox executors are not written yet.
+  return error_response(501, "not_implemented", what
+    .. " is not available in this daemon build")
+end
+
+
+local function admit(req)
+  local ip = req:peer()
+  if not ip or not cidr.match(state.broker_blocks, ip) then
+    log.warn("rejected a client outside the broker networks",
+      { client_ip = ip, path = req.path })
+    return false
+  end
+  return true
+end
+
+
+local function public(req)
+  if not admit(req) then
+    return error_response(403, "forbidden",
+      "this address may not connect to the machine daemon")
+  end
+
+  local decision = routing.decide(req.path, state.conf.routing)
+
+  if decision.action == "reject" then
+    return error_response(decision.status, decision.code, decision.message)
+  end
+
+  if decision.action == "pty" then
+    return not_yet("the terminal")
+  end
+
+  if decision.action == "toolbox" then
+    return not_yet("the toolbox")
+  end
+
+  local target = decision.path
+  if req.query then
+    target = target .. "?" .. req.query
+  end
+
+  local set = {}
+  if decision.prefix then
+    set["X-Forwarded-Prefix"] = decision.prefix
+  end
+
+  return proxy.forward(req, {
+    host = "127.0.0.1",
+    port = decision.port,
+    target = target,
+    set_headers = set,
+    timeout = 60,
+    on_unreachable = function()
+      return error_response(502, "port_not_listening",
+        "nothing is listening on port " .. decision.port)
+    end,
+  })
+end
+
+
+local function internal(_req)
+  -- TODO: the machine-signed internal API is not written yet.
+  return not_yet("the internal API")
+end
+
+
+_M.handlers = {
+  public = public,
+  internal = internal,
+}
+
+
+function _M.validate()
+  return type(routing.decide) == "function"
+end
+
+
+return _M

@@ -1,0 +1,54 @@
+-- The daemon's configuration: /etc/justavps/config.json on a machine
+-- (written by cloud-init, mode 0600), a file the local provider writes in
+-- development, plus JUSTAVPS_DAEMON_* environment overrides.
+local config = require("justavps.config")
+local routing = require("policies.daemon_routing")
+
+local _M = {}
+
+local function listen_record(host, port, what)
+  return { type = "record", description = what, fields = {
+    { host = { type = "string", default = host,
+      description = "address to listen on (IPv4 or IPv6 literal)" } },
+    { port = { type = "integer", default = port, between = { 0, 65535 },
+      description = "TCP port; 0 picks a free one" } },
+  } }
+end
+
+_M.schema = config.schema({ fields = {
+  { slug = { type = "string", required = true, match = "^[a-z0-9-]+$",
+    len_min = 3, len_max = 40, description = "this machine's slug" } },
+  { token = { type = "string", required = true, len_min = 16,
+    description = "machine token shared with the platform; signs the "
+      .. "internal API and heartbeats" } },
+  { platform_url = { type = "string", default = "http://127.0.0.1:8080",
+    description = "base URL of the platform API for heartbeats" } },
+  { public = listen_record("0.0.0.0", 80,
+    "listener for traffic from brokers") },
+  { internal = listen_record("127.0.0.1", 7777,
+    "listener for the machine-signed internal API") },
+  { broker_cidrs = { type = "array", default = {},
+    elements = { type = "string" },
+    description = "networks brokers connect from; everyone else gets 403" } },
+  { routing = { type = "record", fields = routing.schema,
+    description = "routing policy settings" } },
+  { toolbox_root = { type = "string", default = "/root",
+    description = "directory the file API is confined to" } },
+  { state_dir = { type = "string", default = "/var/lib/justavps",
+    description = "directory for process logs and daemon state" } },
+  { shell = { type = "string", default = "/bin/bash",
+    description = "login shell for the terminal" } },
+  { heartbeat_interval = { type = "duration", default = 30,
+    between = { 1, 3600 }, description = "seconds between heartbeats" } },
+} })
+
+
+-- Loads and validates the config file at path. Returns the config or nil,
+-- message, code.
+function _M.load(path)
+  return config.load({ schema = _M.schema, path = path,
+    env_prefix = "JUSTAVPS_DAEMON" })
+end
+
+
+return _M

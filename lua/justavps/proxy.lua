@@ -1,0 +1,312 @@
+-- Reverse proxying of one request to an upstream HTTP server, shared by the
+-- daemon (to the user's app) and the broker (to a machine).
+--
+-- The request body streams from the client to the upstream and the
+-- response body streams back, each piece as it arrives, so neither is held
+-- whole. Hop-by-hop headers and every header named in Connection are
+-- dropped in both directions. A 101 answer to an upgrade becomes a byte
+-- pipe between the two sockets. Idle upstream connections are kept per
+-- host and port for reuse.
+local core = require("justavps.core")
+local json = require("justavps.json")
+
+local ipairs = ipairs
+local pairs = pairs
+local type = type
+local tostring = tostring
+local slower = string.lower
+local sgmatch = string.gmatch
+local concat = table.concat
+
+local _M = {}
+
+-- RFC 9110 section 7.6.1 connection-specific fields, plus the legacy
+-- Proxy-Connection and the proxy credentials, which are meant for this hop.
+local HOP_BY_HOP = {
+  ["connection"] = true,
+  ["keep-alive"] = true,
+  ["proxy-connection"] = true,
+  ["te"] = true,
+  ["trailer"] = true,
+  ["transfer-encoding"] = true,
+  ["upgrade"] = true,
+  ["proxy-authorization"] = true,
+  ["proxy-authenticate"] = true,
+}
+
+_M.HOP_BY_HOP = HOP_BY_HOP
+
+-- Idle upstream sockets: pool["host port"] = { {sock=, at=}, ... }.
+local pool = {}
+local POOL_MAX_PER_TARGET = 32
+local POOL_IDLE_SECONDS = 30
+
+
+local function pool_key(host, port)
+  return host .. " " .. port
+end
+
+
+local function pool_take(host, port)
+  local list = pool[pool_key(host, port)]
+  if not list then
+    return nil
+  end
+
+  local now = core.now()
+  while #list > 0 do
+    local entry = list[#list]
+    list[#list] = nil
+    if not entry.sock:closed() and now - entry.at < POOL_IDLE_SECONDS then
+      return entry.sock
+    end
+    entry.sock:close()
+  end
+  return nil
+end
+
+
+local function pool_put(host, port, sock)
+  local key = pool_key(host, port)
+  local list = pool[key]
+  if not list then
+    list = {}
+    pool[key] = list
+  end
+  if #list >= POOL_MAX_PER_TARGET then
+    sock:close()
+    return
+  end
+  list[#list + 1] = { sock = sock, at = core.now() }
+end
+
+
+-- Closes every pooled upstream socket (on drain or in specs).
+function _M.close_pool()
+  for key, list in pairs(pool) do
+    for _, entry in ipairs(list) do
+      entry.sock:close()
+    end
+    pool[key] = nil
+  end
+end
+
+
+-- Returns the set of lower-case header names listed in Connection values.
+local function connection_tokens(list)
+  local named = {}
+  for _, h in ipairs(list) do
+    if slower(h[1]) == "connection" then
+      for token in sgmatch(h[2], "[^,%s]+") do
+        named[slower(token)] = true
+      end
+    end
+  end
+  return named
+end
+
+
+local function add_header(headers, name, value)
+  local old = headers[name]
+  if old == nil then
+    headers[name] = value
+  elseif type(old) == "table" then
+    old[#old + 1] = value
+  else
+    headers[name] = { old, value }
+  end
+end
+
+
+-- Copies end-to-end headers from list (pairs {name, value}), dropping
+-- hop-by-hop ones, those named in Connection and those in drop (a set of
+-- lower-case names).
+function _M.end_to_end(list, drop)
+  local named = connection_tokens(list)
+  local headers = {}
+  for _, h in ipairs(list) do
+    local lname = slower(h[1])
+    if not HOP_BY_HOP[lname] and not named[lname]
+        and not (drop and drop[lname]) then
+      add_header(headers, lname, h[2])
+    end
+  end
+  return headers
+end
+
+
+local function is_websocket_upgrade(req)
+  local upgrade = req:header("upgrade")
+  return upgrade ~= nil and slower(upgrade) == "websocket"
+    and req:is_upgrade()
+end
+
+
+-- Sends a JSON error in the shape every JustAVPS component uses.
+function _M.error_response(status, code, message)
+  return status, { ["Content-Type"] = "application/json" },
+    json.encode({ error = { code = code, message = message } }) .. "\n"
+end
+
+
+local function upstream_error(code, err, target)
+  if code == "timeout" then
+    return _M.error_response(504, "upstream_timeout",
+      "upstream " .. target .. " did not answer in time")
+  end
+  if code == "ECONNREFUSED" or code == "closed" or code == "ECONNRESET" then
+    return _M.error_response(502, "upstream_unreachable",
+      "nothing accepted the connection at " .. target)
+  end
+  return _M.error_response(502, "upstream_error",
+    "upstream " .. target .. " failed: " .. tostring(err))
+end
+
+
+local function request_has_body(req)
+  local length = req:header("content-length")
+  if length then
+    return length ~= "0", length
+  end
+  local te = req:header("transfer-encoding")
+  return te ~= nil, nil
+end
+
+
+-- Forwards req to opts.host:opts.port and relays the answer. opts:
+--   host, port       upstream address (IP literal) and port
+--   target           request-target to send (default req.target)
+--   set_headers      table of headers to add or replace (name = value, or
+--                    false to remove)
+--   drop_headers     set of lower-case request header names to drop
+--   timeout          seconds for connect and for each read or write
+--   on_unreachable   function(code, err) returning status, headers, body,
+--                    to answer a failed connect in the caller's words
+-- Returns status, headers, body for the handler to return when the
+-- proxy answered itself (an error), or nothing when it relayed the
+-- upstream response.
+function _M.forward(req, opts)
+  local host, port = opts.host, opts.port
+  local target_name = host .. ":" .. tostring(port)
+  local upgrade = is_websocket_upgrade(req)
+
+  local headers = _M.end_to_end(req:header_list(), opts.drop_headers)
+  for name, value in pairs(opts.set_headers or {}) do
+    local lname = slower(name)
+    if value == false then
+      headers[lname] = nil
+    else
+      headers[lname] = value
+    end
+  end
+
+  if upgrade then
+    headers["connection"] = "Upgrade"
+    headers["upgrade"] = req:header("upgrade")
+  end
+
+  local has_body, length = request_has_body(req)
+  local body_reader
+  if has_body then
+    body_reader = function()
+      local data, err = req:read()
+      if data == nil and err then
+        error("client body: " .. tostring(err))
+      end
+      return data
+    end
+    if length then
+      headers["content-length"] = length
+    end
+  end
+
+  local request = {
+    method = req.method,
+    host = host,
+    port = port,
+    path = opts.target or req.target,
+    headers = headers,
+    body_reader = body_reader,
+    timeout = opts.timeout or 60,
+  }
+
+  -- A pooled socket may have been closed by the upstream while idle; a
+  -- request without a body is safe to send again on a fresh connection.
+  local res, err, code
+  local pooled = not upgrade and pool_take(host, port)
+  if pooled then
+    request.sock = pooled
+    res, err, code = core.http.request(request)
+    if not res and not has_body then
+      request.sock = nil
+      res, err, code = core.http.request(request)
+    end
+  else
+    res, err, code = core.http.request(request)
+  end
+
+  if not res then
+    if opts.on_unreachable and (code == "ECONNREFUSED") then
+      return opts.on_unreachable(code, err)
+    end
+    return upstream_error(code, err, target_name)
+  end
+
+  local out = _M.end_to_end(res:header_list())
+
+  if res.status == 101 and upgrade then
+    out["connection"] = "Upgrade"
+    out["upgrade"] = res:header("upgrade")
+    local up = res:socket()
+    req:send_head(101, out)
+    local down = req:hijack()
+    core.pipe(down, up)
+    down:close()
+    up:close()
+    return
+  end
+
+  -- Keep the upstream's framing when it sent a length, so the client sees
+  -- the same Content-Length; otherwise the server chunks the body.
+  req:send_head(res.status, out)
+
+  while true do
+    local data, rerr = res:read()
+    if not data then
+      if rerr then
+        -- The response is half sent: cutting the connection is the only
+        -- honest signal left.
+        req:keepalive(false)
+        res:close()
+        return
+      end
+      break
+    end
+    local ok = req:write(data)
+    if not ok then
+      res:close()
+      return
+    end
+  end
+
+  if res:keepalive() then
+    pool_put(host, port, res:socket())
+  else
+    res:close()
+  end
+
+  req:finish()
+end
+
+
+-- Returns a printable list of header names, for debugging.
+function _M.describe(headers)
+  local names = {}
+  for name in pairs(headers) do
+    names[#names + 1] = name
+  end
+  return concat(names, ",")
+end
+
+
+return _M

@@ -1,0 +1,60 @@
+-- justavps daemon: runs on every machine. The public listener takes traffic
+-- from brokers and routes it by path; the internal listener serves the
+-- machine-signed API on loopback.
+local reload = require("justavps.reload")
+local service = require("justavps.service")
+local log = require("justavps.log")
+local daemon_config = require("justavps.daemon.config")
+local state = require("justavps.daemon.state")
+
+local _M = {}
+
+_M.summary = "runs on every machine: port routing, terminal, toolbox and "
+  .. "internal API"
+
+_M.options = {
+  { config = { type = "string", default = "/etc/justavps/config.json",
+    description = "path of the daemon config file (JSON)" } },
+  { watch = { type = "boolean", default = false,
+    description = "reload policies when a Lua file under the tree changes" } },
+  { drain_timeout = { type = "duration", default = 10, between = { 0, 3600 },
+    description = "seconds to let requests finish on SIGTERM or SIGINT" } },
+  { access_log = { type = "boolean", default = true,
+    description = "log one line per request" } },
+}
+
+
+function _M.run(opts)
+  local conf, err = daemon_config.load(opts.config)
+  if not conf then
+    log.alert("cannot load the daemon config", { path = opts.config,
+      error = err })
+    return 1
+  end
+
+  local ok, serr = state.set_config(conf)
+  if not ok then
+    log.alert("invalid daemon config", { path = opts.config, error = serr })
+    return 1
+  end
+
+  reload.configure({ stable = { "justavps.daemon.state",
+    "justavps.daemon.config", "justavps.proxy", "justavps.cidr",
+    "justavps.service" } })
+
+  return service.run({
+    app = "justavps.daemon.app",
+    listeners = {
+      { name = "public", host = conf.public.host, port = conf.public.port },
+      { name = "internal", host = conf.internal.host,
+        port = conf.internal.port },
+    },
+    watch = opts.watch,
+    drain_timeout = opts.drain_timeout,
+    access_log = opts.access_log,
+    on_stop = require("justavps.proxy").close_pool,
+  })
+end
+
+
+return _M

@@ -1,0 +1,151 @@
+-- Routing policy of the machine daemon's public listener: decides where a
+-- request goes from its path alone. It opens no socket and runs no query,
+-- so it can be edited, reloaded and tested on its own.
+--
+-- decide(path, conf) returns one of
+--   { action = "proxy", port = N, path = "/rest", prefix = "/_port/N" }
+--   { action = "pty" }
+--   { action = "toolbox", path = "/files/..." }
+--   { action = "reject", status = 400|403, code = "...", message = "..." }
+-- where path is the request path without the query string.
+local tonumber = tonumber
+local tostring = tostring
+local ipairs = ipairs
+local sfind = string.find
+local ssub = string.sub
+local slower = string.lower
+local sgsub = string.gsub
+local concat = table.concat
+
+local _M = {}
+
+_M.name = "daemon_routing"
+
+-- Defaults an operator may override in the daemon config's "routing"
+-- section.
+_M.schema = {
+  { default_port = { type = "integer", default = 3456, between = { 1, 65535 },
+    description = "port that receives every path no other rule claims" } },
+  { numeric_shortcut = { type = "boolean", default = true,
+    description = "route /PORT/rest like /_port/PORT/rest" } },
+  { denied_ports = { type = "array", default = {},
+    elements = { type = "integer", between = { 1, 65535 } },
+    description = "ports never reachable through the proxy" } },
+}
+
+
+local function reject(status, code, message)
+  return { action = "reject", status = status, code = code,
+    message = message }
+end
+
+
+-- Splits path into segments after checking that no segment can climb out
+-- of its prefix: dot segments (also percent-encoded), encoded slashes and
+-- backslashes are rejected, and empty segments from doubled slashes are
+-- dropped. Returns the segments or nil, message.
+local function segments(path)
+  if ssub(path, 1, 1) ~= "/" then
+    return nil, "path must start with /"
+  end
+
+  local out = {}
+  for seg in (path .. "/"):gmatch("([^/]*)/") do
+    if seg ~= "" then
+      local lower = slower(seg)
+      if sfind(lower, "%2f", 1, true) or sfind(lower, "%5c", 1, true)
+          or sfind(seg, "\\", 1, true) or sfind(lower, "%00", 1, true) then
+        return nil, "encoded slash, backslash or NUL in path"
+      end
+      local decoded = sgsub(lower, "%%2e", ".")
+      if decoded == "." or decoded == ".." then
+        return nil, "dot segment in path"
+      end
+      out[#out + 1] = seg
+    end
+  end
+  return out
+end
+
+
+local function port_of(segment)
+  if not sfind(segment, "^%d+$") then
+    return nil
+  end
+  return tonumber(segment)
+end
+
+
+local function proxy_to(port, segs, first_rest, prefix, conf, slash)
+  if port < 1 or port > 65535 then
+    return reject(400, "invalid_port",
+      "port " .. tostring(port) .. " is outside 1-65535")
+  end
+  for _, denied in ipairs(conf.denied_ports or {}) do
+    if denied == port then
+      return reject(403, "port_denied",
+        "port " .. tostring(port) .. " is not reachable through the proxy")
+    end
+  end
+  local rest = {}
+  for i = first_rest, #segs do
+    rest[#rest + 1] = segs[i]
+  end
+  local rest_path = "/" .. concat(rest, "/")
+  if slash and #rest > 0 then
+    rest_path = rest_path .. "/"
+  end
+  return { action = "proxy", port = port, prefix = prefix, path = rest_path }
+end
+
+
+function _M.decide(path, conf)
+  local segs, err = segments(path)
+  if not segs then
+    return reject(400, "bad_path", err)
+  end
+
+  local first = segs[1]
+  local slash = ssub(path, -1) == "/"
+
+  if first == "_pty" then
+    if #segs ~= 1 then
+      return reject(404, "not_found", "no such terminal path")
+    end
+    return { action = "pty" }
+  end
+
+  if first == "_toolbox" then
+    local rest = {}
+    for i = 2, #segs do
+      rest[#rest + 1] = segs[i]
+    end
+    return { action = "toolbox", path = "/" .. concat(rest, "/") }
+  end
+
+  if first == "_port" then
+    local port = segs[2] and port_of(segs[2])
+    if not port then
+      return reject(400, "invalid_port",
+        "expected /_port/PORT/... with PORT a number 1-65535")
+    end
+    return proxy_to(port, segs, 3, "/_port/" .. segs[2], conf, slash)
+  end
+
+  if conf.numeric_shortcut and first then
+    local port = port_of(first)
+    if port then
+      return proxy_to(port, segs, 2, "/" .. first, conf, slash)
+    end
+  end
+
+  -- Everything else goes to the default port, path unchanged.
+  local decision = proxy_to(conf.default_port, segs, #segs + 1, nil, conf)
+  if decision.action == "proxy" then
+    decision.path = path
+  end
+  return decision
+end
+
+
+return _M
