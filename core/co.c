@@ -180,6 +180,18 @@ jv__co_resume(int ref, int nargs)
     return;
   }
 
+  if (lua_status(co) != LUA_YIELD) {
+    /* Resuming a running or finished coroutine would push an error onto
+     * its stack and corrupt it; a binding that does this has a bug. */
+    char name[64];
+
+    lua_settop(co, lua_gettop(co) - nargs);
+    lua_pop(anchor_L, 1);
+    jv_log(JV_LOG_ALERT, "resume of a coroutine that is not suspended", "where",
+           co_name(anchor_L, co, name, sizeof(name)), NULL);
+    return;
+  }
+
   co_step(co, nargs);
   lua_pop(anchor_L, 1);
 }
@@ -240,7 +252,6 @@ jv__co_resume_later(int ref, int nargs)
 
   if (!pending.idle_init) {
     uv_idle_init(jv__loop(), &pending.idle);
-    uv_unref((uv_handle_t *) &pending.idle);
     pending.idle_init = 1;
   }
 

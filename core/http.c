@@ -1134,8 +1134,11 @@ conn_response_done(jv_http_conn_t *c)
   }
 
   c->server->nbusy--;
+  c->state = CONN_HEAD;
 
-  if (!c->keep_alive || c->upgrade) {
+  /* An upgrade request answered without switching protocols cannot go on:
+   * what follows it on the wire is not HTTP the parser may read. */
+  if (!c->keep_alive || c->upgrade || c->parser.upgrade) {
     jv_stream_shutdown(c->stream);
     conn_close(c);
     return;

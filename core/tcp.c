@@ -186,9 +186,11 @@ sock_stream_closed(jv_stream_t *s)
 }
 
 
-/* Wakes every parked coroutine with an error and closes the stream. */
+/* Wakes every parked coroutine with an error (or, from a finalizer, drops
+ * them: a __gc may run inside lua_close, where nothing may be resumed) and
+ * closes the stream. */
 static void
-sock_close(jv_sock_t *sock)
+sock_close_ex(jv_sock_t *sock, int resume)
 {
   void (*hook)(void *) = sock->lent_close;
 
@@ -196,7 +198,7 @@ sock_close(jv_sock_t *sock)
     return;
   }
 
-  if (hook != NULL) {
+  if (hook != NULL && resume) {
     /* The stream is lent: its borrower gives it back first, which may
      * close this socket itself. */
     sock->lent_close = NULL;
@@ -216,9 +218,24 @@ sock_close(jv_sock_t *sock)
     jv_stream_close(sock->stream, sock_stream_closed);
   }
 
+  if (!resume) {
+    jv__co_forget(sock->read_ref);
+    jv__co_forget(sock->write_ref);
+    jv__co_forget(sock->connect_ref);
+    sock->read_ref = sock->write_ref = sock->connect_ref = LUA_NOREF;
+    return;
+  }
+
   resume_error(&sock->read_ref, JV_ECLOSED);
   resume_error(&sock->write_ref, JV_ECLOSED);
   resume_error(&sock->connect_ref, JV_ECLOSED);
+}
+
+
+static void
+sock_close(jv_sock_t *sock)
+{
+  sock_close_ex(sock, 1);
 }
 
 
@@ -853,7 +870,7 @@ l_sock_gc(lua_State *L)
 
   if (!sock->closed) {
     jv_log(JV_LOG_DEBUG, "socket collected while open; closing", NULL);
-    sock_close(sock);
+    sock_close_ex(sock, 0);
   }
 
   if (sock->stream == NULL) {

@@ -276,7 +276,7 @@ l_server_context(lua_State *L)
         SSL_CTX_free(sctx);
       }
 
-      lua_pop(L, 5);
+      lua_pop(L, 4);
     }
 
     SSL_CTX_set_tlsext_servername_callback(t->ctx, sni_cb);

@@ -262,6 +262,38 @@ describe("http server", function()
     srv:close()
   end))
 
+  it("closes after refusing an upgrade", async(function()
+    local calls = 0
+    local srv = serve(function()
+      calls = calls + 1
+      return 400, nil, "no upgrade here"
+    end)
+    local sock = raw.connect(srv:port())
+    sock:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+      .. "Connection: Upgrade\r\n\r\nnot http at all\r\n\r\n")
+    local res = assert(raw.read_response(sock))
+    assert.equal(400, res.status)
+    assert.is_true(raw.is_closed(sock))
+    assert.equal(1, calls)
+    srv:close()
+  end))
+
+  it("counts open and busy connections", async(function()
+    local srv = serve(hello)
+    local sock = raw.connect(srv:port())
+    sock:write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert(raw.read_response(sock))
+    assert.is_true(raw.is_closed(sock))
+    local keep = raw.connect(srv:port())
+    keep:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert(raw.read_response(keep))
+    local open, busy = srv:connections()
+    assert.equal(1, open)
+    assert.equal(0, busy)
+    keep:close()
+    srv:close()
+  end))
+
   it("hands the socket over on hijack", async(function()
     local srv = serve(function(req)
       local sock = req:hijack()
