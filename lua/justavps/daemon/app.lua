@@ -10,17 +10,13 @@ local proxy = require("justavps.proxy")
 local log = require("justavps.log")
 local routing = require("policies.daemon_routing")
 local state = require("justavps.daemon.state")
+local terminal = require("justavps.daemon.terminal")
+local toolbox = require("justavps.daemon.toolbox")
+local internal_api = require("justavps.daemon.internal")
 
 local _M = {}
 
 local error_response = proxy.error_response
-
-
-local function not_yet(what)
-  -- TODO: the terminal and toolbox executors are not written yet.
-  return error_response(501, "not_implemented", what
-    .. " is not available in this daemon build")
-end
 
 
 local function admit(req)
@@ -47,11 +43,11 @@ local function public(req)
   end
 
   if decision.action == "pty" then
-    return not_yet("the terminal")
+    return terminal.handle(req, decision)
   end
 
   if decision.action == "toolbox" then
-    return not_yet("the toolbox")
+    return toolbox.handle(req, decision)
   end
 
   local target = decision.path
@@ -78,9 +74,8 @@ local function public(req)
 end
 
 
-local function internal(_req)
-  -- TODO: the machine-signed internal API is not written yet.
-  return not_yet("the internal API")
+local function internal(req)
+  return internal_api.handle(req)
 end
 
 

@@ -1,0 +1,11 @@
+-- Placeholder until the terminal executor lands.
+local proxy = require("justavps.proxy")
+
+local _M = {}
+
+function _M.handle(_req, _decision)
+  return proxy.error_response(501, "not_implemented",
+    "the terminal is not available in this daemon build")
+end
+
+return _M
