@@ -268,5 +268,6 @@ int jv__open_proc(lua_State *L);   /* core.proc */
 int jv__open_pty(lua_State *L);    /* core.pty */
 int jv__open_signal(lua_State *L); /* core.signal */
 int jv__open_fs(lua_State *L);     /* core.fs */
+int jv__open_pg(lua_State *L);     /* core.pg */
 
 #endif /* JV_INTERNAL_H */

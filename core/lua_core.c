@@ -22,7 +22,7 @@ static const jv_module_t modules[] = {
   { "http", jv__open_http },     { "ws", jv__open_ws },
   { "proc", jv__open_proc },     { "pty", jv__open_pty },
   { "signal", jv__open_signal }, { "fs", jv__open_fs },
-  { "pipe", jv__open_pipe },
+  { "pipe", jv__open_pipe },     { "pg", jv__open_pg },
 };
 
 int luaopen_justavps_core(lua_State *L);
