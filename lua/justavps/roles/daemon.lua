@@ -45,7 +45,10 @@ function _M.run(opts)
   return service.run({
     app = "justavps.daemon.app",
     listeners = {
-      { name = "public", host = conf.public.host, port = conf.public.port },
+      -- Bodies stream through to the user's app, which sets its own
+      -- limits; the proxy holds only a few buffers of any size.
+      { name = "public", host = conf.public.host, port = conf.public.port,
+        limits = { max_body = 2 ^ 50 } },
       { name = "internal", host = conf.internal.host,
         port = conf.internal.port },
     },
