@@ -153,6 +153,7 @@ describe("daemon proxy", function()
   setup(function()
     helpers.run(function()
       app = backend()
+      local _
       p, ports, _, dir = start_daemon({
         slug = "spec-1", token = "0123456789abcdef0123",
         public = { host = "127.0.0.1", port = 0 },
