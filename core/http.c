@@ -55,6 +55,7 @@ struct jv_http_server_s {
   int drain_timed_out;
   int access_log;
   int closed;
+  uint64_t refused; /* connections closed at max_connections */
 };
 
 struct jv_http_conn_s {
@@ -121,6 +122,9 @@ struct jv_http_conn_s {
   int hijacked;
   int message_done;
   int head_started; /* bytes of the next request have arrived */
+  int head_content; /* the head scan has passed leading empty lines */
+  int wait_drain;   /* the next request waits for output to drain */
+  size_t ext_len;   /* chunk-extension bytes in the current chunk */
   int peer_eof;     /* the client closed its side */
 
   /* A limit a parser callback hit: answered instead of llhttp's reason. */
@@ -412,6 +416,73 @@ jv__http_find_header(const char *head, const jv_http_header_t *hdrs, unsigned n,
 }
 
 
+/* Counts the header fields named name. */
+static unsigned
+count_headers(jv_http_conn_t *c, const char *name, const char **value,
+              size_t *value_len)
+{
+  size_t nlen = strlen(name);
+  unsigned i, n = 0;
+
+  for (i = 0; i < c->nhdrs; i++) {
+    if (c->hdrs[i].name_len == nlen &&
+        strncasecmp(c->head + c->hdrs[i].name_off, name, nlen) == 0) {
+      if (n++ == 0) {
+        *value = c->head + c->hdrs[i].value_off;
+        *value_len = c->hdrs[i].value_len;
+      }
+    }
+  }
+
+  return n;
+}
+
+
+/*
+ * An HTTP/1.1 request carries exactly one Host (RFC 9112 section 3.2), and
+ * the only transfer coding this server decodes is a lone "chunked": any
+ * other list is answered 501 rather than guessed at (section 6.1).
+ */
+static int
+check_host_and_te(jv_http_conn_t *c, llhttp_t *p)
+{
+  const char *v = NULL;
+  size_t len = 0;
+  unsigned n;
+
+  n = count_headers(c, "host", &v, &len);
+  if (n > 1 || (n == 0 && p->http_major == 1 && p->http_minor >= 1)) {
+    limit_hit(c, 400, "bad_request",
+              "malformed request: missing or repeated Host header");
+    return -1;
+  }
+
+  n = count_headers(c, "transfer-encoding", &v, &len);
+  if (n > 1) {
+    limit_hit(c, 400, "bad_request",
+              "malformed request: repeated Transfer-Encoding header");
+    return -1;
+  }
+
+  if (n == 1) {
+    while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\t')) {
+      len--;
+    }
+    while (len > 0 && (*v == ' ' || *v == '\t')) {
+      v++;
+      len--;
+    }
+    if (len != 7 || strncasecmp(v, "chunked", 7) != 0) {
+      limit_hit(c, 501, "unsupported_transfer_encoding",
+                "only Transfer-Encoding: chunked is supported");
+      return -1;
+    }
+  }
+
+  return 0;
+}
+
+
 static int
 on_headers_complete(llhttp_t *p)
 {
@@ -422,6 +493,10 @@ on_headers_complete(llhttp_t *p)
   if ((p->flags & F_CONTENT_LENGTH) &&
       p->content_length > c->server->limits.max_body) {
     return limit_hit(c, 413, "too_large", "request body too large");
+  }
+
+  if (check_host_and_te(c, p) != 0) {
+    return -1;
   }
 
   v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, "expect", &len);
@@ -479,6 +554,33 @@ on_body(llhttp_t *p, const char *at, size_t len)
   /* No llhttp_pause here: llhttp allows pausing only from the message
    * and head callbacks. conn_read_cb stops reading at the high-water
    * mark instead, which bounds the buffer at that plus one read. */
+  return 0;
+}
+
+
+/* Chunk extensions carry nothing this server uses; bound them so a peer
+ * cannot keep the parser busy with an endless one. */
+#define HTTP_MAX_CHUNK_EXTENSION 1024
+
+static int
+on_chunk_extension(llhttp_t *p, const char *at, size_t len)
+{
+  jv_http_conn_t *c = parser_conn(p);
+
+  c->ext_len += len;
+  if (c->ext_len > HTTP_MAX_CHUNK_EXTENSION) {
+    return limit_hit(c, 400, "bad_request",
+                     "malformed request: chunk extension too long");
+  }
+
+  return 0;
+}
+
+
+static int
+on_chunk_header(llhttp_t *p)
+{
+  parser_conn(p)->ext_len = 0;
   return 0;
 }
 
@@ -557,6 +659,15 @@ conn_parse_error(jv_http_conn_t *c, llhttp_errno_t err)
   const char *reason = llhttp_get_error_reason(&c->parser);
   char msg[160];
   size_t i;
+
+  if (c->head_sent || c->response_done) {
+    /* A response already went out for this request: a second one would
+     * be taken as the answer to the client's next request. */
+    jv_log(JV_LOG_WARN, "request body rejected after the response", "reason",
+           c->reject_status ? c->reject_message : llhttp_errno_name(err), NULL);
+    conn_close(c);
+    return;
+  }
 
   if (c->reject_status != 0) {
     conn_reject(c, c->reject_status, c->reject_code, c->reject_message);
@@ -655,7 +766,9 @@ scan_head(jv_http_conn_t *c, const char *data, size_t len)
         return -1;
       }
 
-      if (++c->crlf_run == 2) {
+      /* Empty lines before the request line are skipped (RFC 9112
+       * section 2.2), so they must not count as the end of the head. */
+      if (c->head_content && ++c->crlf_run == 2) {
         c->head_scanned = 1;
         return 0;
       }
@@ -666,6 +779,7 @@ scan_head(jv_http_conn_t *c, const char *data, size_t len)
         return -1;
       }
       c->crlf_run = 0;
+      c->head_content = 1;
     }
 
     c->prev_byte = ch;
@@ -756,6 +870,24 @@ conn_timer_cb(uv_timer_t *t)
 {
   jv_http_conn_t *c = t->data;
 
+  if (c->state == CONN_HANDLER) {
+    if (c->response_done) {
+      /* Skipping a body that stopped arriving. */
+      conn_close(c);
+
+    } else if (c->reader_ref != LUA_NOREF) {
+      jv_stream_read_stop(c->stream);
+      conn_resume_reader(c, JV_ETIMEOUT);
+    }
+    return;
+  }
+
+  if (c->wait_drain) {
+    /* The client stopped reading its responses. */
+    conn_close(c);
+    return;
+  }
+
   if (c->state == CONN_HEAD) {
     if (c->head_started) {
       conn_reject(c, 408, "request_timeout",
@@ -785,6 +917,12 @@ conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
   int rc;
 
   if (nread < 0) {
+    if (c->state == CONN_HANDLER && c->response_done) {
+      /* The peer left while the rest of its body was being skipped. */
+      conn_close(c);
+      return;
+    }
+
     if (c->state == CONN_HANDLER) {
       /* The response may still go out: a client may half-close after
        * its last request. */
@@ -977,6 +1115,12 @@ conn_drain_cb(jv_stream_t *s)
   int ref = c->writer_ref;
   lua_State *co;
 
+  if (c->wait_drain && c->state == CONN_HEAD) {
+    c->wait_drain = 0;
+    conn_next_request(c);
+    return;
+  }
+
   if (ref == LUA_NOREF) {
     return;
   }
@@ -996,6 +1140,15 @@ on_stream(jv_listener_t *l, jv_stream_t *s)
   jv_http_conn_t *c;
 
   if (srv->draining) {
+    jv_stream_close(s, NULL);
+    return;
+  }
+
+  if (srv->limits.max_connections > 0 &&
+      srv->nconns >= srv->limits.max_connections) {
+    /* Refusing one connection keeps the others served; a log line per
+     * refusal would let a flood fill the log, so only count them. */
+    srv->refused++;
     jv_stream_close(s, NULL);
     return;
   }
@@ -1169,6 +1322,7 @@ conn_next_request(jv_http_conn_t *c)
 
   c->state = CONN_HEAD;
   c->head_scanned = 0;
+  c->head_content = 0;
   c->crlf_run = 0;
   c->prev_byte = 0;
   c->head_started = c->pending_len > 0;
@@ -1182,6 +1336,7 @@ conn_next_request(jv_http_conn_t *c)
       return;
     }
     if (!c->message_done) {
+      conn_arm_timer(c, c->server->limits.idle_timeout);
       jv_stream_read_start(c->stream, conn_read_cb);
       return;
     }
@@ -1196,6 +1351,16 @@ conn_next_request(jv_http_conn_t *c)
   }
 
   c->discard_body = 0;
+
+  if (c->stream->write_queue >= HTTP_WRITE_HIGH_WATER) {
+    /* The client is not reading its responses: parse nothing more until
+     * they drain, or a pipelining client could queue without bound. */
+    c->wait_drain = 1;
+    jv_stream_read_stop(c->stream);
+    conn_arm_timer(c, c->server->limits.idle_timeout);
+    return;
+  }
+
   conn_arm_timer(c, c->server->limits.idle_timeout);
 
   rc = conn_unpause(c);
@@ -1244,6 +1409,7 @@ conn_resume_reader(jv_http_conn_t *c, int err)
   }
 
   c->reader_ref = LUA_NOREF;
+  uv_timer_stop(&c->timer);
   co = jv__co_thread(ref);
 
   if (err != 0 && c->body_len == 0) {
@@ -1539,6 +1705,9 @@ l_req_read(lua_State *L)
     return jv__push_error(L, rc);
   }
 
+  /* A body that stops arriving ends the read with "timeout" after the
+   * idle timeout. */
+  conn_arm_timer(c, c->server->limits.idle_timeout);
   c->reader_ref = jv__co_park(L);
   return lua_yield(L, 0);
 }
@@ -2186,6 +2355,8 @@ l_http_listen(lua_State *L)
       (uint64_t) opt_field_number(L, 1, "max_body", 1024 * 1024);
   srv->limits.header_timeout = opt_field_number(L, 1, "header_timeout", 10);
   srv->limits.idle_timeout = opt_field_number(L, 1, "idle_timeout", 60);
+  srv->limits.max_connections =
+      (unsigned) opt_field_number(L, 1, "max_connections", 10000);
   lua_getfield(L, 1, "access_log");
   srv->access_log = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -2361,7 +2532,8 @@ l_server_connections(lua_State *L)
 
   lua_pushinteger(L, srv->nconns);
   lua_pushinteger(L, srv->nbusy);
-  return 2;
+  lua_pushnumber(L, (lua_Number) srv->refused);
+  return 3;
 }
 
 
@@ -2405,6 +2577,9 @@ jv__open_http(lua_State *L)
   parser_settings.on_headers_complete = on_headers_complete;
   parser_settings.on_body = on_body;
   parser_settings.on_message_complete = on_message_complete;
+  parser_settings.on_chunk_extension_name = on_chunk_extension;
+  parser_settings.on_chunk_extension_value = on_chunk_extension;
+  parser_settings.on_chunk_complete = on_chunk_header;
 
   uv_random(NULL, NULL, rnd, sizeof(rnd), 0, NULL);
   for (i = 0; i < 4; i++) {

@@ -17,12 +17,14 @@ typedef struct {
 } jv_http_header_t;
 
 typedef struct {
-  size_t max_header_size; /* bytes of request-target plus header fields */
-  unsigned max_headers;   /* header fields */
-  size_t max_url;         /* bytes of request-target */
-  uint64_t max_body;      /* bytes of request body */
-  double header_timeout;  /* seconds to receive a whole head */
-  double idle_timeout;    /* seconds a keep-alive connection may idle */
+  size_t max_header_size;   /* bytes of request-target plus header fields */
+  unsigned max_headers;     /* header fields */
+  size_t max_url;           /* bytes of request-target */
+  uint64_t max_body;        /* bytes of request body */
+  double header_timeout;    /* seconds to receive a whole head */
+  double idle_timeout;      /* seconds a keep-alive connection may idle,
+                               and a body read may wait */
+  unsigned max_connections; /* open connections; 0 for no limit */
 } jv_http_limits_t;
 
 /* Returns the cached IMF-fixdate for the current second. */

@@ -88,7 +88,43 @@ function _M.run(opts)
       limits = opts.limits },
   }
 
+  local handles = {}
   local servers = {}
+  local watcher = opts.watch and watch_sources(opts.app) or nil
+  local stopping = false
+  local clean = true
+
+  local function stop(signame)
+    if stopping then
+      return
+    end
+    stopping = true
+    log.info("draining", { signal = signame,
+      timeout = opts.drain_timeout })
+    for _, server in pairs(servers) do
+      clean = server:drain(opts.drain_timeout) and clean
+    end
+    for _, h in ipairs(handles) do
+      h:stop()
+    end
+    if watcher then
+      watcher.close()
+    end
+    if opts.on_stop then
+      opts.on_stop()
+    end
+    log.info("stopped", { clean = clean })
+    core.stop()
+  end
+
+  -- Handlers go in before the first listener, so a signal sent as soon as
+  -- the "listening" line appears never meets the default action.
+  handles[#handles + 1] = core.signal.on("SIGHUP", function()
+    reload_app(opts.app, "SIGHUP")
+  end)
+  handles[#handles + 1] = core.signal.on("SIGTERM", stop)
+  handles[#handles + 1] = core.signal.on("SIGINT", stop)
+
   for _, l in ipairs(listeners) do
     local listen = {
       host = l.host,
@@ -108,6 +144,12 @@ function _M.run(opts)
       for _, s in pairs(servers) do
         s:close()
       end
+      for _, h in ipairs(handles) do
+        h:stop()
+      end
+      if watcher then
+        watcher.close()
+      end
       return 1
     end
     servers[l.name] = server
@@ -115,46 +157,15 @@ function _M.run(opts)
       port = server:port(), app = opts.app, tls = l.tls ~= nil })
   end
 
-  local handles = {}
-  local watcher = opts.watch and watch_sources(opts.app) or nil
-  local stopping = false
-
-  local function stop(signame)
-    if stopping then
-      return
-    end
-    stopping = true
-    log.info("draining", { signal = signame,
-      timeout = opts.drain_timeout })
-    local clean = true
-    for _, server in pairs(servers) do
-      clean = server:drain(opts.drain_timeout) and clean
-    end
-    for _, h in ipairs(handles) do
-      h:stop()
-    end
-    if watcher then
-      watcher.close()
-    end
-    if opts.on_stop then
-      opts.on_stop()
-    end
-    log.info("stopped", { clean = clean })
-    core.stop()
-  end
-
-  handles[#handles + 1] = core.signal.on("SIGHUP", function()
-    reload_app(opts.app, "SIGHUP")
-  end)
-  handles[#handles + 1] = core.signal.on("SIGTERM", stop)
-  handles[#handles + 1] = core.signal.on("SIGINT", stop)
-
   if opts.on_start then
     core.spawn(opts.on_start, servers)
   end
 
   core.run()
-  return 0
+
+  -- A drain that had to cut requests off is a failed stop: supervisors
+  -- and scripts see it in the exit status.
+  return clean and 0 or 1
 end
 
 

@@ -53,7 +53,7 @@ local function start_dev(root, extra)
     args[#args + 1] = a
   end
 
-  local env = { JUSTAVPS_ROOT = root, PATH = os.getenv("PATH") }
+  local env = helpers.child_env({ JUSTAVPS_ROOT = root })
   local p = assert(core.proc.spawn{
     file = BIN, args = args, env = env,
     stdin = "null", stdout = "null", stderr = "pipe",
@@ -127,7 +127,7 @@ end
 describe("hot reload", function()
   it("swaps code on SIGHUP with no failed request", async(function()
     local root = make_tree()
-    local p, port = start_dev(root, { "--no-watch" })
+    local p, port, lines = start_dev(root, { "--no-watch" })
 
     local failures, served = {}, 0
     local running = true

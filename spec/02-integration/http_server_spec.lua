@@ -407,27 +407,156 @@ describe("http server smuggling forms", function()
     { name = "invalid Content-Length",
       request = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n"
         .. smuggled },
+    { name = "chunk data without its CRLF",
+      request = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        .. "\r\n2\r\nhiGE0\r\n\r\n" .. smuggled },
+    { name = "folding after leading empty lines",
+      request = "\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n"
+        .. smuggled },
+    { name = "a missing Host",
+      request = "GET / HTTP/1.1\r\n\r\n" .. smuggled },
+    { name = "a repeated Host",
+      request = "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" .. smuggled },
+    { name = "a repeated Transfer-Encoding",
+      request = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" .. smuggled },
+    { name = "an endless chunk extension",
+      request = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        .. "\r\n1;" .. string.rep("e", 2000) .. "\r\nx\r\n0\r\n\r\n" },
   }
+
+  cases[#cases + 1] = { name = "a transfer coding other than chunked",
+    status = 501, code = "unsupported_transfer_encoding",
+    request = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked"
+      .. "\r\n\r\n0\r\n\r\n" .. smuggled }
 
   for _, case in ipairs(cases) do
     it("rejects " .. case.name, async(function()
       local handled = 0
-      local srv = serve(function()
+      local srv = serve(function(req)
+        -- Read the whole body first, so errors in it reach the parser
+        -- before any response; count only requests read without error.
+        while true do
+          local data, err = req:read()
+          if not data then
+            if err then
+              return
+            end
+            break
+          end
+        end
         handled = handled + 1
         return 200, nil, "handled"
       end)
       local sock = raw.connect(srv:port())
       sock:write(case.request)
       local res = assert(raw.read_response(sock))
-      assert.equal(400, res.status)
+      assert.equal(case.status or 400, res.status)
       assert.equal("close", res.headers["connection"])
-      assert.truthy(res.body:find('"code":"bad_request"', 1, true))
+      assert.truthy(res.body:find('"code":"' .. (case.code or "bad_request")
+        .. '"', 1, true))
       assert.is_true(raw.is_closed(sock))
       assert.equal(0, handled)
       srv:close()
     end))
   end
 end)
+
+describe("http server abuse", function()
+  it("stops reading from a client that never reads", async(function()
+    local srv = serve(hello)
+    local sock = raw.connect(srv:port())
+    sock:settimeout(2)
+    local request = string.rep("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1000)
+    local blocked = false
+    for _ = 1, 2000 do
+      local ok, _, code = sock:write(request)
+      if not ok then
+        assert.equal("timeout", code)
+        blocked = true
+        break
+      end
+    end
+    -- Without backpressure the server would take every request and queue
+    -- responses without bound; with it, the client's writes stall.
+    assert.is_true(blocked)
+    sock:close()
+    srv:close()
+  end), 60)
+
+  it("closes a connection that leaves mid-body", async(function()
+    local srv = serve(hello)
+    for _ = 1, 5 do
+      local sock = raw.connect(srv:port())
+      sock:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        .. "\r\nabc")
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      sock:close()
+    end
+    local open = 1
+    for _ = 1, 100 do
+      open = srv:connections()
+      if open == 0 then
+        break
+      end
+      core.sleep(0.02)
+    end
+    assert.equal(0, open)
+    srv:close()
+  end))
+
+  it("closes a body that stops after the response", async(function()
+    local srv = serve(hello, { idle_timeout = 0.3 })
+    local sock = raw.connect(srv:port())
+    sock:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    assert.is_true(raw.is_closed(sock))
+    srv:close()
+  end))
+
+  it("times out a body read that stalls", async(function()
+    local result
+    local srv = serve(function(req)
+      local data, _, code = req:read()
+      result = { data, code }
+      return 408, nil, "slow"
+    end, { idle_timeout = 0.3 })
+    local sock = raw.connect(srv:port())
+    sock:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    local res = assert(raw.read_response(sock))
+    assert.equal(408, res.status)
+    assert.same({ nil, "timeout" }, result)
+    sock:close()
+    srv:close()
+  end))
+
+  it("sends one response for a bad body after it", async(function()
+    local srv = serve(hello)
+    local sock = raw.connect(srv:port())
+    sock:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+      .. "\r\n")
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    sock:write("zz\r\n")
+    assert.is_true(raw.is_closed(sock))
+    srv:close()
+  end))
+
+  it("refuses connections above max_connections", async(function()
+    local srv = serve(hello, { max_connections = 2 })
+    local a, b = raw.connect(srv:port()), raw.connect(srv:port())
+    core.sleep(0.05)
+    local c = raw.connect(srv:port())
+    assert.is_true(raw.is_closed(c))
+    a:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.equal(200, assert(raw.read_response(a)).status)
+    local _, _, refused = srv:connections()
+    assert.equal(1, refused)
+    a:close()
+    b:close()
+    srv:close()
+  end))
+end)
+
 
 describe("http server drain", function()
   it("finishes in-flight requests then returns", async(function()

@@ -40,7 +40,7 @@ local function start_daemon(conf)
   local p = assert(core.proc.spawn{
     file = BIN,
     args = { "daemon", "--config", path, "--access-log=false" },
-    env = { PATH = os.getenv("PATH") },
+    env = helpers.child_env(),
     stdin = "null", stdout = "null", stderr = "pipe",
   })
 

@@ -37,6 +37,21 @@ function _M.run(fn, timeout)
   end
 end
 
+-- Returns an environment for a child process: PATH and HOME, the
+-- sanitizer options when set (so an ASan build of the binary keeps them),
+-- and the entries of extra.
+function _M.child_env(extra)
+  local env = {}
+  for _, name in ipairs({ "PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS",
+      "LSAN_OPTIONS", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE" }) do
+    env[name] = os.getenv(name)
+  end
+  for name, value in pairs(extra or {}) do
+    env[name] = value
+  end
+  return env
+end
+
 -- Wraps a test body so busted's `it` runs it on the loop:
 --   it("echoes", helpers.async(function() ... end))
 function _M.async(fn, timeout)
