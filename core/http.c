@@ -1,16 +1,20 @@
 /*
  * http.c: the HTTP/1.1 server (core.http.listen).
  *
- * A request enters here: listener_connection_cb (tcp.c) accepts, conn_new
- * lends the socket's stream to this file, and llhttp parses the head. When
- * the head is complete the parser pauses and the server runs the Lua
+ * A request enters here: listener_connection_cb (tcp.c) accepts, on_stream
+ * borrows the socket's stream for this file, and llhttp parses the head.
+ * When the head is complete the parser pauses and the server runs the Lua
  * handler in a new coroutine with a request object. The body is parsed
  * only as the handler reads it, so a large upload is never buffered
- * whole, and the next pipelined request waits until this response is done.
+ * whole, and the next pipelined request waits until this response is done
+ * and its output has drained.
  *
- * Strictness: llhttp rejects Content-Length together with Transfer-Encoding
- * and duplicate Content-Length; a scan here rejects a bare LF in the head.
- * Every rejection is a 4xx with Connection: close.
+ * Strictness: llhttp is built in strict mode and rejects Content-Length
+ * together with Transfer-Encoding, duplicate Content-Length and chunk data
+ * without its CRLF. Checks here reject a bare LF or a folded line in the
+ * head, a missing or repeated Host, and any transfer coding but chunked.
+ * Each rejection is an error status (400, 408, 413, 414, 431 or 501) with
+ * Connection: close.
  */
 #include "http_internal.h"
 
