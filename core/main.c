@@ -126,6 +126,7 @@ main(int argc, char **argv)
 
   luaL_openlibs(L);
   set_paths(L, root);
+  jv_log_set_buffered(!isatty(STDERR_FILENO));
 
   lua_pushcfunction(L, traceback);
   lua_getglobal(L, "require");
