@@ -1,0 +1,169 @@
+-- The broker's request entry: verifies the edge's signature, timestamp
+-- and nonce, applies the target policy, and only then dials the machine
+-- through the shared reverse proxy.
+--
+-- Checks run in the order of the wire contract, each with its own status
+-- and error code:
+--   1. the eight X-JustAVPS-* headers and Host are present and well
+--      formed: 400 missing_header or invalid_header;
+--   2. the broker id is this broker's: 401 wrong_broker;
+--   3. the timestamp is within clock_skew of this clock: 401
+--      stale_timestamp;
+--   4. the signature matches, compared in constant time: 401
+--      bad_signature;
+--   5. the nonce is not live in the cache, and is then recorded: 401
+--      replayed_nonce, or 503 nonce_cache_full at the memory bound;
+--   6. the target policy allows the address and port: 403 target_denied.
+-- The nonce is recorded only after the signature verifies, so nobody
+-- without the secret can fill the cache.
+local core = require("justavps.core")
+local edge_sig = require("justavps.edge_sig")
+local proxy = require("justavps.proxy")
+local log = require("justavps.log")
+local target_policy = require("policies.broker_target")
+local state = require("justavps.broker.state")
+
+local tonumber = tonumber
+local type = type
+local floor = math.floor
+local max = math.max
+local abs = math.abs
+
+local _M = {}
+
+local error_response = proxy.error_response
+
+-- Headers never forwarded to a machine: the eight signature headers.
+-- The proxy drops hop-by-hop headers and those named in Connection
+-- itself, and set_headers below replaces X-Real-IP and X-Forwarded-*.
+local DROP = edge_sig.HEADER_SET
+
+
+-- Logs a rejected request, with the slug and the client IP when they were
+-- well formed but never with the signature, and returns the error response.
+local function reject(req, fields, status, code, message, reason)
+  local peer = req:peer()
+  log.warn("rejected an edge request", {
+    req_id = req.id,
+    status = status,
+    code = code,
+    reason = reason or message,
+    slug = fields and fields.slug,
+    client_ip = fields and fields.client_ip,
+    peer = peer,
+  })
+  if req:is_upgrade() then
+    -- The HTTP server would run the handler again on bytes that follow an
+    -- upgrade request rejected without 101, so close the connection.
+    req:keepalive(false)
+  end
+  return error_response(status, code, message)
+end
+
+
+-- Runs checks 1 to 5. Returns the fields, or nil followed by status,
+-- code, message for the rejection.
+local function verify(req, conf)
+  local fields, code, message = edge_sig.parse(req:header_list())
+  if not fields then
+    return nil, 400, code, message
+  end
+  fields.method = req.method
+  fields.target = req.target
+
+  if fields.broker_id ~= conf.broker_id then
+    return fields, 401, "wrong_broker",
+      "the request was signed for another broker"
+  end
+
+  local now = floor(core.time())
+  if abs(now - tonumber(fields.timestamp)) > conf.clock_skew then
+    return fields, 401, "stale_timestamp",
+      "the request timestamp is more than " .. conf.clock_skew
+        .. " s away from the broker's clock"
+  end
+
+  if not edge_sig.verify(conf.secret, fields, fields.signature) then
+    return fields, 401, "bad_signature", "the signature does not match"
+  end
+
+  local ok, err, ncode = state.nonces:check_and_add(fields.nonce)
+  if ok == nil and ncode == "full" then
+    log.err("nonce cache full; rejecting new nonces with 503 until entries "
+      .. "expire",
+      { capacity = state.nonces:capacity(), error = err })
+    return fields, 503, "nonce_cache_full",
+      "the broker is at its replay-cache limit; retry shortly"
+  end
+  if ok == nil then
+    return fields, 400, "invalid_header",
+      "invalid header X-JustAVPS-Nonce: " .. err
+  end
+  if not ok then
+    return fields, 401, "replayed_nonce", "the nonce was already used"
+  end
+  return fields
+end
+
+
+function _M.handle(req)
+  local conf = state.conf
+  local fields, status, code, message = verify(req, conf)
+  if status then
+    return reject(req, fields, status, code, message)
+  end
+
+  local port = tonumber(fields.target_port)
+  local allowed, reason = target_policy.allowed(fields.target_ip, port,
+    conf.target)
+  if not allowed then
+    return reject(req, fields, 403, "target_denied",
+      "the target address may not be dialed", reason)
+  end
+
+  -- CONNECT would turn the machine connection into a tunnel, which the
+  -- HTTP client does not offer; no edge sends it.
+  if req.method == "CONNECT" then
+    return reject(req, fields, 405, "method_not_allowed",
+      "CONNECT is not forwarded to machines")
+  end
+
+  local upstream = conf.upstream
+  return proxy.forward(req, {
+    host = fields.target_ip,
+    port = port,
+    set_headers = {
+      ["X-Real-IP"] = fields.client_ip,
+      ["X-Forwarded-For"] = fields.client_ip,
+      ["X-Forwarded-Proto"] = conf.forwarded_proto,
+      ["X-Forwarded-Host"] = fields.host,
+    },
+    drop_headers = DROP,
+    -- NOTE: proxy.forward takes one timeout for the connect and for each
+    -- read and write, so the largest of the three settings applies to
+    -- all of them.
+    timeout = max(upstream.connect_timeout, upstream.header_timeout,
+      upstream.idle_timeout),
+    on_unreachable = function()
+      log.warn("machine refused the connection", { req_id = req.id,
+        slug = fields.slug, target_port = port })
+      return error_response(502, "upstream_unreachable",
+        "machine " .. fields.slug .. " refused the connection on port "
+          .. port)
+    end,
+  })
+end
+
+
+function _M.validate()
+  if type(target_policy.allowed) ~= "function" then
+    return nil, "policies.broker_target: allowed must be a function"
+  end
+  if state.conf then
+    return target_policy.validate(state.conf.target)
+  end
+  return true
+end
+
+
+return _M

@@ -1,0 +1,250 @@
+-- The edge-to-broker request signature, version 1: the eight
+-- X-JustAVPS-* headers, the string they sign and the formats of their
+-- values. The edge signs with sign(); the broker reads the headers with
+-- parse() and checks them with verify(). Both sides share this module so
+-- the wire form lives in one place.
+--
+-- The signed string is these lines joined by "\n", without a trailing
+-- newline: JUSTAVPS-HMAC-SHA256-V1, method, host (the Host header
+-- lowercased, port kept), request-target (byte for byte), target IP,
+-- target port, slug, client IP, timestamp, nonce, broker id. The key is
+-- the broker's shared secret and the signature is "v1=" followed by the
+-- lowercase hex HMAC-SHA256. Bodies are not signed.
+local core = require("justavps.core")
+local cidr = require("justavps.cidr")
+
+local ipairs = ipairs
+local pairs = pairs
+local tonumber = tonumber
+local tostring = tostring
+local type = type
+local error = error
+local floor = math.floor
+local slower = string.lower
+local sfind = string.find
+local concat = table.concat
+
+local crypto = core.crypto
+
+local _M = {}
+
+_M.PREFIX = "JUSTAVPS-HMAC-SHA256-V1"
+
+-- The eight headers in signing order, with the field name each fills.
+_M.HEADERS = {
+  { field = "target_ip", name = "X-JustAVPS-Target-IP" },
+  { field = "target_port", name = "X-JustAVPS-Target-Port" },
+  { field = "slug", name = "X-JustAVPS-Slug" },
+  { field = "client_ip", name = "X-JustAVPS-Client-IP" },
+  { field = "timestamp", name = "X-JustAVPS-Timestamp" },
+  { field = "nonce", name = "X-JustAVPS-Nonce" },
+  { field = "broker_id", name = "X-JustAVPS-Broker" },
+  { field = "signature", name = "X-JustAVPS-Signature" },
+}
+
+-- Lower-case names of the eight headers, as a set: what the edge drops
+-- from client requests and the broker drops before forwarding.
+_M.HEADER_SET = {}
+for _, h in ipairs(_M.HEADERS) do
+  _M.HEADER_SET[slower(h.name)] = true
+end
+
+-- Nonces are 16 to 64 characters; random_token gives 6 bits each.
+local NONCE_LENGTH = 32
+
+-- Longest accepted IP literal: a full IPv6 address with an IPv4 tail has
+-- 45 characters.
+local MAX_IP_LENGTH = 45
+
+-- Longest accepted timestamp: Unix seconds fit in 12 digits until the
+-- year 33658.
+local MAX_TIMESTAMP_DIGITS = 12
+
+
+-- Returns true for an IPv4 literal in dotted decimal without leading
+-- zeros, or an IPv6 literal without a zone id.
+local function is_ip_literal(s)
+  if #s == 0 or #s > MAX_IP_LENGTH then
+    return false
+  end
+  if sfind(s, "^[%d.]+$") then
+    -- "010.0.0.1" would be ambiguous (octal to some parsers), so a
+    -- leading zero is invalid.
+    if sfind(s, "^0%d") or sfind(s, "%.0%d") then
+      return false
+    end
+    return cidr.parse(s) ~= nil
+  end
+  if not sfind(s, ":", 1, true) or sfind(s, "[^%x:.]") then
+    return false
+  end
+  return cidr.parse(s) ~= nil
+end
+
+_M.is_ip_literal = is_ip_literal
+
+
+local function is_decimal(s, max_digits)
+  return #s <= max_digits and sfind(s, "^%d+$") ~= nil
+    and (s == "0" or sfind(s, "^0") == nil)
+end
+
+
+-- Format checks per field: each returns true when the value is well
+-- formed.
+local CHECKS = {
+  target_ip = is_ip_literal,
+  target_port = function(s)
+    if not is_decimal(s, 5) then
+      return false
+    end
+    local n = tonumber(s)
+    return n >= 1 and n <= 65535
+  end,
+  slug = function(s)
+    return #s >= 3 and #s <= 40 and sfind(s, "^[a-z0-9-]+$") ~= nil
+  end,
+  client_ip = is_ip_literal,
+  timestamp = function(s)
+    return is_decimal(s, MAX_TIMESTAMP_DIGITS)
+  end,
+  nonce = function(s)
+    return #s >= 16 and #s <= 64 and sfind(s, "^[A-Za-z0-9_-]+$") ~= nil
+  end,
+  broker_id = function(s)
+    return #s >= 1 and #s <= 64 and sfind(s, "^[A-Za-z0-9._-]+$") ~= nil
+  end,
+  signature = function(s)
+    return #s == 67 and sfind(s, "^v1=[0-9a-f]+$") ~= nil
+  end,
+}
+
+local FORMATS = {
+  target_ip = "an IPv4 or IPv6 literal",
+  target_port = "a decimal port 1-65535 without leading zeros",
+  slug = "3 to 40 characters of [a-z0-9-]",
+  client_ip = "an IPv4 or IPv6 literal",
+  timestamp = "Unix seconds in decimal",
+  nonce = "16 to 64 characters of [A-Za-z0-9_-]",
+  broker_id = "1 to 64 characters of [A-Za-z0-9._-]",
+  signature = "v1= followed by 64 lowercase hex digits",
+}
+
+
+-- Builds the string to sign from fields: method, host, target,
+-- target_ip, target_port, slug, client_ip, timestamp, nonce, broker_id
+-- (strings; the port and timestamp may be numbers). The host is
+-- lowercased here, so either side may pass it as received.
+function _M.string_to_sign(f)
+  return concat({
+    _M.PREFIX,
+    f.method,
+    slower(f.host),
+    f.target,
+    f.target_ip,
+    tostring(f.target_port),
+    f.slug,
+    f.client_ip,
+    tostring(f.timestamp),
+    f.nonce,
+    f.broker_id,
+  }, "\n")
+end
+
+
+-- Returns the signature header value for fields under secret.
+function _M.signature(secret, f)
+  local mac = crypto.hmac_sha256(secret, _M.string_to_sign(f))
+  if not mac then
+    error("edge_sig: HMAC-SHA256 failed", 2)
+  end
+  return "v1=" .. crypto.hex_encode(mac)
+end
+
+
+-- Signs a request for the edge. fields as for string_to_sign; timestamp
+-- defaults to now and nonce to a fresh random token. Returns a table of
+-- the eight header names to values, for the edge to set after it has
+-- dropped any of them that the client sent.
+function _M.sign(secret, fields)
+  if type(secret) ~= "string" or secret == "" then
+    error("edge_sig.sign: secret must be a non-empty string", 2)
+  end
+  local f = {}
+  for k, v in pairs(fields) do
+    f[k] = v
+  end
+  f.timestamp = f.timestamp or floor(core.time())
+  if not f.nonce then
+    local nonce, err = crypto.random_token(NONCE_LENGTH)
+    if not nonce then
+      error("edge_sig.sign: no random nonce: " .. tostring(err), 2)
+    end
+    f.nonce = nonce
+  end
+  f.timestamp = tostring(f.timestamp)
+  f.target_port = tostring(f.target_port)
+  f.signature = _M.signature(secret, f)
+
+  local headers = {}
+  for _, h in ipairs(_M.HEADERS) do
+    headers[h.name] = f[h.field]
+  end
+  return headers
+end
+
+
+-- Reads the eight headers and Host from list ({{name, value}, ...} as
+-- req:header_list() returns it). Returns a table of fields (strings,
+-- with host lowercased) or nil, code, message, where code is
+-- "missing_header" or "invalid_header" and the message names the header.
+-- A header sent more than once is invalid, because the two sides could
+-- read different copies.
+function _M.parse(list)
+  local values, counts = {}, {}
+  for _, pair in ipairs(list) do
+    local lname = slower(pair[1])
+    counts[lname] = (counts[lname] or 0) + 1
+    if counts[lname] == 1 then
+      values[lname] = pair[2]
+    end
+  end
+
+  local f = {}
+  for _, h in ipairs(_M.HEADERS) do
+    local lname = slower(h.name)
+    local v = values[lname]
+    if v == nil then
+      return nil, "missing_header", "missing header " .. h.name
+    end
+    if counts[lname] > 1 then
+      return nil, "invalid_header", "header " .. h.name
+        .. " was sent more than once"
+    end
+    if not CHECKS[h.field](v) then
+      return nil, "invalid_header", "invalid header " .. h.name
+        .. ": expected " .. FORMATS[h.field]
+    end
+    f[h.field] = v
+  end
+
+  local host = values["host"]
+  if host == nil or host == "" then
+    return nil, "missing_header", "missing header Host"
+  end
+  if counts["host"] > 1 then
+    return nil, "invalid_header", "header Host was sent more than once"
+  end
+  f.host = slower(host)
+  return f
+end
+
+
+-- Returns true when signature (the header value) matches fields under
+-- secret, comparing in constant time.
+function _M.verify(secret, fields, signature)
+  return crypto.constant_time_equal(_M.signature(secret, fields), signature)
+end
+
+
+return _M
