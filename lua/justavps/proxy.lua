@@ -36,6 +36,15 @@ local HOP_BY_HOP = {
 
 _M.HOP_BY_HOP = HOP_BY_HOP
 
+-- Failure codes that mean nothing answered at the target address.
+local UNREACHABLE = {
+  ECONNREFUSED = true,
+  ECONNRESET = true,
+  ENETUNREACH = true,
+  EHOSTUNREACH = true,
+  closed = true,
+}
+
 -- Idle upstream sockets: pool["host port"] = { {sock=, at=}, ... }.
 local pool = {}
 local POOL_MAX_PER_TARGET = 32
@@ -154,7 +163,7 @@ local function upstream_error(code, err, target)
     return _M.error_response(504, "upstream_timeout",
       "upstream " .. target .. " did not answer in time")
   end
-  if code == "ECONNREFUSED" or code == "closed" or code == "ECONNRESET" then
+  if UNREACHABLE[code] then
     return _M.error_response(502, "upstream_unreachable",
       "nothing accepted the connection at " .. target)
   end
@@ -182,6 +191,8 @@ end
 --   timeout          seconds for connect and for each read or write
 --   on_unreachable   function(code, err) returning status, headers, body,
 --                    to answer a failed connect in the caller's words
+--   pipe_idle_timeout  seconds without a byte either way after which an
+--                    upgraded connection is closed (nil: no limit)
 -- Returns status, headers, body for the handler to return when the
 -- proxy answered itself (an error), or nothing when it relayed the
 -- upstream response.
@@ -246,7 +257,7 @@ function _M.forward(req, opts)
   end
 
   if not res then
-    if opts.on_unreachable and (code == "ECONNREFUSED") then
+    if opts.on_unreachable and UNREACHABLE[code] then
       return opts.on_unreachable(code, err)
     end
     return upstream_error(code, err, target_name)
@@ -260,7 +271,7 @@ function _M.forward(req, opts)
     local up = res:socket()
     req:send_head(101, out)
     local down = req:hijack()
-    core.pipe(down, up)
+    core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout })
     down:close()
     up:close()
     return

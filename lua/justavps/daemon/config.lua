@@ -40,6 +40,27 @@ _M.schema = config.schema({ fields = {
     description = "login shell for the terminal" } },
   { heartbeat_interval = { type = "duration", default = 30,
     between = { 1, 3600 }, description = "seconds between heartbeats" } },
+  { terminal = { type = "record", description = "the /_pty terminal",
+    fields = {
+      { buffer_size = { type = "size", default = 2 * 1024 * 1024,
+        between = { 4096, 256 * 1024 * 1024 },
+        description = "output kept per session for reattaching clients" } },
+      { reattach_window = { type = "duration", default = 300,
+        between = { 1, 86400 },
+        description = "seconds a session without a client keeps running" } },
+      { idle_timeout = { type = "duration", default = 0,
+        between = { 0, 86400 },
+        description = "seconds without input or output before a session "
+          .. "ends; 0 for no limit" } },
+      { ping_interval = { type = "duration", default = 30,
+        between = { 0, 3600 },
+        description = "seconds between WebSocket pings; 0 for none" } },
+      { kill_grace = { type = "duration", default = 5, between = { 0, 600 },
+        description = "seconds between SIGHUP and SIGKILL at session end" } },
+      { max_sessions = { type = "integer", default = 32,
+        between = { 1, 10000 },
+        description = "terminal sessions that may exist at once" } },
+    } } },
 } })
 
 

@@ -31,9 +31,8 @@ local spawn = core.spawn
 
 local _M = {}
 
--- Terminal settings.
--- TODO: read these from a "terminal" record of the daemon config; the
--- config schema has no such record yet, so these defaults always apply.
+-- Terminal settings when the daemon config has no "terminal" record (as
+-- in unit specs); the config's record carries the same keys.
 local SETTINGS = {
   -- Output kept per session for reattaching clients, in bytes.
   buffer_size = 2 * 1024 * 1024,
@@ -277,7 +276,7 @@ end
 
 -- Serves GET /_pty (decision.action "pty"). See docs/daemon-terminal.md.
 function _M.handle(req, _decision)
-  local conf = SETTINGS
+  local conf = (state.conf and state.conf.terminal) or SETTINGS
   session.configure({
     buffer_size = conf.buffer_size,
     reattach_window = conf.reattach_window,

@@ -38,9 +38,11 @@ function _M.run(opts)
     return 1
   end
 
+  -- Modules that own running sessions or compiled config stay loaded
+  -- across reloads; a reload swaps the app, policies and executors only.
   reload.configure({ stable = { "justavps.daemon.state",
-    "justavps.daemon.config", "justavps.proxy", "justavps.cidr",
-    "justavps.service" } })
+    "justavps.daemon.config", "justavps.daemon.terminal_session",
+    "justavps.daemon.terminal_ring" } })
 
   return service.run({
     app = "justavps.daemon.app",
