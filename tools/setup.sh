@@ -9,7 +9,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config
-  luajit libluajit-5.1-dev lua-cjson lua-busted lua-check
+  luajit libluajit-5.1-dev lua-cjson lua-busted lua-check lua-filesystem
   libuv1-dev libssl-dev libpq-dev libcurl4-openssl-dev node-llhttp
   postgresql postgresql-contrib
   curl ca-certificates openssl procps iproute2

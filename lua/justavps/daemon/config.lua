@@ -40,6 +40,23 @@ _M.schema = config.schema({ fields = {
     description = "login shell for the terminal" } },
   { heartbeat_interval = { type = "duration", default = 30,
     between = { 1, 3600 }, description = "seconds between heartbeats" } },
+  { services = { type = "array", elements = { type = "string" },
+    default = { "justavps-daemon.service", "docker.service", "ssh.service" },
+    description = "systemd units /v1/services reports on" } },
+  { disk_path = { type = "string", default = "/",
+    description = "file system /v1/system reports disk usage for" } },
+  { ports_interval = { type = "duration", default = 2, between = { 0.1, 3600 },
+    description = "seconds between scans of listening ports" } },
+  { platform_ca = { type = "string",
+    description = "CA file for an https platform_url (default: system)" } },
+  { update = { type = "record", description = "self-update", fields = {
+    { installed_path = { type = "string",
+      default = "/usr/local/bin/justavps-daemon",
+      description = "path of the daemon binary that updates replace" } },
+    { probation = { type = "duration", default = 120, between = { 5, 3600 },
+      description = "seconds a new release has to report healthy before "
+        .. "the old one returns" } },
+  } } },
   { terminal = { type = "record", description = "the /_pty terminal",
     fields = {
       { buffer_size = { type = "size", default = 2 * 1024 * 1024,

@@ -108,7 +108,7 @@ routes:add({ method = "GET", path = "/v1/system", handler = function()
 end })
 
 routes:add({ method = "GET", path = "/v1/ports", handler = function()
-  local list, updated_at = ports.catalogue()
+  local list, updated_at = ports.catalogue(0)
   return json_response(200, { ports = list, updated_at = updated_at,
     watching = ports.watching() })
 end })

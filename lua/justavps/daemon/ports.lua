@@ -374,13 +374,17 @@ function _M.stop()
 end
 
 
--- Returns the watcher's catalogue and the time of its last scan (Unix
--- seconds). Without a running watcher, scans now and returns the fresh
--- catalogue. Must run in a core coroutine.
-function _M.catalogue()
-  if watcher and watcher.updated_at then
+-- Returns the catalogue and the time of its scan (Unix seconds): the
+-- watcher's when it is at most max_age seconds old (default 0.5), else a
+-- fresh scan. Must run in a core coroutine.
+function _M.catalogue(max_age)
+  max_age = max_age or 0.5
+  if watcher and watcher.updated_at
+      and core.time() - watcher.updated_at <= max_age then
     return watcher.catalogue, watcher.updated_at
   end
+  -- The watcher's last scan is too old for a caller that just opened a
+  -- port: read the kernel's table now.
   return _M.scan(), core.time()
 end
 

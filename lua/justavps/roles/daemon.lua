@@ -6,6 +6,8 @@ local service = require("justavps.service")
 local log = require("justavps.log")
 local daemon_config = require("justavps.daemon.config")
 local state = require("justavps.daemon.state")
+local background = require("justavps.daemon.background")
+local proxy = require("justavps.proxy")
 
 local _M = {}
 
@@ -57,7 +59,26 @@ function _M.run(opts)
     watch = opts.watch,
     drain_timeout = opts.drain_timeout,
     access_log = opts.access_log,
-    on_stop = require("justavps.proxy").close_pool,
+    -- The port watcher, heartbeats and update probation start once the
+    -- listeners are open, because probation checks the daemon's own
+    -- internal API.
+    on_start = function(servers)
+      background.start(conf, {
+        internal_port = servers.internal:port(),
+        ports_interval = conf.ports_interval,
+        heartbeat = { ca = conf.platform_ca },
+        update = {
+          installed_path = conf.update.installed_path,
+          probation = conf.update.probation,
+          reexec_args = { "daemon", "--config", opts.config },
+          ca = conf.platform_ca,
+        },
+      })
+    end,
+    on_stop = function()
+      background.stop()
+      proxy.close_pool()
+    end,
   })
 end
 
