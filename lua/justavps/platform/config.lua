@@ -1,0 +1,37 @@
+-- The platform's configuration: a JSON file (--config) plus
+-- JUSTAVPS_PLATFORM_* environment overrides.
+local config = require("justavps.config")
+local db = require("justavps.db.db")
+
+local _M = {}
+
+_M.schema = config.schema({ fields = {
+  { listen = { type = "record", description = "the API listener", fields = {
+    { host = { type = "string", default = "127.0.0.1",
+      description = "address to listen on (IPv4 or IPv6 literal)" } },
+    { port = { type = "integer", default = 8080, between = { 0, 65535 },
+      description = "TCP port; 0 picks a free one" } },
+  } } },
+  { database = { type = "record", fields = db.config_fields,
+    description = "PostgreSQL connection" } },
+  { heartbeat = { type = "record", description = "machine heartbeats",
+    fields = {
+      { nonce_max_bytes = { type = "size", default = 16 * 1024 * 1024,
+        between = { 4096, 1024 * 1024 * 1024 },
+        description = "memory bound of the heartbeat nonce cache" } },
+      { max_body = { type = "size", default = 256 * 1024,
+        between = { 1024, 16 * 1024 * 1024 },
+        description = "largest heartbeat body accepted" } },
+    } } },
+} })
+
+
+-- Loads the config file at path (or only defaults and the environment
+-- when path is nil). Returns the config or nil, message, code.
+function _M.load(path)
+  return config.load({ schema = _M.schema, path = path,
+    env_prefix = "JUSTAVPS_PLATFORM" })
+end
+
+
+return _M

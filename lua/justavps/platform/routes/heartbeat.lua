@@ -1,0 +1,131 @@
+-- POST /api/v1/machines/{slug}/heartbeat: the machine-signed report a
+-- daemon sends every interval. It records version, ports, metrics and the
+-- provisioning stage the daemon reports.
+local db = require("justavps.db.db")
+local json = require("justavps.json")
+local log = require("justavps.log")
+local api_mod = require("justavps.platform.api")
+
+local type = type
+
+-- Stages a daemon may report, in the order provisioning passes them. A
+-- report moves a machine forward only; the platform's own stages
+-- (server_creating, server_created, failed, deleting, deleted) come from
+-- the provisioning jobs.
+local DAEMON_STAGES = {
+  cloud_init_running = 1,
+  cloud_init_done = 2,
+  services_ready = 3,
+}
+
+local STAGE_ORDER = {
+  server_creating = 0, server_created = 0.5,
+  cloud_init_running = 1, cloud_init_done = 2, services_ready = 3,
+}
+
+
+local function number_or_nil(v)
+  return type(v) == "number" and v or nil
+end
+
+
+local function metrics_row(m)
+  m = type(m) == "table" and m or {}
+  local cpu = type(m.cpu) == "table" and m.cpu or {}
+  local load = type(m.load) == "table" and m.load or {}
+  local mem = type(m.memory) == "table" and m.memory or {}
+  local disk = type(m.disk) == "table" and m.disk or {}
+  local net = type(m.network) == "table" and m.network.interfaces or nil
+  local used
+  if number_or_nil(mem.total_bytes) and number_or_nil(mem.available_bytes) then
+    used = mem.total_bytes - mem.available_bytes
+  end
+  return {
+    number_or_nil(cpu.percent),
+    number_or_nil(load["1"] or load.load1 or load[1]),
+    number_or_nil(load["5"] or load.load5 or load[2]),
+    number_or_nil(load["15"] or load.load15 or load[3]),
+    used,
+    number_or_nil(mem.total_bytes),
+    number_or_nil(disk.used_bytes),
+    number_or_nil(disk.total_bytes),
+    json.encode(type(net) == "table" and net or {}),
+  }
+end
+
+
+return function(api)
+  api:route({
+    method = "POST", path = "/api/v1/machines/{slug}/heartbeat",
+    name = "heartbeat", auth = "machine", raw_body = true,
+    max_body = 256 * 1024,
+    summary = "Machine-signed heartbeat from the daemon",
+    handler = function(ctx)
+      local machine = ctx.machine
+      local body, derr = json.decode(ctx.raw_body)
+      if type(body) ~= "table" then
+        return api_mod.error(400, "invalid_json", derr
+          or "heartbeat body must be a JSON object")
+      end
+
+      local version = type(body.version) == "string" and body.version or nil
+      local ports = type(body.ports) == "table" and body.ports or {}
+      local stage = body.stage
+      local advance = DAEMON_STAGES[stage] and STAGE_ORDER[machine.stage]
+        and DAEMON_STAGES[stage] > STAGE_ORDER[machine.stage]
+
+      local ok, err, code = db.tx(function(tx)
+        local _, uerr, ucode = tx:query(
+          "UPDATE machines SET version = $2, ports = $3::jsonb, "
+            .. "last_seen_at = now() WHERE id = $1",
+          { machine.id, version, json.encode(json.array(ports)) })
+        if ucode then
+          return nil, uerr, ucode
+        end
+
+        local row = metrics_row(body.metrics)
+        local _, merr, mcode = tx:query(
+          "INSERT INTO machine_metrics (machine_id, cpu_percent, load_1, "
+            .. "load_5, load_15, mem_used_bytes, mem_total_bytes, "
+            .. "disk_used_bytes, disk_total_bytes, net) VALUES ($1, $2, "
+            .. "$3, $4, $5, $6, $7, $8, $9, $10::jsonb)",
+          { machine.id, row[1], row[2], row[3], row[4], row[5], row[6],
+            row[7], row[8], row[9], n = 10 })
+        if mcode then
+          return nil, merr, mcode
+        end
+
+        if advance then
+          local _, serr, scode = tx:query(
+            "UPDATE machines SET stage = $2 WHERE id = $1",
+            { machine.id, stage })
+          if scode then
+            return nil, serr, scode
+          end
+          local _, eerr, ecode = tx:query(
+            "INSERT INTO machine_events (machine_id, stage, detail) "
+              .. "VALUES ($1, $2, $3::jsonb)",
+            { machine.id, stage, json.encode({ source = "daemon" }) })
+          if ecode then
+            return nil, eerr, ecode
+          end
+        end
+        return true
+      end)
+
+      if not ok then
+        log.err("heartbeat not recorded", { slug = machine.slug,
+          error = err, code = code })
+        if code == "database_unavailable" then
+          return api_mod.error(503, "database_unavailable",
+            "the database is unavailable; retry later")
+        end
+        return api_mod.error(500, "internal", "internal server error")
+      end
+
+      -- TODO: answer with an update offer once releases and the rollout
+      -- policy land.
+      return 200, {}
+    end,
+  })
+end

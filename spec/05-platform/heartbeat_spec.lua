@@ -1,0 +1,244 @@
+-- The platform API process against a fresh database: the OpenAPI document,
+-- unknown routes and methods, and machine-signed heartbeats signed here
+-- independently from the wire contract.
+local core = require("justavps.core")
+local json = require("justavps.json")
+local helpers = require("support.helpers")
+
+local async = helpers.async
+local crypto = core.crypto
+
+local BIN = os.getenv("JUSTAVPS_TEST_BIN")
+  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+
+local TOKEN = "machine-token-0123456789abcdef0123456789"
+
+
+local function shell(command)
+  local f = assert(io.popen(command .. " 2>&1"))
+  local out = f:read("*a")
+  local ok = f:close()
+  assert(ok, "command failed: " .. command .. "\n" .. out)
+  return out
+end
+
+
+local function pg_settings()
+  local env = {
+    PGHOST = os.getenv("PGHOST"), PGPORT = os.getenv("PGPORT"),
+    PGUSER = os.getenv("PGUSER"), PGDATABASE = os.getenv("PGDATABASE"),
+  }
+  if not env.PGHOST then
+    shell("tools/pg.sh start")
+    for name, value in shell("tools/pg.sh env"):gmatch("export (PG%u+)=(%S+)") do
+      env[name] = value
+    end
+  end
+  return env
+end
+
+local settings = pg_settings()
+
+
+local function connect(dbname)
+  return assert(core.pg.connect({ host = settings.PGHOST,
+    port = settings.PGPORT, user = settings.PGUSER,
+    dbname = dbname or settings.PGDATABASE }, { timeout = 30 }))
+end
+
+
+-- Signs a machine call by hand from the wire contract: v1= + hex
+-- HMAC-SHA256(token, "JUSTAVPS-MACHINE-V1\nMETHOD\ntarget\nts\nnonce\n"
+-- .. hex(sha256(body))).
+local function sign(token, method, target, body, ts, nonce)
+  ts = ts or os.time()
+  nonce = nonce or crypto.random_token(24)
+  local s = table.concat({ "JUSTAVPS-MACHINE-V1", method, target,
+    tostring(ts), nonce, crypto.hex_encode(crypto.sha256(body)) }, "\n")
+  return {
+    ["X-JustAVPS-Machine-Timestamp"] = tostring(ts),
+    ["X-JustAVPS-Machine-Nonce"] = nonce,
+    ["X-JustAVPS-Machine-Signature"] = "v1="
+      .. crypto.hex_encode(crypto.hmac_sha256(token, s)),
+    ["Content-Type"] = "application/json",
+  }
+end
+
+
+describe("platform API", function()
+  local dbname, p, port
+
+  setup(function()
+    helpers.run(function()
+      dbname = string.format("justavps_spec_%d_%06d", os.time(),
+        math.random(0, 999999))
+      local c = connect()
+      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
+      c:close()
+
+      local env = helpers.child_env({ PGHOST = settings.PGHOST,
+        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
+        PGDATABASE = dbname })
+      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
+        env = env, stdout = "null", stderr = "null" })
+      assert.equal(0, m:wait(60))
+
+      local db = connect(dbname)
+      local acct = assert(db:query("INSERT INTO accounts (name) VALUES ($1) "
+        .. "RETURNING id", { "spec" }))
+      assert(db:query("INSERT INTO machines (slug, account_id, name, "
+        .. "provider, region, server_type, stage, token) VALUES ($1, $2, "
+        .. "$3, $4, $5, $6, $7, $8)", { "hb-1", acct[1].id, "hb",
+        "local", "local", "local", "server_created", TOKEN }))
+      db:close()
+
+      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
+      p = assert(core.proc.spawn{ file = BIN,
+        args = { "platform", "--access-log=false" }, env = env,
+        stdout = "null", stderr = "pipe" })
+      local ready = core.waiter()
+      core.spawn(function()
+        while true do
+          local line = p.stderr:readuntil("\n", 1024 * 1024)
+          if not line then
+            break
+          end
+          local n = line:match("msg=listening .*port=(%d+)")
+          if n and not port then
+            port = tonumber(n)
+            ready:wake()
+          end
+        end
+      end)
+      if not port then
+        ready:wait(20)
+      end
+      assert(port, "platform did not start")
+    end, 90)
+  end)
+
+  teardown(function()
+    helpers.run(function()
+      if p then
+        p:kill("SIGTERM")
+        p:wait(10)
+      end
+      local c = connect()
+      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
+      c:close()
+    end, 60)
+  end)
+
+  local function request(method, path, headers, body)
+    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
+      port = port, path = path, headers = headers, body = body, timeout = 10 })
+    local text = res:read_body()
+    res:close()
+    return res.status, text ~= "" and json.decode(text) or nil
+  end
+
+  local function heartbeat(slug, body_table, headers_fn)
+    local path = "/api/v1/machines/" .. slug .. "/heartbeat"
+    local body = json.encode(body_table)
+    local headers = headers_fn and headers_fn(path, body)
+      or sign(TOKEN, "POST", path, body)
+    return request("POST", path, headers, body)
+  end
+
+  it("serves its OpenAPI document", async(function()
+    local status, doc = request("GET", "/api/v1/openapi.json")
+    assert.equal(200, status)
+    assert.equal("3.1.0", doc.openapi)
+    assert.is_table(doc.paths["/api/v1/machines/{slug}/heartbeat"].post)
+    assert.is_table(doc.paths["/api/v1/health"].get)
+  end))
+
+  it("reports health with the database", async(function()
+    local status, body = request("GET", "/api/v1/health")
+    assert.equal(200, status)
+    assert.equal("ok", body.status)
+  end))
+
+  it("answers unknown routes with 404", async(function()
+    local status, body = request("GET", "/api/v1/nope")
+    assert.equal(404, status)
+    assert.equal("not_found", body.error.code)
+  end))
+
+  it("answers a wrong method with 405", async(function()
+    local status, body = request("DELETE", "/api/v1/health")
+    assert.equal(405, status)
+    assert.equal("method_not_allowed", body.error.code)
+  end))
+
+  it("records a signed heartbeat", async(function()
+    local status = heartbeat("hb-1", { version = "9.9.9",
+      stage = "services_ready",
+      ports = { { port = 3000, address = "0.0.0.0" } },
+      metrics = { cpu = { percent = 12.5 }, memory = { total_bytes = 1000,
+        available_bytes = 400 } } })
+    assert.equal(200, status)
+
+    local db = connect(dbname)
+    local m = assert(db:query("SELECT stage::text AS stage, version, "
+      .. "ports::text AS ports, last_seen_at IS NOT NULL AS seen "
+      .. "FROM machines WHERE slug = $1", { "hb-1" }))[1]
+    assert.equal("services_ready", m.stage)
+    assert.equal("9.9.9", m.version)
+    assert.truthy(m.ports:find("3000", 1, true))
+    assert.is_true(m.seen)
+    local ev = assert(db:query("SELECT e.stage::text AS stage FROM "
+      .. "machine_events e JOIN machines m ON m.id = e.machine_id "
+      .. "WHERE m.slug = $1", { "hb-1" }))
+    assert.equal(1, #ev)
+    assert.equal("services_ready", ev[1].stage)
+    local metrics = assert(db:query("SELECT cpu_percent, mem_used_bytes "
+      .. "FROM machine_metrics"))
+    assert.equal(1, #metrics)
+    assert.equal(12.5, metrics[1].cpu_percent)
+    assert.equal(600, metrics[1].mem_used_bytes)
+    db:close()
+  end))
+
+  it("rejects a replayed heartbeat", async(function()
+    local path = "/api/v1/machines/hb-1/heartbeat"
+    local body = json.encode({ version = "9.9.9" })
+    local headers = sign(TOKEN, "POST", path, body)
+    assert.equal(200, (request("POST", path, headers, body)))
+    local status, reply = request("POST", path, headers, body)
+    assert.equal(401, status)
+    assert.equal("replayed_nonce", reply.error.code)
+  end))
+
+  local rejected = {
+    { "a wrong token", function(path, body)
+      return sign("another-token-0123456789abcdef0123", "POST", path, body)
+    end, "bad_signature" },
+    { "a stale timestamp", function(path, body)
+      return sign(TOKEN, "POST", path, body, os.time() - 120)
+    end, "stale_timestamp" },
+    { "a tampered body", function(path, body)
+      return sign(TOKEN, "POST", path, body .. " ")
+    end, "bad_signature" },
+    { "another target", function(_, body)
+      return sign(TOKEN, "POST", "/api/v1/machines/other/heartbeat", body)
+    end, "bad_signature" },
+    { "no signature", function()
+      return { ["Content-Type"] = "application/json" }
+    end, "missing_signature" },
+  }
+
+  for _, case in ipairs(rejected) do
+    it("rejects " .. case[1], async(function()
+      local status, body = heartbeat("hb-1", { version = "1" }, case[2])
+      assert.equal(401, status)
+      assert.equal(case[3], body.error.code)
+    end))
+  end
+
+  it("rejects an unknown machine", async(function()
+    local status, body = heartbeat("no-such-machine", { version = "1" })
+    assert.equal(401, status)
+    assert.equal("unknown_machine", body.error.code)
+  end))
+end)
