@@ -226,3 +226,70 @@ describe("heartbeat", function()
     assert.equal("invalid_url", code)
   end, 20))
 end)
+
+
+describe("heartbeat cloud-init stage", function()
+  local heartbeat = require("justavps.daemon.heartbeat")
+
+  local function tree(files)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/cloud") == 0)
+    for path, content in pairs(files) do
+      local full = dir .. "/" .. path
+      assert(os.execute("mkdir -p " .. full:match("^(.*)/")) == 0)
+      local f = assert(io.open(full, "w"))
+      f:write(content)
+      f:close()
+    end
+    return dir
+  end
+
+  it("reports absent cloud-init as ready", function()
+    local dir = tree({})
+    local stage, report = heartbeat.stage({ cloud_dir = dir .. "/cloud" })
+    assert.equal("services_ready", stage)
+    assert.equal("absent", report.status)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("reports a running cloud-init", function()
+    local dir = tree({ ["cloud/instance/user-data.txt"] = "x" })
+    local stage, report = heartbeat.stage({ cloud_dir = dir .. "/cloud" })
+    assert.equal("cloud_init_running", stage)
+    assert.equal("running", report.status)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("reports a finished cloud-init", function()
+    local dir = tree({
+      ["cloud/instance/boot-finished"] = "1",
+      ["cloud/data/result.json"] = '{"v1":{"datasource":"x","errors":[]}}',
+    })
+    local stage, report = heartbeat.stage({ cloud_dir = dir .. "/cloud" })
+    assert.equal("services_ready", stage)
+    assert.equal("done", report.status)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("reports a failed cloud-init with its log", function()
+    local log_lines = {}
+    for i = 1, 50 do
+      log_lines[#log_lines + 1] = "line " .. i
+    end
+    local dir = tree({
+      ["cloud/instance/boot-finished"] = "1",
+      ["cloud/data/result.json"] =
+        '{"v1":{"errors":["runcmd failed: exit 1"]}}',
+      ["cloud-init-output.log"] = table.concat(log_lines, "\n") .. "\n",
+    })
+    local stage, report = heartbeat.stage({ cloud_dir = dir .. "/cloud",
+      cloud_log = dir .. "/cloud-init-output.log" })
+    assert.equal("failed", stage)
+    assert.equal("error", report.status)
+    assert.same({ "runcmd failed: exit 1" }, report.errors)
+    assert.equal(30, #report.log_tail)
+    assert.equal("line 50", report.log_tail[30])
+    os.execute("rm -rf " .. dir)
+  end)
+end)

@@ -189,9 +189,10 @@ describe("platform API", function()
     assert.is_true(m.seen)
     local ev = assert(db:query("SELECT e.stage::text AS stage FROM "
       .. "machine_events e JOIN machines m ON m.id = e.machine_id "
-      .. "WHERE m.slug = $1", { "hb-1" }))
-    assert.equal(1, #ev)
-    assert.equal("services_ready", ev[1].stage)
+      .. "WHERE m.slug = $1 ORDER BY e.id", { "hb-1" }))
+    assert.equal(2, #ev)
+    assert.equal("cloud_init_done", ev[1].stage)
+    assert.equal("services_ready", ev[2].stage)
     local metrics = assert(db:query("SELECT cpu_percent, mem_used_bytes "
       .. "FROM machine_metrics"))
     assert.equal(1, #metrics)
@@ -235,6 +236,28 @@ describe("platform API", function()
       assert.equal(case[3], body.error.code)
     end))
   end
+
+  it("records a cloud-init failure with its log", async(function()
+    local db = connect(dbname)
+    local acct = assert(db:query("SELECT id FROM accounts LIMIT 1"))[1]
+    assert(db:query("INSERT INTO machines (slug, account_id, name, "
+      .. "provider, region, server_type, stage, token) VALUES ($1, $2, "
+      .. "$3, $4, $5, $6, $7, $8)", { "hb-2", acct.id, "hb", "local",
+      "local", "local", "cloud_init_running", TOKEN }))
+    local status = heartbeat("hb-2", { version = "1", stage = "failed",
+      cloud_init = { status = "error", errors = { "runcmd failed" },
+        log_tail = { "E: package not found" } } })
+    assert.equal(200, status)
+    local rows = assert(db:query("SELECT m.stage::text AS stage, "
+      .. "e.detail::text AS detail FROM machines m JOIN machine_events e "
+      .. "ON e.machine_id = m.id WHERE m.slug = $1", { "hb-2" }))
+    assert.equal(1, #rows)
+    assert.equal("failed", rows[1].stage)
+    local detail = json.decode(rows[1].detail)
+    assert.same({ "runcmd failed" }, detail.errors)
+    assert.same({ "E: package not found" }, detail.log_tail)
+    db:close()
+  end))
 
   it("rejects an unknown machine", async(function()
     local status, body = heartbeat("no-such-machine", { version = "1" })

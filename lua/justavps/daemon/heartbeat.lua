@@ -63,17 +63,92 @@ local function exists(path)
 end
 
 
--- Returns the provisioning stage this machine is in: "cloud_init_running"
--- while cloud-init has an instance but has not written boot-finished,
--- else "services_ready" (the daemon runs). opts.cloud_dir (default
--- /var/lib/cloud) is for specs.
-function _M.stage(opts)
-  local dir = (opts and opts.cloud_dir) or "/var/lib/cloud"
-  if exists(dir .. "/instance/.")
-      and not exists(dir .. "/instance/boot-finished") then
-    return "cloud_init_running"
+-- Lines of cloud-init's output log sent when cloud-init failed, so the
+-- user sees why without logging in.
+local LOG_TAIL_LINES = 30
+local LOG_TAIL_BYTES = 8192
+
+
+local function read_file(path, max)
+  local f = open(path, "rb")
+  if not f then
+    return nil
   end
-  return "services_ready"
+  local size = f:seek("end")
+  if max and size and size > max then
+    f:seek("set", size - max)
+  else
+    f:seek("set", 0)
+  end
+  local data = f:read("*a")
+  f:close()
+  return data
+end
+
+
+local function last_lines(text, n)
+  local lines = {}
+  for line in (text or ""):gmatch("[^\n]*") do
+    if line ~= "" then
+      lines[#lines + 1] = line
+    end
+  end
+  local first = #lines - n + 1
+  if first < 1 then
+    first = 1
+  end
+  local out = {}
+  for i = first, #lines do
+    out[#out + 1] = lines[i]
+  end
+  return out
+end
+
+
+-- Returns what cloud-init reports: { status = "absent" | "running" |
+-- "done" | "error", errors = {...}, log_tail = {...} }. opts.cloud_dir
+-- (default /var/lib/cloud) and opts.cloud_log (default
+-- /var/log/cloud-init-output.log) are for specs.
+function _M.cloud_init(opts)
+  opts = opts or {}
+  local dir = opts.cloud_dir or "/var/lib/cloud"
+  if not exists(dir .. "/instance/.") then
+    return { status = "absent" }
+  end
+  if not exists(dir .. "/instance/boot-finished") then
+    return { status = "running" }
+  end
+
+  -- result.json is written when cloud-init finishes; a non-empty errors
+  -- list means a module failed.
+  local result = json.decode(read_file(dir .. "/data/result.json", 65536)
+    or "{}")
+  local v1 = type(result) == "table" and result.v1 or nil
+  local errors = type(v1) == "table" and type(v1.errors) == "table"
+    and v1.errors or {}
+  if #errors > 0 then
+    local log_text = read_file(opts.cloud_log
+      or "/var/log/cloud-init-output.log", LOG_TAIL_BYTES)
+    return { status = "error", errors = errors,
+      log_tail = last_lines(log_text, LOG_TAIL_LINES) }
+  end
+  return { status = "done" }
+end
+
+
+-- Returns the provisioning stage to report: "cloud_init_running" while
+-- cloud-init works, "failed" when it reported errors, else
+-- "services_ready" (the daemon runs, so its services are up), and the
+-- cloud-init report behind it.
+function _M.stage(opts)
+  local report = _M.cloud_init(opts)
+  if report.status == "running" then
+    return "cloud_init_running", report
+  end
+  if report.status == "error" then
+    return "failed", report
+  end
+  return "services_ready", report
 end
 
 
@@ -87,9 +162,11 @@ function _M.build_body(conf, opts)
     or metrics.system({ disk_path = opts.disk_path })
   local catalogue = opts.ports and opts.ports() or ports.catalogue()
   local events, lines = updater.pending_events(conf.state_dir)
+  local stage, cloud_init = _M.stage(opts)
   return {
     version = opts.version or core.version,
-    stage = _M.stage(opts),
+    stage = stage,
+    cloud_init = cloud_init,
     metrics = collected,
     ports = catalogue,
     events = events,

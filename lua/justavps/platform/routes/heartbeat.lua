@@ -7,6 +7,7 @@ local log = require("justavps.log")
 local api_mod = require("justavps.platform.api")
 
 local type = type
+local ipairs = ipairs
 
 -- Stages a daemon may report, in the order provisioning passes them. A
 -- report moves a machine forward only; the platform's own stages
@@ -71,8 +72,29 @@ return function(api)
       local version = type(body.version) == "string" and body.version or nil
       local ports = type(body.ports) == "table" and body.ports or {}
       local stage = body.stage
-      local advance = DAEMON_STAGES[stage] and STAGE_ORDER[machine.stage]
-        and DAEMON_STAGES[stage] > STAGE_ORDER[machine.stage]
+      local current = STAGE_ORDER[machine.stage]
+      local cloud_init = type(body.cloud_init) == "table" and body.cloud_init
+        or {}
+
+      -- The stages this report moves the machine through, in order: a
+      -- daemon that reports services_ready has finished cloud-init too,
+      -- so that event is recorded on the way.
+      local steps = {}
+      if stage == "failed" and current and current < 3 then
+        steps[1] = { stage = "failed", detail = { source = "daemon",
+          reason = "cloud-init reported errors",
+          errors = json.array(type(cloud_init.errors) == "table"
+            and cloud_init.errors or {}),
+          log_tail = json.array(type(cloud_init.log_tail) == "table"
+            and cloud_init.log_tail or {}) } }
+      elseif DAEMON_STAGES[stage] and current
+          and DAEMON_STAGES[stage] > current then
+        if stage == "services_ready" and current < 2 then
+          steps[#steps + 1] = { stage = "cloud_init_done",
+            detail = { source = "daemon", cloud_init = cloud_init.status } }
+        end
+        steps[#steps + 1] = { stage = stage, detail = { source = "daemon" } }
+      end
 
       local ok, err, code = db.tx(function(tx)
         local _, uerr, ucode = tx:query(
@@ -95,17 +117,17 @@ return function(api)
           return nil, merr, mcode
         end
 
-        if advance then
+        for _, step in ipairs(steps) do
           local _, serr, scode = tx:query(
             "UPDATE machines SET stage = $2 WHERE id = $1",
-            { machine.id, stage })
+            { machine.id, step.stage })
           if scode then
             return nil, serr, scode
           end
           local _, eerr, ecode = tx:query(
             "INSERT INTO machine_events (machine_id, stage, detail) "
               .. "VALUES ($1, $2, $3::jsonb)",
-            { machine.id, stage, json.encode({ source = "daemon" }) })
+            { machine.id, step.stage, json.encode(step.detail) })
           if ecode then
             return nil, eerr, ecode
           end
