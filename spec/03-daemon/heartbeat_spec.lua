@@ -229,7 +229,6 @@ end)
 
 
 describe("heartbeat cloud-init stage", function()
-  local heartbeat = require("justavps.daemon.heartbeat")
 
   local function tree(files)
     local dir = os.tmpname()
