@@ -242,6 +242,12 @@ describe("daemon proxy", function()
     local err = json.decode(body).error
     assert.equal("port_not_listening", err.code)
     assert.truthy(err.message:find(tostring(closed), 1, true))
+    assert.equal(closed, err.port)
+    local listed = false
+    for _, listening_port in ipairs(err.listening) do
+      listed = listed or listening_port == app:port()
+    end
+    assert.is_true(listed, "the backend's port is not among the listening")
   end))
 
   it("delivers SSE event by event", async(function()
@@ -267,8 +273,8 @@ describe("daemon proxy", function()
     res:close()
   end))
 
-  it("streams a large upload with bounded memory", async(function()
-    local size = 256 * 1024 * 1024
+  it("streams a 1 GiB upload with bounded memory", async(function()
+    local size = 1024 * 1024 * 1024
     local chunk = string.rep("z", 1024 * 1024)
     local sent = 0
     local res = assert(core.http.request{
@@ -292,7 +298,7 @@ describe("daemon proxy", function()
     local status = f:read("*a")
     f:close()
     local rss_kib = tonumber(status:match("VmRSS:%s*(%d+)"))
-    -- The daemon held at most a few buffers of the 256 MiB body.
+    -- The daemon held at most a few buffers of the 1 GiB body.
     assert.truthy(rss_kib < 64 * 1024, "daemon RSS " .. rss_kib .. " KiB")
   end), 120)
 

@@ -13,10 +13,39 @@ local state = require("justavps.daemon.state")
 local terminal = require("justavps.daemon.terminal")
 local toolbox = require("justavps.daemon.toolbox")
 local internal_api = require("justavps.daemon.internal")
+local ports = require("justavps.daemon.ports")
+local json = require("justavps.json")
+
+local ipairs = ipairs
 
 local _M = {}
 
 local error_response = proxy.error_response
+
+
+-- Answers 502 for a closed port, naming it and the ports that do listen,
+-- so the user sees at once where the app really is.
+local function port_not_listening(port)
+  local listening = {}
+  local seen = {}
+  for _, entry in ipairs(ports.catalogue(2)) do
+    if not seen[entry.port] then
+      seen[entry.port] = true
+      listening[#listening + 1] = entry.port
+    end
+  end
+  table.sort(listening)
+  local body = {
+    error = {
+      code = "port_not_listening",
+      message = "nothing is listening on port " .. port,
+      port = port,
+      listening = json.array(listening),
+    },
+  }
+  return 502, { ["Content-Type"] = "application/json" },
+    json.encode(body) .. "\n"
+end
 
 
 local function admit(req)
@@ -67,8 +96,7 @@ local function public(req)
     set_headers = set,
     timeout = 60,
     on_unreachable = function()
-      return error_response(502, "port_not_listening",
-        "nothing is listening on port " .. decision.port)
+      return port_not_listening(decision.port)
     end,
   })
 end
