@@ -269,5 +269,6 @@ int jv__open_pty(lua_State *L);    /* core.pty */
 int jv__open_signal(lua_State *L); /* core.signal */
 int jv__open_fs(lua_State *L);     /* core.fs */
 int jv__open_pg(lua_State *L);     /* core.pg */
+int jv__open_curl(lua_State *L);   /* core.curl */
 
 #endif /* JV_INTERNAL_H */

@@ -23,6 +23,7 @@ static const jv_module_t modules[] = {
   { "proc", jv__open_proc },     { "pty", jv__open_pty },
   { "signal", jv__open_signal }, { "fs", jv__open_fs },
   { "pipe", jv__open_pipe },     { "pg", jv__open_pg },
+  { "curl", jv__open_curl },
 };
 
 int luaopen_justavps_core(lua_State *L);
