@@ -1,0 +1,338 @@
+-- Gathers and verifies the credentials of one request for the access
+-- policy (policies/edge_access.lua), and removes them from what the edge
+-- forwards. The policy decides. This module runs the checks that need
+-- the database: API keys by hash, the revocation state of share tokens
+-- and the single-use spend of machine tickets.
+--
+-- Credentials the edge reads, and strips before forwarding:
+--   __justavps_proxy cookie   an owner or share token (HS256 JWT)
+--   __justavps_token query    a token of either kind, exchanged for the
+--                             cookie by a 302
+--   __justavps_ticket query   a single-use machine ticket
+--   Authorization: Bearer sk_live_...   an API key
+-- Every other cookie, query parameter and Authorization value passes to
+-- the machine unchanged.
+local core = require("justavps.core")
+local db = require("justavps.db.db")
+local log = require("justavps.log")
+local apikey = require("justavps.auth.apikey")
+local proxy_token = require("justavps.auth.proxy_token")
+local session = require("justavps.auth.session")
+local ticket = require("justavps.auth.ticket")
+local policy = require("policies.edge_access")
+local state = require("justavps.edge.state")
+local json = require("justavps.json")
+
+local type = type
+local ipairs = ipairs
+local tonumber = tonumber
+local concat = table.concat
+local sfind = string.find
+local smatch = string.match
+local slower = string.lower
+local sgsub = string.gsub
+local schar = string.char
+local sgmatch = string.gmatch
+
+local crypto = core.crypto
+
+local _M = {}
+
+_M.PROXY_COOKIE = session.PROXY_COOKIE
+_M.TOKEN_PARAM = "__justavps_token"
+_M.TICKET_PARAM = "__justavps_ticket"
+
+-- Every cookie whose name starts with this belongs to the platform and
+-- never reaches a machine.
+local COOKIE_PREFIX = "__justavps_"
+
+-- NOTE: api_keys.hash has no index in the schema, so this lookup scans
+-- the table; the cache in front of it bounds how often.
+local API_KEY_SQL = "SELECT account_id, array_to_json(scopes)::text AS "
+  .. "scopes FROM api_keys WHERE hash = $1 AND revoked_at IS NULL"
+
+-- The platform stores every share link it issues, by token hash. A token
+-- without a row was not issued for this machine and counts as revoked.
+local REVOKED_SQL = "SELECT (p.revoked_at IS NOT NULL "
+  .. "OR p.expires_at <= now() OR m.slug <> $2) AS revoked "
+  .. "FROM proxy_tokens p JOIN machines m ON m.id = p.machine_id "
+  .. "WHERE p.token_hash = $1"
+
+-- Spends a ticket in one statement, so two requests with one ticket
+-- cannot both succeed.
+local TICKET_SQL = "UPDATE machine_tickets SET used_at = now() "
+  .. "WHERE ticket_hash = $1 AND used_at IS NULL AND expires_at > now() "
+  .. "RETURNING machine_id, user_id"
+
+
+local function hex_char(hex)
+  return schar(tonumber(hex, 16))
+end
+
+
+local function url_decode(s)
+  return (sgsub(sgsub(s, "+", " "), "%%(%x%x)", hex_char))
+end
+
+
+local CREDENTIAL_PARAMS = {
+  [_M.TOKEN_PARAM] = "token",
+  [_M.TICKET_PARAM] = "ticket",
+}
+
+
+-- Splits a query string into the parameters the machine may see and the
+-- edge's credentials. Names are compared after percent-decoding, so an
+-- encoded name is stripped too. Returns the kept query (nil when nothing
+-- is left) and { token =, ticket = } (the first value of each).
+function _M.split_query(query)
+  local creds = {}
+  if query == nil or query == "" then
+    return query, creds
+  end
+  local kept = {}
+  for pair in sgmatch(query, "[^&]+") do
+    local name, value = smatch(pair, "^([^=]*)=?(.*)$")
+    local kind = CREDENTIAL_PARAMS[url_decode(name)]
+    if kind then
+      if creds[kind] == nil then
+        creds[kind] = url_decode(value)
+      end
+    else
+      kept[#kept + 1] = pair
+    end
+  end
+  if #kept == 0 then
+    return nil, creds
+  end
+  return concat(kept, "&"), creds
+end
+
+
+-- Returns the Cookie header values of a request as one list.
+local function cookie_lines(req)
+  local value = req:headers()["cookie"]
+  if type(value) == "string" then
+    return { value }
+  end
+  return value or {}
+end
+
+
+-- Returns the Cookie header for the machine: every pair of the request
+-- except those named __justavps_*, in order and unchanged, or nil when
+-- none is left.
+function _M.filter_cookies(lines)
+  local kept = {}
+  for _, line in ipairs(lines) do
+    for pair in sgmatch(line, "[^;]+") do
+      local name = smatch(pair, "^[ \t]*([^=]-)[ \t]*=")
+        or smatch(pair, "^[ \t]*(.-)[ \t]*$")
+      if sfind(name, COOKIE_PREFIX, 1, true) ~= 1 then
+        local trimmed = smatch(pair, "^[ \t]*(.-)[ \t]*$")
+        if trimmed ~= "" then
+          kept[#kept + 1] = trimmed
+        end
+      end
+    end
+  end
+  if #kept == 0 then
+    return nil
+  end
+  return concat(kept, "; ")
+end
+
+
+-- Returns true when an Authorization value carries a JustAVPS API key;
+-- other schemes and bearer tokens belong to the user's app.
+function _M.is_api_key_header(value)
+  return type(value) == "string"
+    and sfind(slower(value), "^[ \t]*bearer +sk_live_") ~= nil
+end
+
+
+local function hash_hex(text)
+  return crypto.hex_encode(crypto.sha256(text))
+end
+
+
+-- Returns true when the share token with this hash was revoked, expired
+-- or never issued for slug; or nil, message on a failed lookup.
+local function is_revoked(token_hash, slug)
+  local cached = state.revocations:get(token_hash)
+  if cached ~= nil then
+    return cached
+  end
+  local res, err = db.query(REVOKED_SQL, { token_hash, slug })
+  if not res then
+    return nil, err
+  end
+  local revoked = #res == 0 or res[1].revoked == true
+  state.revocations:set(token_hash, revoked)
+  return revoked
+end
+
+
+-- Verifies one proxy token for slug. Returns claims, or nil, code.
+local function verify_token(token, slug)
+  local claims, _, code = proxy_token.verify(token, state.conf.jwt_secret, {
+    slug = slug,
+    is_revoked = function()
+      return is_revoked(hash_hex(token), slug)
+    end,
+  })
+  if not claims then
+    return nil, code
+  end
+  return claims
+end
+
+
+-- Looks up an API key. Returns { account_id, scopes } or false for an
+-- unknown or revoked key, or nil, message on a failed lookup.
+local function find_api_key(key)
+  local key_hash = apikey.hash(key)
+  local cached = state.api_keys:get(key_hash)
+  if cached ~= nil then
+    return cached
+  end
+  local res, err = db.query(API_KEY_SQL, { key_hash })
+  if not res then
+    return nil, err
+  end
+  local found = false
+  if #res == 1 then
+    found = { account_id = res[1].account_id,
+      scopes = json.decode(res[1].scopes) or {} }
+  end
+  state.api_keys:set(key_hash, found)
+  return found
+end
+
+
+-- Spends a ticket for machine. Returns true, or false, code, or nil,
+-- message on a failed query. A ticket for another machine is spent too,
+-- as the in-memory ticket store does.
+local function spend_ticket(text, machine)
+  local ticket_hash = ticket.hash(text)
+  if not ticket_hash then
+    return false, "invalid_ticket"
+  end
+  local res, err = db.query(TICKET_SQL, { ticket_hash })
+  if not res then
+    return nil, err
+  end
+  if #res == 0 then
+    return false, "invalid_ticket"
+  end
+  if res[1].machine_id ~= machine.id then
+    return false, "wrong_machine"
+  end
+  return true
+end
+
+
+local function backend_failure(what, err, req)
+  log.err("credential check failed", { req_id = req.id, check = what,
+    error = err })
+  return nil, 503, "credential_check_failed",
+    "the edge could not check the credentials; retry shortly"
+end
+
+
+-- Reads the tokens of the cookie and of the query into input.
+local function gather_tokens(req, ctx, input)
+  local slug = ctx.machine.slug
+  local cookie, _, ccode = session.get_cookie(cookie_lines(req),
+    _M.PROXY_COOKIE)
+  local from_cookie, cookie_error
+  if cookie then
+    from_cookie, cookie_error = verify_token(cookie, slug)
+  elseif ccode == "duplicate_cookie" then
+    cookie_error = ccode
+  end
+
+  local from_query, query_error
+  if ctx.creds.token then
+    from_query, query_error = verify_token(ctx.creds.token, slug)
+  end
+
+  if cookie_error == "revocation_check_failed"
+      or query_error == "revocation_check_failed" then
+    return false
+  end
+
+  for _, claims in ipairs({ from_query or false, from_cookie or false }) do
+    if claims then
+      if claims.scope == proxy_token.OWNER_SCOPE then
+        input.cookie = input.cookie or claims
+      else
+        input.share = input.share or claims
+      end
+    end
+  end
+  if not input.cookie and not input.share then
+    input.token_error = query_error or cookie_error
+  end
+  ctx.query_claims = from_query
+  ctx.cookie_claims = from_cookie
+  return true
+end
+
+
+-- Builds the policy input for one request and asks the policy. ctx:
+-- host (from hosts.parse), machine (from lookup), target (what the
+-- daemon receives), creds (from split_query), scheme, is_websocket.
+-- Returns the decision, or nil, status, code, message when a database
+-- check failed. Sets ctx.query_claims and ctx.cookie_claims.
+function _M.evaluate(req, ctx)
+  local input = {
+    target = ctx.target,
+    method = req.method,
+    host_kind = ctx.host.kind,
+    port = ctx.host.port,
+    host = ctx.host.host,
+    scheme = ctx.scheme,
+    origin = req:header("origin"),
+    is_websocket = ctx.is_websocket,
+  }
+  input.class = policy.classify(input.target, input.method, input.host_kind)
+
+  local authorization = req:header("authorization")
+  if _M.is_api_key_header(authorization) then
+    local _, key = apikey.parse(authorization)
+    if not key then
+      input.api_key_error = "invalid_api_key"
+    else
+      local found, err = find_api_key(key)
+      if found == nil then
+        return backend_failure("api_key", err, req)
+      end
+      if found and found.account_id == ctx.machine.account_id then
+        input.api_key = found
+      else
+        input.api_key_error = "invalid_api_key"
+      end
+    end
+  end
+
+  if not gather_tokens(req, ctx, input) then
+    return backend_failure("share_token", "revocation lookup failed", req)
+  end
+
+  if ctx.creds.ticket and policy.needs_ticket(input) then
+    local ok, code = spend_ticket(ctx.creds.ticket, ctx.machine)
+    if ok == nil then
+      return backend_failure("ticket", code, req)
+    end
+    input.ticket = ok or nil
+    if not ok then
+      input.ticket_error = code
+    end
+  end
+
+  return policy.decide(input)
+end
+
+
+return _M
