@@ -15,6 +15,9 @@ local instance = api.new({
 
 require("justavps.platform.routes.system")(instance)
 require("justavps.platform.routes.heartbeat")(instance)
+require("justavps.platform.routes.machines")(instance)
+require("justavps.platform.routes.events")(instance)
+require("justavps.platform.routes.access")(instance)
 
 _M.api = instance
 

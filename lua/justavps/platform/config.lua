@@ -23,6 +23,35 @@ _M.schema = config.schema({ fields = {
         between = { 1024, 16 * 1024 * 1024 },
         description = "largest heartbeat body accepted" } },
     } } },
+  { domain = { type = "string", default = "localhost",
+    match = "^[%w.-]+$",
+    description = "public domain: machines are served at "
+      .. "{slug}.{domain} and {port}-{slug}.{domain}" } },
+  { machines = { type = "record", description = "the machines API",
+    fields = {
+      { default_provider = { type = "string", default = "local",
+        match = "^[a-z0-9_-]+$",
+        description = "provider of POST /machines when the body names "
+          .. "none" } },
+    } } },
+  { events = { type = "record", description = "the machine event stream",
+    fields = {
+      { ping_interval = { type = "duration", default = 15,
+        between = { 1, 300 },
+        description = "seconds between SSE keep-alive comments" } },
+    } } },
+  { proxy = { type = "record", description = "proxy tokens and share links",
+    fields = {
+      { jwt_secret = { type = "string", len_min = 32,
+        description = "HS256 secret shared with the edge (at least 32 "
+          .. "bytes); without it proxy tokens are not issued" } },
+      { share_max_ttl = { type = "duration", default = 7 * 86400,
+        between = { 60, 7 * 86400 },
+        description = "longest lifetime of a share link, in seconds" } },
+      { url_scheme = { type = "string", default = "https",
+        one_of = { "http", "https" },
+        description = "scheme of the share link URLs" } },
+    } } },
 } })
 
 
