@@ -14,6 +14,9 @@ packages=(
   postgresql postgresql-contrib
   curl ca-certificates openssl procps iproute2
   clang-format
+  # Provisioning specs validate generated files with the real tools.
+  cloud-init systemd openssh-client openssh-server shellcheck python3
+  python3-yaml
 )
 
 for arg in "$@"; do
