@@ -31,6 +31,16 @@ _M.schema = {
   { denied_ports = { type = "array", default = {},
     elements = { type = "integer", between = { 1, 65535 } },
     description = "ports never reachable through the proxy" } },
+  { rules = { type = "array", default = {},
+    description = "extra rules, tried in order before the built-in ones",
+    elements = { type = "record", fields = {
+      { prefix = { type = "string", required = true, match = "^/[^%%]*$",
+        description = "path prefix the rule claims, whole segments only" } },
+      { port = { type = "integer", required = true, between = { 1, 65535 },
+        description = "local port that receives the requests" } },
+      { strip = { type = "boolean", default = true,
+        description = "remove the prefix before forwarding" } },
+    } } } },
 }
 
 
@@ -99,6 +109,31 @@ local function proxy_to(port, segs, first_rest, prefix, conf, slash)
 end
 
 
+-- Returns the decision of an operator rule when its prefix covers the
+-- path's first segments, else nil. Prefixes match whole segments, so
+-- "/api" claims "/api" and "/api/x" but not "/apix".
+local function match_rule(rule, segs, slash, conf)
+  local want = {}
+  for seg in rule.prefix:gmatch("[^/]+") do
+    want[#want + 1] = seg
+  end
+  if #want > #segs then
+    return nil
+  end
+  for i, seg in ipairs(want) do
+    if segs[i] ~= seg then
+      return nil
+    end
+  end
+
+  if rule.strip == false then
+    return proxy_to(rule.port, segs, 1, nil, conf, slash)
+  end
+  return proxy_to(rule.port, segs, #want + 1, "/" .. concat(want, "/"),
+    conf, slash)
+end
+
+
 function _M.decide(path, conf)
   local segs, err = segments(path)
   if not segs then
@@ -107,6 +142,13 @@ function _M.decide(path, conf)
 
   local first = segs[1]
   local slash = ssub(path, -1) == "/"
+
+  for _, rule in ipairs(conf.rules or {}) do
+    local decision = match_rule(rule, segs, slash, conf)
+    if decision then
+      return decision
+    end
+  end
 
   if first == "_pty" then
     if #segs ~= 1 then
