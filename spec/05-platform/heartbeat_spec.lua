@@ -259,6 +259,23 @@ describe("platform API", function()
     db:close()
   end))
 
+  it("records update outcomes as events", async(function()
+    local status = heartbeat("hb-1", { version = "9.9.10", events = {
+      { type = "applied", version = "9.9.10" },
+      { type = "not-an-outcome" },
+    } })
+    assert.equal(200, status)
+    local db = connect(dbname)
+    local rows = assert(db:query("SELECT e.detail::text AS detail FROM "
+      .. "machine_events e JOIN machines m ON m.id = e.machine_id "
+      .. "WHERE m.slug = $1 AND e.detail->>'kind' = 'update'", { "hb-1" }))
+    assert.equal(1, #rows)
+    local detail = json.decode(rows[1].detail)
+    assert.equal("applied", detail.outcome)
+    assert.equal("9.9.10", detail.version)
+    db:close()
+  end))
+
   it("rejects an unknown machine", async(function()
     local status, body = heartbeat("no-such-machine", { version = "1" })
     assert.equal(401, status)

@@ -19,6 +19,11 @@ local DAEMON_STAGES = {
   services_ready = 3,
 }
 
+-- Update outcomes a daemon reports, and how many one heartbeat may carry.
+local UPDATE_OUTCOMES = { applied = true, rolled_back = true,
+  skipped = true, failed = true }
+local MAX_UPDATE_EVENTS = 20
+
 local STAGE_ORDER = {
   server_creating = 0, server_created = 0.5,
   cloud_init_running = 1, cloud_init_done = 2, services_ready = 3,
@@ -115,6 +120,25 @@ return function(api)
             row[7], row[8], row[9], n = 10 })
         if mcode then
           return nil, merr, mcode
+        end
+
+        -- Self-update outcomes (applied, rolled_back, skipped, failed)
+        -- join the machine's history at its current stage.
+        local updates = type(body.events) == "table" and body.events or {}
+        for i = 1, math.min(#updates, MAX_UPDATE_EVENTS) do
+          local ev = updates[i]
+          if type(ev) == "table" and UPDATE_OUTCOMES[ev.type] then
+            local _, uerr2, ucode2 = tx:query(
+              "INSERT INTO machine_events (machine_id, stage, detail) "
+                .. "SELECT id, stage, $2::jsonb FROM machines WHERE id = $1",
+              { machine.id, json.encode({ source = "daemon", kind = "update",
+                outcome = ev.type, version = type(ev.version) == "string"
+                  and ev.version or nil, reason = type(ev.reason) == "string"
+                  and ev.reason:sub(1, 500) or nil }) })
+            if ucode2 then
+              return nil, uerr2, ucode2
+            end
+          end
         end
 
         for _, step in ipairs(steps) do
