@@ -10,11 +10,14 @@ local instance = api.new({
   version = "1",
   auth = {
     machine = require("justavps.platform.auth_machine"),
+    user = require("justavps.platform.auth_user"),
   },
 })
 
 require("justavps.platform.routes.system")(instance)
 require("justavps.platform.routes.heartbeat")(instance)
+require("justavps.platform.routes.auth")(instance)
+require("justavps.platform.routes.api_keys")(instance)
 require("justavps.platform.routes.machines")(instance)
 require("justavps.platform.routes.events")(instance)
 require("justavps.platform.routes.access")(instance)

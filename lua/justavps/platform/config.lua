@@ -52,6 +52,61 @@ _M.schema = config.schema({ fields = {
         one_of = { "http", "https" },
         description = "scheme of the share link URLs" } },
     } } },
+  { auth = { type = "record", description = "dashboard sign-in: sessions, "
+    .. "login rate limits and GitHub OAuth", fields = {
+      { session_ttl = { type = "duration", default = 7 * 86400,
+        between = { 60, 90 * 86400 },
+        description = "lifetime of a dashboard session and Max-Age of its "
+          .. "cookie" } },
+      { dev = { type = "boolean", default = false,
+        description = "leave Secure off cookies, for plain HTTP on "
+          .. "loopback during development" } },
+      { login_rate = { type = "record", description = "login and signup "
+        .. "attempts allowed before 429", fields = {
+          { email = { type = "record", description = "login attempts per "
+            .. "email address", fields = {
+              { limit = { type = "integer", default = 10,
+                between = { 1, 1000000 },
+                description = "attempts per window" } },
+              { window = { type = "duration", default = 900,
+                between = { 1, 86400 }, description = "window length" } },
+            } } },
+          { ip = { type = "record", description = "login and signup "
+            .. "attempts per client IP address", fields = {
+              { limit = { type = "integer", default = 100,
+                between = { 1, 1000000 },
+                description = "attempts per window" } },
+              { window = { type = "duration", default = 900,
+                between = { 1, 86400 }, description = "window length" } },
+            } } },
+          { max_entries = { type = "integer", default = 100000,
+            between = { 100, 10000000 },
+            description = "rate-limit counters kept in memory" } },
+        } } },
+      { github = { type = "record", description = "sign-in with GitHub "
+        .. "(an OAuth app)", fields = {
+          { client_id = { type = "string", default = "",
+            description = "OAuth app client id; empty turns GitHub "
+              .. "sign-in off" } },
+          { client_secret = { type = "string", default = "",
+            description = "OAuth app client secret" } },
+          { web_url = { type = "string", default = "http://127.0.0.1",
+            description = "base URL of /login/oauth/authorize and "
+              .. "/login/oauth/access_token; http://IP[:port] only, "
+              .. "because the HTTP client does not resolve names" } },
+          { api_url = { type = "string", default = "http://127.0.0.1",
+            description = "base URL of /user and /user/emails; "
+              .. "http://IP[:port] only" } },
+          { redirect_url = { type = "string", default = "",
+            description = "callback URL registered with the OAuth app; "
+              .. "empty leaves redirect_uri out" } },
+          { after_login_url = { type = "string", default = "/",
+            description = "where the browser goes after signing in" } },
+          { timeout = { type = "duration", default = 10,
+            between = { 1, 120 },
+            description = "time allowed for each call to GitHub" } },
+        } } },
+    } } },
 } })
 
 
