@@ -81,7 +81,8 @@ end
 
 
 -- Writes the events of machine after last_id from the database. Returns
--- the new last id, or nil, message, code when a write or query failed.
+-- the new last id and whether it wrote a "deleted" event, or nil,
+-- message, code when a write or query failed.
 local function replay(req, machine, last_id)
   while true do
     local rows, err, code = machines.events(machine.id, last_id,
@@ -97,9 +98,12 @@ local function replay(req, machine, last_id)
         return nil, werr, wcode
       end
       last_id = event.id
+      if event.stage == "deleted" then
+        return last_id, true
+      end
     end
     if #rows < machines.MAX_EVENTS_PAGE then
-      return last_id
+      return last_id, false
     end
   end
 end
@@ -109,9 +113,14 @@ end
 -- machine reaches stage deleted. Returns why it ended.
 local function stream(req, sub, machine, last_id, ping_interval)
   local err, code
+  -- The deleted event can arrive through a replay as well as live: an
+  -- insert that commits before the replay query is read there.
   last_id, err, code = replay(req, machine, last_id)
   if not last_id then
     return err, code
+  end
+  if err == true then
+    return "machine deleted", "deleted"
   end
 
   while true do
@@ -120,6 +129,9 @@ local function stream(req, sub, machine, last_id, ping_interval)
       last_id, err, code = replay(req, machine, last_id)
       if not last_id then
         return err, code
+      end
+      if err == true then
+        return "machine deleted", "deleted"
       end
     elseif type(item) == "table" then
       if item.id > last_id then
