@@ -85,7 +85,7 @@ static struct {
 static const char *const known_options[] = {
   "method",          "url",      "headers", "body",   "timeout",
   "connect_timeout", "max_body", "ca_file", "verify", "follow",
-  "max_redirects",   NULL
+  "max_redirects",   "reuse",    NULL
 };
 
 
@@ -1118,6 +1118,7 @@ typedef struct {
   double max_redirects;
   int verify;
   int follow;
+  int reuse;
   int has_headers;
   int header_flags;
 } jv_curl_opts_t;
@@ -1163,6 +1164,7 @@ read_options(lua_State *L, jv_curl_opts_t *o)
       opt_number(L, 1, "max_redirects", JV_CURL_DEFAULT_MAX_REDIRECTS, 1000));
   o->verify = opt_boolean(L, 1, "verify", 1);
   o->follow = opt_boolean(L, 1, "follow", 0);
+  o->reuse = opt_boolean(L, 1, "reuse", 1);
 
   o->has_headers = 0;
   o->header_flags = 0;
@@ -1234,6 +1236,14 @@ setup_easy(CURL *easy, jv_curl_req_t *req, const jv_curl_opts_t *o)
                    seconds_to_ms(o->connect_timeout));
 
   curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, o->follow ? 1L : 0L);
+
+  /* libcurl resends a request, POST included, when a reused connection
+   * closes before any response; a caller that must not repeat a request
+   * (a provider's create) turns reuse off. */
+  if (!o->reuse) {
+    curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, 1L);
+    curl_easy_setopt(easy, CURLOPT_FORBID_REUSE, 1L);
+  }
   curl_easy_setopt(easy, CURLOPT_MAXREDIRS, (long) o->max_redirects);
   curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, o->verify ? 1L : 0L);
   curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, o->verify ? 2L : 0L);

@@ -142,6 +142,27 @@ describe("core.curl.request", function()
     srv:close()
   end))
 
+  it("opens a fresh connection per call without reuse", async(function()
+    local peers = {}
+    local srv = serve(function(req)
+      local ip, port = req:peer()
+      peers[#peers + 1] = ip .. ":" .. port
+      return 200, nil, "ok"
+    end)
+    for _ = 1, 2 do
+      assert(request({ url = url(srv), timeout = 5 }))
+    end
+    for _ = 1, 2 do
+      assert(request({ url = url(srv), reuse = false, timeout = 5 }))
+    end
+    srv:close()
+    -- The first two share a pooled connection; each call without reuse
+    -- comes from a new one.
+    assert.equal(peers[1], peers[2])
+    assert.are_not.equal(peers[2], peers[3])
+    assert.are_not.equal(peers[3], peers[4])
+  end))
+
   it("returns a repeated header as an array", async(function()
     local srv = serve(function()
       return 200, { ["Set-Cookie"] = { "a=1", "b=2", "c=3" }, ["X-Single"] = "s" }, ""
