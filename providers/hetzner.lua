@@ -361,10 +361,6 @@ function Driver:request(method, path, opts)
     ["Authorization"] = "Bearer " .. conf.token,
     ["Accept"] = "application/json",
     ["User-Agent"] = "justavps-hetzner",
-    -- libcurl sends a request again on a fresh connection when a reused
-    -- one closes before any response, POST included. Keeping no connection
-    -- for reuse stops that, so only this loop decides about retries.
-    ["Connection"] = "close",
   }
   local payload
   if opts.body ~= nil then
@@ -387,9 +383,12 @@ function Driver:request(method, path, opts)
       end
     end
 
+    -- libcurl sends a request again on a fresh connection when a reused
+    -- one closes before any response, POST included; with reuse off only
+    -- this loop decides about retries.
     local res, err, ecode = self.http({
       method = method, url = url, headers = headers, body = payload,
-      timeout = conf.timeout,
+      timeout = conf.timeout, reuse = false,
     })
     local wait, retry
     if not res then
