@@ -362,49 +362,17 @@ end
 
 -- GitHub ---------------------------------------------------------------
 
--- Splits http://IPv4[:port]/path or http://[IPv6][:port]/path. Returns
--- host, port, path or nil, message.
-local function split_url(url)
-  local host, port, path = smatch(url, "^http://(%d+%.%d+%.%d+%.%d+)"
-    .. ":?(%d*)(.*)$")
-  if not host then
-    host, port, path = smatch(url, "^http://%[([%x:.]+)%]:?(%d*)(.*)$")
-  end
-  if not host then
-    return nil, "only http://IP[:port] URLs are supported, got "
-      .. tostring(url)
-  end
-  if path == "" then
-    path = "/"
-  end
-  return host, tonumber(port) or 80, path
-end
-
-
--- Sends one request to GitHub with core.http.request. opts: method, url,
--- headers, body, timeout. Returns status, body text, or nil, message,
--- code.
--- NOTE: core.http.request connects to IP literals over plain HTTP only,
--- so this reaches a GitHub stand-in on a configured address, not
--- github.com. Real GitHub needs name resolution and TLS (the core's
--- pending core.curl binding).
+-- Sends one request to GitHub through core.curl, which resolves names and
+-- speaks TLS. opts: method, url, headers, body, timeout. Returns status,
+-- body text, or nil, message, code.
 local function default_http_request(opts)
-  local host, port, path = split_url(opts.url)
-  if not host then
-    return nil, port, "unsupported_url"
-  end
-  local res, err, code = core.http.request({ method = opts.method,
-    host = host, port = port, path = path, headers = opts.headers,
-    body = opts.body, timeout = opts.timeout })
+  local res, err, code = core.curl.request({ method = opts.method,
+    url = opts.url, headers = opts.headers, body = opts.body,
+    timeout = opts.timeout, max_body = MAX_GITHUB_BODY })
   if not res then
     return nil, err, code
   end
-  local text, rerr, rcode = res:read_body(MAX_GITHUB_BODY)
-  res:close()
-  if not text then
-    return nil, rerr, rcode
-  end
-  return res.status, text
+  return res.status, res.body
 end
 
 
