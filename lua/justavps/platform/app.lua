@@ -21,6 +21,9 @@ require("justavps.platform.routes.api_keys")(instance)
 require("justavps.platform.routes.machines")(instance)
 require("justavps.platform.routes.events")(instance)
 require("justavps.platform.routes.access")(instance)
+require("justavps.platform.routes.releases")(instance)
+require("justavps.platform.routes.catalog")(instance)
+require("justavps.platform.routes.billing")(instance)
 
 _M.api = instance
 

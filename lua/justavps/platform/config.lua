@@ -107,6 +107,52 @@ _M.schema = config.schema({ fields = {
             description = "time allowed for each call to GitHub" } },
         } } },
     } } },
+  { releases = { type = "record", description = "daemon releases",
+    fields = {
+      { operators = { type = "array", default = {},
+        elements = { type = "string" },
+        description = "account ids or user emails allowed to publish "
+          .. "releases with POST /releases" } },
+    } } },
+  { catalog = { type = "record", description = "regions and server types "
+    .. "of GET /regions and /server-types", fields = {
+      { provider = { type = "string", default = "",
+        match = "^[a-z0-9_]*$",
+        description = "provider module asked for the lists, such as "
+          .. "hetzner; empty answers 503 provider_not_configured" } },
+      { provider_config = { type = "map", default = {},
+        values = { type = "string" },
+        description = "settings of that provider, checked against its "
+          .. "own schema; string values only" } },
+      { cache_ttl = { type = "duration", default = 300,
+        between = { 0, 86400 },
+        description = "seconds a provider list is reused" } },
+    } } },
+  { stripe = { type = "record", description = "Stripe billing: Checkout "
+    .. "and webhooks", fields = {
+      { base_url = { type = "string", default = "",
+        match = "^[^%s]*$",
+        description = "Stripe API base URL, http://IP[:port] only because "
+          .. "the HTTP client does not resolve names; empty answers 503 "
+          .. "billing_not_configured" } },
+      { secret_key = { type = "string", default = "",
+        description = "API secret key sent as Authorization: Bearer" } },
+      { webhook_secret = { type = "string", default = "",
+        description = "webhook endpoint signing secret (whsec_...); empty "
+          .. "rejects every webhook with 503" } },
+      { tolerance = { type = "duration", default = 300,
+        between = { 1, 3600 },
+        description = "oldest webhook signature accepted, in seconds" } },
+      { price_id = { type = "string", default = "",
+        description = "price of the subscription that Checkout sells" } },
+      { success_url = { type = "string", default = "",
+        description = "where Checkout sends the browser after payment" } },
+      { cancel_url = { type = "string", default = "",
+        description = "where Checkout sends the browser on cancel" } },
+      { timeout = { type = "duration", default = 10,
+        between = { 1, 120 },
+        description = "time allowed for each call to Stripe" } },
+    } } },
 } })
 
 

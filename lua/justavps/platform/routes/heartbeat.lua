@@ -5,6 +5,7 @@ local db = require("justavps.db.db")
 local json = require("justavps.json")
 local log = require("justavps.log")
 local api_mod = require("justavps.platform.api")
+local releases = require("justavps.platform.releases")
 
 local type = type
 local ipairs = ipairs
@@ -169,8 +170,10 @@ return function(api)
         return api_mod.error(500, "internal", "internal server error")
       end
 
-      -- TODO: answer with an update offer once releases and the rollout
-      -- policy land.
+      local offer = releases.offer(machine, version)
+      if offer then
+        return 200, { update = offer }
+      end
       return 200, {}
     end,
   })
