@@ -142,42 +142,18 @@ function _M.form_encode(params)
 end
 
 
--- Splits http://IP[:port][/path] into host, port, path, or nil, message.
-local function split_url(url)
-  local host, port, path = smatch(url, "^http://([%d.]+):?(%d*)(.*)$")
-  if not host then
-    host, port, path = smatch(url, "^http://%[([%x:.]+)%]:?(%d*)(.*)$")
-  end
-  if not host then
-    return nil, "only http://IP[:port] URLs are supported, got "
-      .. tostring(url)
-  end
-  return host, tonumber(port) or 80, path
-end
-
-
--- Sends one request with core.http.request. opts: method, url, headers,
--- body, timeout. Returns status, body text, or nil, message, code.
--- NOTE: core.http.request dials IP literals over plain HTTP only, so this
--- reaches a Stripe stand-in on a configured loopback address, not
--- api.stripe.com, which needs name resolution and TLS.
+-- Sends one request through core.curl, which resolves names and speaks
+-- TLS, so production can set base_url to https://api.stripe.com. opts:
+-- method, url, headers, body, timeout. Returns status, body text, or nil,
+-- message, code. Reuse is off: a create must never be resent by libcurl.
 local function default_http_request(opts)
-  local host, port, path = split_url(opts.url)
-  if not host then
-    return nil, port, "unsupported_url"
-  end
-  local res, err, code = core.http.request({ method = opts.method,
-    host = host, port = port, path = path, headers = opts.headers,
-    body = opts.body, timeout = opts.timeout })
+  local res, err, code = core.curl.request({ method = opts.method,
+    url = opts.url, headers = opts.headers, body = opts.body,
+    timeout = opts.timeout, max_body = MAX_RESPONSE, reuse = false })
   if not res then
     return nil, err, code
   end
-  local text, rerr, rcode = res:read_body(MAX_RESPONSE)
-  res:close()
-  if not text then
-    return nil, rerr, rcode
-  end
-  return res.status, text
+  return res.status, res.body
 end
 
 -- The function Checkout calls send requests with. Tests and other
