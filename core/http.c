@@ -1559,45 +1559,8 @@ static int
 l_req_headers(lua_State *L)
 {
   jv_http_conn_t *c = check_req(L);
-  char name[256];
-  unsigned i;
-  size_t j, n;
 
-  lua_createtable(L, 0, (int) c->nhdrs);
-
-  for (i = 0; i < c->nhdrs; i++) {
-    jv_http_header_t *h = &c->hdrs[i];
-
-    n = h->name_len < sizeof(name) ? h->name_len : sizeof(name);
-    for (j = 0; j < n; j++) {
-      char ch = c->head[h->name_off + j];
-      name[j] = (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch;
-    }
-
-    lua_pushlstring(L, name, n);
-    lua_pushvalue(L, -1);
-    lua_rawget(L, -3);
-
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, c->head + h->value_off, h->value_len);
-      lua_rawset(L, -3);
-
-    } else if (lua_istable(L, -1)) {
-      lua_pushlstring(L, c->head + h->value_off, h->value_len);
-      lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
-      lua_pop(L, 2);
-
-    } else {
-      lua_createtable(L, 2, 0);
-      lua_insert(L, -2);
-      lua_rawseti(L, -2, 1);
-      lua_pushlstring(L, c->head + h->value_off, h->value_len);
-      lua_rawseti(L, -2, 2);
-      lua_rawset(L, -3);
-    }
-  }
-
+  jv__http_push_headers(L, c->head, c->hdrs, c->nhdrs);
   return 1;
 }
 
@@ -1607,21 +1570,8 @@ static int
 l_req_header_list(lua_State *L)
 {
   jv_http_conn_t *c = check_req(L);
-  unsigned i;
 
-  lua_createtable(L, (int) c->nhdrs, 0);
-
-  for (i = 0; i < c->nhdrs; i++) {
-    jv_http_header_t *h = &c->hdrs[i];
-
-    lua_createtable(L, 2, 0);
-    lua_pushlstring(L, c->head + h->name_off, h->name_len);
-    lua_rawseti(L, -2, 1);
-    lua_pushlstring(L, c->head + h->value_off, h->value_len);
-    lua_rawseti(L, -2, 2);
-    lua_rawseti(L, -2, (int) i + 1);
-  }
-
+  jv__http_push_header_list(L, c->head, c->hdrs, c->nhdrs);
   return 1;
 }
 

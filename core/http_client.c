@@ -837,59 +837,14 @@ l_response_header(lua_State *L)
 }
 
 
-static void
-push_lower(lua_State *L, const char *s, size_t len)
-{
-  luaL_Buffer b;
-  size_t i;
-
-  luaL_buffinit(L, &b);
-  for (i = 0; i < len; i++) {
-    char ch = s[i];
-
-    luaL_addchar(&b, (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch);
-  }
-  luaL_pushresult(&b);
-}
-
-
 /* res:headers(): returns a table of lower-case names to values. A
  * repeated header maps to an array of its values in order. */
 static int
 l_response_headers(lua_State *L)
 {
   jv_http_response_t *res = check_response(L, 1);
-  unsigned i;
 
-  lua_createtable(L, 0, (int) res->nhdrs);
-
-  for (i = 0; i < res->nhdrs; i++) {
-    jv_http_header_t *h = &res->hdrs[i];
-
-    push_lower(L, res->head + h->name_off, h->name_len);
-    lua_pushvalue(L, -1);
-    lua_rawget(L, -3);
-
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, res->head + h->value_off, h->value_len);
-      lua_rawset(L, -3);
-
-    } else if (lua_istable(L, -1)) {
-      lua_pushlstring(L, res->head + h->value_off, h->value_len);
-      lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
-      lua_pop(L, 2);
-
-    } else {
-      lua_createtable(L, 2, 0);
-      lua_insert(L, -2);
-      lua_rawseti(L, -2, 1);
-      lua_pushlstring(L, res->head + h->value_off, h->value_len);
-      lua_rawseti(L, -2, 2);
-      lua_rawset(L, -3);
-    }
-  }
-
+  jv__http_push_headers(L, res->head, res->hdrs, res->nhdrs);
   return 1;
 }
 
@@ -899,21 +854,8 @@ static int
 l_response_header_list(lua_State *L)
 {
   jv_http_response_t *res = check_response(L, 1);
-  unsigned i;
 
-  lua_createtable(L, (int) res->nhdrs, 0);
-
-  for (i = 0; i < res->nhdrs; i++) {
-    jv_http_header_t *h = &res->hdrs[i];
-
-    lua_createtable(L, 2, 0);
-    lua_pushlstring(L, res->head + h->name_off, h->name_len);
-    lua_rawseti(L, -2, 1);
-    lua_pushlstring(L, res->head + h->value_off, h->value_len);
-    lua_rawseti(L, -2, 2);
-    lua_rawseti(L, -2, (int) i + 1);
-  }
-
+  jv__http_push_header_list(L, res->head, res->hdrs, res->nhdrs);
   return 1;
 }
 

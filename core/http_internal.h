@@ -38,6 +38,15 @@ const char *jv__http_reason(int status);
 const char *jv__http_find_header(const char *head, const jv_http_header_t *hdrs,
                                  unsigned n, const char *name, size_t *len);
 
+/* Pushes a table of lower-case names to values; a repeated header maps to
+ * an array of its values in order. */
+void jv__http_push_headers(lua_State *L, const char *head,
+                           const jv_http_header_t *hdrs, unsigned n);
+
+/* Pushes {{name, value}, ...} in the order received, names unchanged. */
+void jv__http_push_header_list(lua_State *L, const char *head,
+                               const jv_http_header_t *hdrs, unsigned n);
+
 /* Adds the HTTP client functions (http_client.c) to the core.http table
  * at table_index. */
 void jv__http_client_register(lua_State *L, int table_index);

@@ -1,0 +1,82 @@
+/*
+ * http_headers.c: header fields as Lua tables, for the server's request
+ * and the client's response, which both keep them as offsets into a head
+ * buffer.
+ */
+#include "http_internal.h"
+
+
+/* Pushes name in lower case: header names are case-insensitive. */
+static void
+push_lower(lua_State *L, const char *s, size_t len)
+{
+  luaL_Buffer b;
+  size_t i;
+
+  luaL_buffinit(L, &b);
+  for (i = 0; i < len; i++) {
+    char ch = s[i];
+
+    luaL_addchar(&b, (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch);
+  }
+  luaL_pushresult(&b);
+}
+
+
+void
+jv__http_push_headers(lua_State *L, const char *head,
+                      const jv_http_header_t *hdrs, unsigned n)
+{
+  unsigned i;
+
+  lua_createtable(L, 0, (int) n);
+
+  for (i = 0; i < n; i++) {
+    const jv_http_header_t *h = &hdrs[i];
+
+    push_lower(L, head + h->name_off, h->name_len);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, head + h->value_off, h->value_len);
+      lua_rawset(L, -3);
+
+    } else if (lua_istable(L, -1)) {
+      lua_pushlstring(L, head + h->value_off, h->value_len);
+      lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
+      lua_pop(L, 2);
+
+    } else {
+      /* A second value turns the entry into an array of both. */
+      lua_createtable(L, 2, 0);
+      lua_insert(L, -2);
+      lua_rawseti(L, -2, 1);
+      lua_pushlstring(L, head + h->value_off, h->value_len);
+      lua_rawseti(L, -2, 2);
+      lua_rawset(L, -3);
+    }
+  }
+}
+
+
+void
+jv__http_push_header_list(lua_State *L, const char *head,
+                          const jv_http_header_t *hdrs, unsigned n)
+{
+  unsigned i;
+
+  lua_createtable(L, (int) n, 0);
+
+  for (i = 0; i < n; i++) {
+    const jv_http_header_t *h = &hdrs[i];
+
+    lua_createtable(L, 2, 0);
+    lua_pushlstring(L, head + h->name_off, h->name_len);
+    lua_rawseti(L, -2, 1);
+    lua_pushlstring(L, head + h->value_off, h->value_len);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, (int) i + 1);
+  }
+}
