@@ -254,6 +254,35 @@ void jv__listener_close(jv_listener_t *l);
 struct ssl_ctx_st *jv__tls_check(lua_State *L, int idx, int server);
 
 
+/*
+ * Signals, exit statuses and exec arguments, shared by proc.c (uv_spawn),
+ * pty.c (forkpty) and signal.c.
+ */
+int jv__signal_number(const char *name);
+const char *jv__signal_name(int signum);
+
+/* Returns the signal number at idx (a name such as "SIGTERM" or a
+ * number), raising on an unknown one. */
+int jv__check_signal(lua_State *L, int idx);
+
+/* A child's exit status and the coroutines waiting for it. */
+typedef struct jv_exit_s jv_exit_t;
+jv_exit_t *jv__exit_new(void);
+void jv__exit_free(jv_exit_t *x);
+int jv__exit_done(const jv_exit_t *x);
+void jv__exit_set(jv_exit_t *x, int status, int signum);
+
+/* Returns status and signal name when the child has exited, else parks
+ * until it does or until the timeout at timeout_idx passes. */
+int jv__exit_wait(lua_State *L, jv_exit_t *x, int timeout_idx);
+
+/* Build NULL-terminated argv and environment arrays for exec from the
+ * options table at opts, anchored on the Lua stack. */
+char **jv__build_argv(lua_State *L, int opts, const char *file,
+                      const char *argv0);
+char **jv__build_env(lua_State *L, int opts, const char *term);
+
+
 /* Module openers: each pushes one table that lua_core.c stores in the core
  * table under the name in the comment. */
 int jv__open_loop(lua_State *L);   /* core.* (spawn, sleep, now, run, ...) */

@@ -24,22 +24,6 @@
 
 #define JV_PROC_MT "justavps.proc"
 
-/* NOTE: these prototypes are repeated in signal.c and pty.c because
- * internal.h has no section for them yet; keep the copies identical. */
-int jv__signal_number(const char *name);
-const char *jv__signal_name(int signum);
-int jv__check_signal(lua_State *L, int idx);
-
-typedef struct jv_exit_s jv_exit_t;
-jv_exit_t *jv__exit_new(void);
-void jv__exit_free(jv_exit_t *x);
-int jv__exit_done(const jv_exit_t *x);
-void jv__exit_set(jv_exit_t *x, int status, int signum);
-int jv__exit_wait(lua_State *L, jv_exit_t *x, int timeout_idx);
-char **jv__build_argv(lua_State *L, int opts, const char *file,
-                      const char *argv0);
-char **jv__build_env(lua_State *L, int opts, const char *term);
-
 
 /*
  * Exit status and the coroutines waiting for it. A waiter with a timeout

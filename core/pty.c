@@ -32,20 +32,6 @@
 
 #define JV_PTY_MT "justavps.pty"
 
-/* NOTE: these prototypes are repeated from signal.c and proc.c because
- * internal.h has no section for them yet; keep the copies identical. */
-const char *jv__signal_name(int signum);
-int jv__check_signal(lua_State *L, int idx);
-
-typedef struct jv_exit_s jv_exit_t;
-jv_exit_t *jv__exit_new(void);
-void jv__exit_free(jv_exit_t *x);
-int jv__exit_done(const jv_exit_t *x);
-void jv__exit_set(jv_exit_t *x, int status, int signum);
-int jv__exit_wait(lua_State *L, jv_exit_t *x, int timeout_idx);
-char **jv__build_argv(lua_State *L, int opts, const char *file,
-                      const char *argv0);
-char **jv__build_env(lua_State *L, int opts, const char *term);
 
 #define PTY_TERM "xterm-256color"
 

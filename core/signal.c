@@ -19,12 +19,6 @@
 
 #define JV_SIGNAL_MT "justavps.signal"
 
-/* NOTE: proc.c and pty.c repeat these prototypes because internal.h has
- * no signal section yet; keep the three copies identical. */
-int jv__signal_number(const char *name);
-const char *jv__signal_name(int signum);
-int jv__check_signal(lua_State *L, int idx);
-
 static const struct {
   const char *name;
   int signum;
