@@ -2,6 +2,7 @@
 -- JUSTAVPS_PLATFORM_* environment overrides.
 local config = require("justavps.config")
 local db = require("justavps.db.db")
+local local_provider = require("providers.local")
 
 local _M = {}
 
@@ -33,6 +34,67 @@ _M.schema = config.schema({ fields = {
         match = "^[a-z0-9_-]+$",
         description = "provider of POST /machines when the body names "
           .. "none" } },
+    } } },
+  { provision = { type = "record", description = "the provisioning "
+    .. "worker and the providers it calls", fields = {
+      { enabled = { type = "boolean", default = true,
+        description = "run provisioning jobs in this process" } },
+      { worker_id = { type = "string", default = "",
+        description = "name of this worker in jobs.locked_by; empty: "
+          .. "platform-PID-MILLISECONDS" } },
+      { concurrency = { type = "integer", default = 2, between = { 1, 64 },
+        description = "jobs this process runs at once" } },
+      { poll_interval = { type = "duration", default = 1,
+        between = { 0.05, 60 },
+        description = "seconds between polls of an empty queue" } },
+      { lease = { type = "duration", default = 120, between = { 1, 3600 },
+        description = "seconds a claimed job stays locked without a "
+          .. "renewal; a killed process's jobs run again after this" } },
+      { max_attempts = { type = "integer", default = 5, between = { 1, 100 },
+        description = "attempts of a job before it becomes dead" } },
+      { backoff_base = { type = "duration", default = 5,
+        between = { 0, 3600 },
+        description = "delay after the first failed attempt, doubled per "
+          .. "attempt" } },
+      { backoff_max = { type = "duration", default = 300,
+        between = { 0, 86400 }, description = "maximum retry delay" } },
+      { heartbeat_deadline = { type = "duration", default = 900,
+        between = { 1, 86400 },
+        description = "seconds after server creation by which the first "
+          .. "heartbeat must arrive, else the machine fails" } },
+      { image = { type = "string", default = "debian-13", len_min = 1,
+        description = "provider image of new servers" } },
+      { platform_url = { type = "string", default = "",
+        description = "base URL the daemons send heartbeats to; empty: "
+          .. "http://LISTEN_HOST:LISTEN_PORT of this process" } },
+      { daemon_heartbeat_interval = { type = "duration", default = 30,
+        between = { 1, 3600 },
+        description = "heartbeat_interval written to each daemon's "
+          .. "config" } },
+      { daemon_url = { type = "string",
+        default = "http://127.0.0.1/justavps-daemon",
+        description = "URL cloud-init downloads the daemon from" } },
+      { daemon_sha256 = { type = "string", default = string.rep("0", 64),
+        match = "^%x+$", len_min = 64, len_max = 64,
+        description = "SHA-256 of the daemon at daemon_url; the default "
+          .. "placeholder is accepted only by the local provider" } },
+      { broker_cidrs = { type = "array", default = { "127.0.0.0/8" },
+        elements = { type = "string" },
+        description = "networks allowed to reach each daemon's public "
+          .. "port" } },
+      { providers = { type = "record", description = "driver "
+        .. "configuration of each provider", fields = {
+          { ["local"] = { type = "record",
+            fields = local_provider.config_fields,
+            description = "daemons on this host" } },
+          { hetzner = { type = "record", description = "Hetzner Cloud; "
+            .. "without a token no hetzner machine is created", fields = {
+              { base_url = { type = "string",
+                description = "API base URL, such as "
+                  .. "https://api.hetzner.cloud/v1" } },
+              { token = { type = "string", description = "API token" } },
+            } } },
+        } } },
     } } },
   { events = { type = "record", description = "the machine event stream",
     fields = {

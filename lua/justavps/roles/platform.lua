@@ -6,6 +6,7 @@ local log = require("justavps.log")
 local db = require("justavps.db.db")
 local platform_config = require("justavps.platform.config")
 local state = require("justavps.platform.state")
+local worker = require("justavps.provision.worker")
 
 local _M = {}
 
@@ -50,7 +51,13 @@ function _M.run(opts)
     watch = opts.watch,
     drain_timeout = opts.drain_timeout,
     access_log = opts.access_log,
-    on_stop = db.close,
+    on_start = function(servers)
+      worker.start(conf, { port = servers.main:port() })
+    end,
+    on_stop = function()
+      worker.stop()
+      db.close()
+    end,
   })
 end
 
