@@ -154,11 +154,11 @@ _M.schema = config.schema({ fields = {
             description = "OAuth app client secret" } },
           { web_url = { type = "string", default = "http://127.0.0.1",
             description = "base URL of /login/oauth/authorize and "
-              .. "/login/oauth/access_token; http://IP[:port] only, "
-              .. "because the HTTP client does not resolve names" } },
+              .. "/login/oauth/access_token (https://github.com in "
+              .. "production)" } },
           { api_url = { type = "string", default = "http://127.0.0.1",
-            description = "base URL of /user and /user/emails; "
-              .. "http://IP[:port] only" } },
+            description = "base URL of /user and /user/emails "
+              .. "(https://api.github.com in production)" } },
           { redirect_url = { type = "string", default = "",
             description = "callback URL registered with the OAuth app; "
               .. "empty leaves redirect_uri out" } },
@@ -194,9 +194,8 @@ _M.schema = config.schema({ fields = {
     .. "and webhooks", fields = {
       { base_url = { type = "string", default = "",
         match = "^[^%s]*$",
-        description = "Stripe API base URL, http://IP[:port] only because "
-          .. "the HTTP client does not resolve names; empty answers 503 "
-          .. "billing_not_configured" } },
+        description = "Stripe API base URL (https://api.stripe.com in "
+          .. "production); empty answers 503 billing_not_configured" } },
       { secret_key = { type = "string", default = "",
         description = "API secret key sent as Authorization: Bearer" } },
       { webhook_secret = { type = "string", default = "",
