@@ -2203,6 +2203,475 @@ l_req_done(lua_State *L)
 }
 
 
+/* ---- proxy forwarding ---- */
+
+/* RFC 9110 section 7.6.1 connection-specific fields, plus the legacy
+ * Proxy-Connection and the proxy credentials, which are meant for this
+ * hop. HOP_BY_HOP in lua/justavps/proxy.lua is the same list. */
+static const char *const hop_by_hop[] = {
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+  "proxy-authorization",
+  "proxy-authenticate",
+};
+
+
+static int
+name_is(const char *name, size_t len, const char *lower)
+{
+  return strlen(lower) == len && strncasecmp(name, lower, len) == 0;
+}
+
+
+/* Returns non-zero when the comma-separated list v contains token in any
+ * case. Blanks around each element are ignored. */
+static int
+list_has_token(const char *v, size_t vlen, const char *token, size_t tlen)
+{
+  size_t i = 0, start, end;
+
+  while (i < vlen) {
+    while (i < vlen && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) {
+      i++;
+    }
+
+    start = i;
+    while (i < vlen && v[i] != ',') {
+      i++;
+    }
+
+    end = i;
+    while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t')) {
+      end--;
+    }
+
+    if (end - start == tlen && strncasecmp(v + start, token, tlen) == 0) {
+      return 1;
+    }
+  }
+
+  return 0;
+}
+
+
+/* Returns non-zero unless header i is hop-by-hop or named in the value of
+ * a Connection header of the same head. */
+static int
+is_end_to_end(const char *head, const jv_http_header_t *hdrs, unsigned n,
+              unsigned i)
+{
+  const char *name = head + hdrs[i].name_off;
+  size_t len = hdrs[i].name_len;
+  unsigned j;
+
+  for (j = 0; j < sizeof(hop_by_hop) / sizeof(hop_by_hop[0]); j++) {
+    if (name_is(name, len, hop_by_hop[j])) {
+      return 0;
+    }
+  }
+
+  for (j = 0; j < n; j++) {
+    if (name_is(head + hdrs[j].name_off, hdrs[j].name_len, "connection") &&
+        list_has_token(head + hdrs[j].value_off, hdrs[j].value_len, name,
+                       len)) {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+/* Returns non-zero when the table at index t has a string key equal to
+ * name in any case. */
+static int
+table_has_name(lua_State *L, int t, const char *name, size_t len)
+{
+  lua_pushnil(L);
+  while (lua_next(L, t) != 0) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      size_t klen;
+      const char *key = lua_tolstring(L, -2, &klen);
+
+      if (klen == len && strncasecmp(key, name, len) == 0) {
+        lua_pop(L, 2);
+        return 1;
+      }
+    }
+    lua_pop(L, 1);
+  }
+
+  return 0;
+}
+
+
+static int
+target_ok(const char *s, size_t len)
+{
+  size_t i;
+
+  if (len == 0) {
+    return 0;
+  }
+
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char) s[i];
+
+    if (ch <= ' ' || ch == 0x7f) {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+/* Appends the set_headers entries of the table at set_index, skipping
+ * false values, and records which framing headers they carry. */
+static void
+add_set_headers(lua_State *L, jv_http_conn_t *c, int set_index,
+                int body_has_length, int *has_host, int *has_length,
+                int *request_close)
+{
+  lua_pushnil(L);
+  while (lua_next(L, set_index) != 0) {
+    size_t nlen;
+    const char *name;
+
+    if (lua_type(L, -2) != LUA_TSTRING) {
+      luaL_error(L, "set_headers: header names must be strings");
+    }
+
+    name = lua_tolstring(L, -2, &nlen);
+    if (!header_name_ok(name, nlen)) {
+      luaL_error(L, "set_headers: invalid header name '%s'", name);
+    }
+
+    if (lua_toboolean(L, -1) == 0) {
+      lua_pop(L, 1);
+      continue;
+    }
+
+    if (name_is(name, nlen, "transfer-encoding")) {
+      luaL_error(L, "set_headers: Transfer-Encoding is set from the "
+                    "request's body framing and cannot be given");
+    }
+
+    if (name_is(name, nlen, "content-length")) {
+      if (body_has_length) {
+        /* The request's own length frames the body that follows. */
+        lua_pop(L, 1);
+        continue;
+      }
+      *has_length = 1;
+
+    } else if (name_is(name, nlen, "host")) {
+      *has_host = 1;
+
+    } else if (name_is(name, nlen, "connection")) {
+      size_t vlen;
+      const char *v = lua_tolstring(L, -1, &vlen);
+
+      if (v != NULL && list_has_token(v, vlen, "close", 5)) {
+        *request_close = 1;
+      }
+    }
+
+    if (lua_istable(L, -1)) {
+      int i, n = (int) lua_objlen(L, -1);
+
+      for (i = 1; i <= n; i++) {
+        lua_rawgeti(L, -1, i);
+        add_header(L, c, name, nlen, lua_gettop(L));
+        lua_pop(L, 1);
+      }
+
+    } else {
+      add_header(L, c, name, nlen, lua_gettop(L));
+    }
+
+    lua_pop(L, 1);
+  }
+}
+
+
+/* Appends "Host: " with host, bracketed when it is an IPv6 literal, and
+ * the port unless it is 80. */
+static void
+add_default_host(lua_State *L, jv_http_conn_t *c, const char *host, size_t hlen,
+                 lua_Integer port)
+{
+  int v6 = memchr(host, ':', hlen) != NULL;
+
+  if (!header_value_ok(host, hlen)) {
+    luaL_error(L, "host contains CR, LF or NUL");
+  }
+
+  out_add(L, c, "Host: ", 6);
+  if (v6) {
+    out_add(L, c, "[", 1);
+  }
+  out_add(L, c, host, hlen);
+  if (v6) {
+    out_add(L, c, "]", 1);
+  }
+  if (port != 80) {
+    out_add(L, c, ":", 1);
+    out_uint(L, c, (uint64_t) port);
+  }
+  out_add(L, c, "\r\n", 2);
+}
+
+
+/*
+ * req:forward_head(host, port [, target [, set_headers [, drop_headers]]]):
+ * builds the HTTP/1.1 head that forwards this request to host:port, from
+ * the request's own head without Lua tables. It keeps the method, uses
+ * target (default req.target) and copies the header fields as received,
+ * minus hop-by-hop ones, those named in Connection, those in drop_headers
+ * (a set of names) and those that set_headers names. Then it adds
+ * set_headers (name = value, an array of values, or false for none),
+ * Host (host:port) when no header gives one, and the body framing.
+ * Names compare in any case, and copied fields keep their order and the
+ * case of their names. Returns the head, the body mode ("none", "length"
+ * or "chunked"), the body's Content-Length or nil, and whether the head
+ * carries Connection: close.
+ */
+static int
+l_req_forward_head(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  size_t hlen, tlen, llen = 0;
+  const char *host = luaL_checklstring(L, 2, &hlen);
+  lua_Integer port = luaL_checkinteger(L, 3);
+  const char *target, *method, *length;
+  const char *mode = "none";
+  int set_index = 0, drop_index = 0;
+  int has_host = 0, has_length = 0, request_close = 0;
+  unsigned i;
+
+  luaL_argcheck(L, port >= 1 && port <= 65535, 3, "port must be 1 to 65535");
+
+  if (lua_isnoneornil(L, 4)) {
+    target = c->head + c->url_off;
+    tlen = c->url_len;
+
+  } else {
+    target = luaL_checklstring(L, 4, &tlen);
+    if (!target_ok(target, tlen)) {
+      return luaL_error(L, "invalid target: it must be non-empty, without "
+                           "spaces or control characters");
+    }
+  }
+
+  if (!lua_isnoneornil(L, 5)) {
+    luaL_checktype(L, 5, LUA_TTABLE);
+    set_index = 5;
+  }
+
+  if (!lua_isnoneornil(L, 6)) {
+    luaL_checktype(L, 6, LUA_TTABLE);
+    drop_index = 6;
+  }
+
+  /* The server accepts no transfer coding but chunked, and llhttp rejects
+   * Content-Length together with Transfer-Encoding. */
+  length =
+      jv__http_find_header(c->head, c->hdrs, c->nhdrs, "content-length", &llen);
+  if (length != NULL) {
+    if (!(llen == 1 && length[0] == '0')) {
+      mode = "length";
+    }
+
+  } else if (jv__http_find_header(c->head, c->hdrs, c->nhdrs,
+                                  "transfer-encoding", &llen) != NULL) {
+    mode = "chunked";
+  }
+
+  method = llhttp_method_name(c->parser.method);
+  c->out_len = 0;
+  out_str(L, c, method);
+  out_add(L, c, " ", 1);
+  out_add(L, c, target, tlen);
+  out_add(L, c, " HTTP/1.1\r\n", 11);
+
+  for (i = 0; i < c->nhdrs; i++) {
+    const jv_http_header_t *h = &c->hdrs[i];
+    const char *name = c->head + h->name_off;
+
+    if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i) ||
+        (drop_index != 0 && table_has_name(L, drop_index, name, h->name_len)) ||
+        (set_index != 0 && table_has_name(L, set_index, name, h->name_len))) {
+      continue;
+    }
+
+    if (name_is(name, h->name_len, "content-length")) {
+      if (mode[0] == 'l') {
+        continue; /* added below with the body framing */
+      }
+      has_length = 1;
+
+    } else if (name_is(name, h->name_len, "host")) {
+      has_host = 1;
+    }
+
+    out_add(L, c, name, h->name_len);
+    out_add(L, c, ": ", 2);
+    out_add(L, c, c->head + h->value_off, h->value_len);
+    out_add(L, c, "\r\n", 2);
+  }
+
+  if (set_index != 0) {
+    add_set_headers(L, c, set_index, mode[0] == 'l', &has_host, &has_length,
+                    &request_close);
+  }
+
+  if (!has_host) {
+    add_default_host(L, c, host, hlen, port);
+  }
+
+  if (mode[0] == 'l') {
+    out_add(L, c, "Content-Length: ", 16);
+    out_add(L, c, length, llen);
+    out_add(L, c, "\r\n", 2);
+
+  } else if (mode[0] == 'c') {
+    out_str(L, c, "Transfer-Encoding: chunked\r\n");
+
+  } else if (!has_length &&
+             (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
+              strcmp(method, "PATCH") == 0)) {
+    /* A server may reject a body-carrying method without a length with
+     * 411 Length Required, even for an empty body. */
+    out_str(L, c, "Content-Length: 0\r\n");
+  }
+
+  out_add(L, c, "\r\n", 2);
+
+  lua_pushlstring(L, c->out, c->out_len);
+  c->out_len = 0;
+  lua_pushstring(L, mode);
+  if (mode[0] == 'l') {
+    lua_pushnumber(L, (lua_Number) strtoull(length, NULL, 10));
+
+  } else {
+    lua_pushnil(L);
+  }
+  lua_pushboolean(L, request_close);
+  return 4;
+}
+
+
+int
+jv__http_relay_head(lua_State *L, int req_index, int status, const char *head,
+                    const jv_http_header_t *hdrs, unsigned n)
+{
+  jv_http_req_box_t *box = luaL_checkudata(L, req_index, JV_HTTP_REQUEST_MT);
+  jv_http_conn_t *c = box->conn;
+  int has_length = 0, has_date = 0;
+  int bodyless = (status < 200 || status == 204 || status == 304);
+  uv_buf_t buf;
+  unsigned i;
+  int rc;
+
+  if (c == NULL) {
+    return luaL_error(L, "request is over: its response was sent or its "
+                         "connection closed");
+  }
+
+  if (c->head_sent) {
+    return luaL_error(L, "response head already sent");
+  }
+
+  if (status < 100 || status > 999) {
+    return luaL_error(L, "invalid status %d", status);
+  }
+
+  c->out_len = 0;
+  out_add(L, c, "HTTP/1.1 ", 9);
+  out_uint(L, c, (uint64_t) status);
+  out_add(L, c, " ", 1);
+  out_str(L, c, jv__http_reason(status));
+  out_add(L, c, "\r\n", 2);
+
+  /* Transfer-Encoding and Connection are hop-by-hop, so only the framing
+   * and connection handling below add them. */
+  for (i = 0; i < n; i++) {
+    const char *name = head + hdrs[i].name_off;
+    size_t len = hdrs[i].name_len;
+
+    if (!is_end_to_end(head, hdrs, n, i)) {
+      continue;
+    }
+
+    if (name_is(name, len, "content-length")) {
+      has_length = 1;
+
+    } else if (name_is(name, len, "date")) {
+      has_date = 1;
+    }
+
+    out_add(L, c, name, len);
+    out_add(L, c, ": ", 2);
+    out_add(L, c, head + hdrs[i].value_off, hdrs[i].value_len);
+    out_add(L, c, "\r\n", 2);
+  }
+
+  /* From here on the same rules as write_head with an unknown length. */
+  if (!has_date) {
+    out_add(L, c, "Date: ", 6);
+    out_str(L, c, jv__http_date());
+    out_add(L, c, "\r\n", 2);
+  }
+
+  c->chunked = 0;
+  if (!bodyless && !has_length) {
+    if (c->parser.http_major == 1 && c->parser.http_minor >= 1) {
+      out_str(L, c, "Transfer-Encoding: chunked\r\n");
+      c->chunked = 1;
+
+    } else {
+      c->keep_alive = 0;
+    }
+  }
+
+  if (c->server->draining) {
+    c->keep_alive = 0;
+  }
+
+  if (status != 101) {
+    if (!c->keep_alive) {
+      out_str(L, c, "Connection: close\r\n");
+
+    } else if (c->parser.http_major == 1 && c->parser.http_minor == 0) {
+      out_str(L, c, "Connection: keep-alive\r\n");
+    }
+  }
+
+  out_add(L, c, "\r\n", 2);
+
+  buf = uv_buf_init(c->out, (unsigned) c->out_len);
+  c->status = status;
+  c->head_sent = 1;
+  rc = conn_write(c, &buf, 1);
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  if (status == 101) {
+    c->upgrade = 1;
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
 /* ---- server object ---- */
 
 typedef struct {
@@ -2518,6 +2987,8 @@ jv__open_http(lua_State *L)
                                           { "keepalive", l_req_keepalive },
                                           { "is_upgrade", l_req_is_upgrade },
                                           { "head_sent", l_req_head_sent },
+                                          { "forward_head",
+                                            l_req_forward_head },
                                           { "_done", l_req_done },
                                           { NULL, NULL } };
   unsigned char rnd[4];

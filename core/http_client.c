@@ -860,6 +860,24 @@ l_response_header_list(lua_State *L)
 }
 
 
+/* res:relay_head(req): writes this response's status and end-to-end
+ * header fields to the client of the server request req, with no Lua
+ * header tables (see jv__http_relay_head). Returns true, or nil, message,
+ * code when the write fails. */
+static int
+l_response_relay_head(lua_State *L)
+{
+  jv_http_response_t *res = check_response(L, 1);
+
+  if (!res->headers_done) {
+    return luaL_error(L, "response head not received yet");
+  }
+
+  return jv__http_relay_head(L, 2, res->status, res->head, res->hdrs,
+                             res->nhdrs);
+}
+
+
 static int
 may_reuse(jv_http_response_t *res)
 {
@@ -1644,7 +1662,55 @@ static const char client_lua[] =
     "  return res\n"
     "end\n"
     "\n"
-    "return request, read, read_body\n";
+    "-- Sends a head built elsewhere (req:forward_head) on the connected\n"
+    "-- sock, streams the body from body_reader as mode says, and reads\n"
+    "-- the response head. Returns the response, or nil, message, code.\n"
+    "-- The steps after the connect are those of request.\n"
+    "local function exchange(sock, head, mode, length, body_reader, is_head,\n"
+    "  request_close, timeout)\n"
+    "  timeout = timeout or default_timeout\n"
+    "  if type(timeout) ~= 'number' or timeout < 0 then\n"
+    "    error('timeout must be a number >= 0', 2)\n"
+    "  end\n"
+    "  sock:settimeout(timeout)\n"
+    "  local ok, err, code = sock:write(head)\n"
+    "  if ok and (mode == 'chunked' or mode == 'length') then\n"
+    "    local ran\n"
+    "    ran, ok, err, code = pcall(send_body, sock, body_reader,\n"
+    "      mode == 'chunked', length)\n"
+    "    if not ran then\n"
+    "      sock:close()\n"
+    "      error(ok, 0)\n"
+    "    end\n"
+    "    if ok == false then\n"
+    "      sock:close()\n"
+    "      error(err, 2)\n"
+    "    end\n"
+    "  end\n"
+    "  if not ok and not peer_gone[code] then\n"
+    "    sock:close()\n"
+    "    return nil, 'writing the request failed: ' .. err, code\n"
+    "  end\n"
+    "\n"
+    "  local res = new_response(sock, is_head, request_close)\n"
+    "  if not ok then\n"
+    "    res:_block_reuse()\n"
+    "  end\n"
+    "  while not res:_head_done() do\n"
+    "    local filled, rerr, rcode = fill(res, sock)\n"
+    "    if not filled and res:_head_done() then\n"
+    "      break\n"
+    "    elseif not filled then\n"
+    "      if not ok then\n"
+    "        return nil, 'writing the request failed: ' .. err, code\n"
+    "      end\n"
+    "      return nil, rerr, rcode\n"
+    "    end\n"
+    "  end\n"
+    "  return res\n"
+    "end\n"
+    "\n"
+    "return request, read, read_body, exchange\n";
 
 
 void
@@ -1654,6 +1720,7 @@ jv__http_client_register(lua_State *L, int table_index)
     { "header", l_response_header },
     { "headers", l_response_headers },
     { "header_list", l_response_header_list },
+    { "relay_head", l_response_relay_head },
     { "keepalive", l_response_keepalive },
     { "socket", l_response_socket },
     { "close", l_response_close },
@@ -1699,8 +1766,10 @@ jv__http_client_register(lua_State *L, int table_index)
   lua_pushinteger(L, CLIENT_READ_SIZE);
   lua_pushinteger(L, CLIENT_TIMEOUT);
   lua_pushinteger(L, CLIENT_MAX_BODY);
-  lua_call(L, 5, 3);
+  lua_call(L, 5, 4);
 
+  /* core.http._exchange: for lua/justavps/proxy.lua only, not public. */
+  lua_setfield(L, table_index, "_exchange");
   lua_setfield(L, methods_index, "read_body");
   lua_setfield(L, methods_index, "read");
   lua_setfield(L, table_index, "request");

@@ -47,6 +47,16 @@ void jv__http_push_headers(lua_State *L, const char *head,
 void jv__http_push_header_list(lua_State *L, const char *head,
                                const jv_http_header_t *hdrs, unsigned n);
 
+/* Writes the response head for status to the client of the request
+ * object at req_index, with the end-to-end fields of hdrs (into head) as
+ * received: hop-by-hop ones and those named in Connection are dropped.
+ * Keeps a Content-Length and otherwise chunks the body as
+ * req:send_head does. Returns the number of Lua results pushed: true, or
+ * nil, message, code when the write fails. */
+int jv__http_relay_head(lua_State *L, int req_index, int status,
+                        const char *head, const jv_http_header_t *hdrs,
+                        unsigned n);
+
 /* Adds the HTTP client functions (http_client.c) to the core.http table
  * at table_index. */
 void jv__http_client_register(lua_State *L, int table_index);

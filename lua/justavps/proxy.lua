@@ -182,105 +182,9 @@ local function request_has_body(req)
 end
 
 
--- Forwards req to opts.host:opts.port and relays the answer. opts:
---   host, port       upstream address (IP literal) and port
---   target           request-target to send (default req.target)
---   set_headers      table of headers to add or replace (name = value, or
---                    false to remove)
---   drop_headers     set of lower-case request header names to drop
---   timeout          seconds for connect and for each read or write
---   on_unreachable   function(code, err) returning status, headers, body,
---                    to answer a failed connect in the caller's words
---   pipe_idle_timeout  seconds without a byte either way after which an
---                    upgraded connection is closed (nil: no limit)
--- Returns status, headers, body for the handler to return when the
--- proxy answered itself (an error), or nothing when it relayed the
--- upstream response.
-function _M.forward(req, opts)
-  local host, port = opts.host, opts.port
-  local target_name = host .. ":" .. tostring(port)
-  local upgrade = is_websocket_upgrade(req)
-
-  local headers = _M.end_to_end(req:header_list(), opts.drop_headers)
-  for name, value in pairs(opts.set_headers or {}) do
-    local lname = slower(name)
-    if value == false then
-      headers[lname] = nil
-    else
-      headers[lname] = value
-    end
-  end
-
-  if upgrade then
-    headers["connection"] = "Upgrade"
-    headers["upgrade"] = req:header("upgrade")
-  end
-
-  local has_body, length = request_has_body(req)
-  local body_reader
-  if has_body then
-    body_reader = function()
-      local data, err = req:read()
-      if data == nil and err then
-        error("client body: " .. tostring(err))
-      end
-      return data
-    end
-    if length then
-      headers["content-length"] = length
-    end
-  end
-
-  local request = {
-    method = req.method,
-    host = host,
-    port = port,
-    path = opts.target or req.target,
-    headers = headers,
-    body_reader = body_reader,
-    timeout = opts.timeout or 60,
-  }
-
-  -- A pooled socket may have been closed by the upstream while idle; a
-  -- request without a body is safe to send again on a fresh connection.
-  local res, err, code
-  local pooled = not upgrade and pool_take(host, port)
-  if pooled then
-    request.sock = pooled
-    res, err, code = core.http.request(request)
-    if not res and not has_body then
-      request.sock = nil
-      res, err, code = core.http.request(request)
-    end
-  else
-    res, err, code = core.http.request(request)
-  end
-
-  if not res then
-    if opts.on_unreachable and UNREACHABLE[code] then
-      return opts.on_unreachable(code, err)
-    end
-    return upstream_error(code, err, target_name)
-  end
-
-  local out = _M.end_to_end(res:header_list())
-
-  if res.status == 101 and upgrade then
-    out["connection"] = "Upgrade"
-    out["upgrade"] = res:header("upgrade")
-    local up = res:socket()
-    req:send_head(101, out)
-    local down = req:hijack()
-    core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout })
-    down:close()
-    up:close()
-    return
-  end
-
-  -- Keep the upstream's framing when it sent a length, so the client sees
-  -- the same Content-Length; otherwise the server chunks the body.
-  req:send_head(res.status, out)
-
+-- Relays the body of res to the client of req, then keeps the upstream
+-- connection for reuse when both sides allow it.
+local function relay_body(req, res, host, port)
   while true do
     local data, rerr = res:read()
     if not data then
@@ -307,6 +211,166 @@ function _M.forward(req, opts)
   end
 
   req:finish()
+end
+
+
+-- Sends head on sock, or on a new connection when sock is nil, and
+-- returns the response as core.http._exchange does.
+local function exchange(sock, host, port, head, mode, length, body_reader,
+                        is_head, request_close, timeout)
+  if sock == nil then
+    local err, code
+    sock, err, code = core.tcp.connect(host, port, { timeout = timeout })
+    if sock == nil then
+      return nil, "connecting to " .. host .. " port " .. port
+        .. " failed: " .. err, code
+    end
+  end
+  return core.http._exchange(sock, head, mode, length, body_reader, is_head,
+    request_close, timeout)
+end
+
+
+-- Forwards a WebSocket upgrade request through Lua header tables and
+-- core.http.request, and turns a 101 answer into a byte pipe.
+local function forward_upgrade(req, opts)
+  local host, port = opts.host, opts.port
+
+  local headers = _M.end_to_end(req:header_list(), opts.drop_headers)
+  for name, value in pairs(opts.set_headers or {}) do
+    local lname = slower(name)
+    if value == false then
+      headers[lname] = nil
+    else
+      headers[lname] = value
+    end
+  end
+  headers["connection"] = "Upgrade"
+  headers["upgrade"] = req:header("upgrade")
+
+  local has_body, length = request_has_body(req)
+  local body_reader
+  if has_body then
+    body_reader = function()
+      local data, err = req:read()
+      if data == nil and err then
+        error("client body: " .. tostring(err))
+      end
+      return data
+    end
+    if length then
+      headers["content-length"] = length
+    end
+  end
+
+  -- An upgraded connection is never pooled, so the request goes out on a
+  -- new one.
+  local res, err, code = core.http.request({
+    method = req.method,
+    host = host,
+    port = port,
+    path = opts.target or req.target,
+    headers = headers,
+    body_reader = body_reader,
+    timeout = opts.timeout or 60,
+  })
+
+  if not res then
+    if opts.on_unreachable and UNREACHABLE[code] then
+      return opts.on_unreachable(code, err)
+    end
+    return upstream_error(code, err, host .. ":" .. tostring(port))
+  end
+
+  local out = _M.end_to_end(res:header_list())
+
+  if res.status == 101 then
+    out["connection"] = "Upgrade"
+    out["upgrade"] = res:header("upgrade")
+    local up = res:socket()
+    req:send_head(101, out)
+    local down = req:hijack()
+    core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout })
+    down:close()
+    up:close()
+    return
+  end
+
+  -- Keep the upstream's framing when it sent a length, so the client sees
+  -- the same Content-Length; otherwise the server chunks the body.
+  req:send_head(res.status, out)
+  relay_body(req, res, host, port)
+end
+
+
+-- Forwards req to opts.host:opts.port and relays the answer. opts:
+--   host, port       upstream address (IP literal) and port
+--   target           request-target to send (default req.target)
+--   set_headers      table of headers to add or replace (name = value, or
+--                    false to remove)
+--   drop_headers     set of lower-case request header names to drop
+--   timeout          seconds for connect and for each read or write
+--   on_unreachable   function(code, err) returning status, headers, body,
+--                    to answer a failed connect in the caller's words
+--   pipe_idle_timeout  seconds without a byte either way after which an
+--                    upgraded connection is closed (nil: no limit)
+-- Returns status, headers, body for the handler to return when the
+-- proxy answered itself (an error), or nothing when it relayed the
+-- upstream response. Except for a WebSocket upgrade, header fields keep
+-- their order and the case of their names in both directions.
+function _M.forward(req, opts)
+  if is_websocket_upgrade(req) then
+    return forward_upgrade(req, opts)
+  end
+
+  local host, port = opts.host, opts.port
+  local timeout = opts.timeout or 60
+
+  -- The head is built and the response head relayed in C, straight from
+  -- the parsed heads, so that this common path makes no header tables.
+  local head, mode, length, request_close = req:forward_head(host, port,
+    opts.target, opts.set_headers, opts.drop_headers)
+
+  local body_reader
+  if mode ~= "none" then
+    body_reader = function()
+      local data, err = req:read()
+      if data == nil and err then
+        error("client body: " .. tostring(err))
+      end
+      return data
+    end
+  end
+
+  -- A pooled socket may have been closed by the upstream while idle; a
+  -- request without a body is safe to send again on a fresh connection.
+  local is_head = req.method == "HEAD"
+  local res, err, code
+  local pooled = pool_take(host, port)
+  if pooled then
+    res, err, code = exchange(pooled, host, port, head, mode, length,
+      body_reader, is_head, request_close, timeout)
+  end
+  if not pooled or (not res and mode == "none") then
+    res, err, code = exchange(nil, host, port, head, mode, length,
+      body_reader, is_head, request_close, timeout)
+  end
+
+  if not res then
+    if opts.on_unreachable and UNREACHABLE[code] then
+      return opts.on_unreachable(code, err)
+    end
+    return upstream_error(code, err, host .. ":" .. tostring(port))
+  end
+
+  -- Keeps the upstream's framing when it sent a length, so the client
+  -- sees the same Content-Length; otherwise the server chunks the body.
+  if not res:relay_head(req) then
+    res:close()
+    return
+  end
+
+  relay_body(req, res, host, port)
 end
 
 
