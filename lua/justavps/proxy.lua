@@ -51,13 +51,19 @@ local POOL_MAX_PER_TARGET = 32
 local POOL_IDLE_SECONDS = 30
 
 
-local function pool_key(host, port)
+-- A TLS upstream gets its own pool per context and server name, so a
+-- connection verified for one name is never reused for another.
+local function pool_key(host, port, tls, server_name)
+  if tls then
+    return host .. " " .. port .. " " .. tostring(tls) .. " "
+      .. tostring(server_name)
+  end
   return host .. " " .. port
 end
 
 
-local function pool_take(host, port)
-  local list = pool[pool_key(host, port)]
+local function pool_take(host, port, tls, server_name)
+  local list = pool[pool_key(host, port, tls, server_name)]
   if not list then
     return nil
   end
@@ -75,8 +81,8 @@ local function pool_take(host, port)
 end
 
 
-local function pool_put(host, port, sock)
-  local key = pool_key(host, port)
+local function pool_put(host, port, sock, tls, server_name)
+  local key = pool_key(host, port, tls, server_name)
   local list = pool[key]
   if not list then
     list = {}
@@ -184,7 +190,7 @@ end
 
 -- Relays the body of res to the client of req, then keeps the upstream
 -- connection for reuse when both sides allow it.
-local function relay_body(req, res, host, port)
+local function relay_body(req, res, host, port, tls, server_name)
   while true do
     local data, rerr = res:read()
     if not data then
@@ -205,7 +211,7 @@ local function relay_body(req, res, host, port)
   end
 
   if res:keepalive() then
-    pool_put(host, port, res:socket())
+    pool_put(host, port, res:socket(), tls, server_name)
   else
     res:close()
   end
@@ -217,10 +223,11 @@ end
 -- Sends head on sock, or on a new connection when sock is nil, and
 -- returns the response as core.http._exchange does.
 local function exchange(sock, host, port, head, mode, length, body_reader,
-                        is_head, request_close, timeout)
+                        is_head, request_close, timeout, tls, server_name)
   if sock == nil then
     local err, code
-    sock, err, code = core.tcp.connect(host, port, { timeout = timeout })
+    sock, err, code = core.tcp.connect(host, port, { timeout = timeout,
+      tls = tls, server_name = server_name })
     if sock == nil then
       return nil, "connecting to " .. host .. " port " .. port
         .. " failed: " .. err, code
@@ -273,6 +280,8 @@ local function forward_upgrade(req, opts)
     headers = headers,
     body_reader = body_reader,
     timeout = opts.timeout or 60,
+    tls = opts.tls,
+    server_name = opts.server_name,
   })
 
   if not res then
@@ -299,7 +308,7 @@ local function forward_upgrade(req, opts)
   -- Keep the upstream's framing when it sent a length, so the client sees
   -- the same Content-Length; otherwise the server chunks the body.
   req:send_head(res.status, out)
-  relay_body(req, res, host, port)
+  relay_body(req, res, host, port, opts.tls, opts.server_name)
 end
 
 
@@ -314,6 +323,8 @@ end
 --                    to answer a failed connect in the caller's words
 --   pipe_idle_timeout  seconds without a byte either way after which an
 --                    upgraded connection is closed (nil: no limit)
+--   tls, server_name a core.tls client context and the name its
+--                    certificate must carry, for a TLS upstream
 -- Returns status, headers, body for the handler to return when the
 -- proxy answered itself (an error), or nothing when it relayed the
 -- upstream response. Except for a WebSocket upgrade, header fields keep
@@ -346,14 +357,15 @@ function _M.forward(req, opts)
   -- request without a body is safe to send again on a fresh connection.
   local is_head = req.method == "HEAD"
   local res, err, code
-  local pooled = pool_take(host, port)
+  local pooled = pool_take(host, port, opts.tls, opts.server_name)
   if pooled then
     res, err, code = exchange(pooled, host, port, head, mode, length,
       body_reader, is_head, request_close, timeout)
   end
   if not pooled or (not res and mode == "none") then
     res, err, code = exchange(nil, host, port, head, mode, length,
-      body_reader, is_head, request_close, timeout)
+      body_reader, is_head, request_close, timeout, opts.tls,
+      opts.server_name)
   end
 
   if not res then
@@ -370,7 +382,7 @@ function _M.forward(req, opts)
     return
   end
 
-  relay_body(req, res, host, port)
+  relay_body(req, res, host, port, opts.tls, opts.server_name)
 end
 
 

@@ -344,3 +344,71 @@ describe("proxy forward response head", function()
     srv:close()
   end))
 end)
+
+
+describe("proxy forward to a TLS upstream", function()
+  local dir
+
+  setup(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir) == 0)
+    assert(core.tls.generate({ ca = true, cn = "proxy spec ca",
+      cert_out = dir .. "/ca.pem", key_out = dir .. "/ca.key" }))
+    assert(core.tls.generate({ names = { "upstream.test" },
+      cert_out = dir .. "/up.pem", key_out = dir .. "/up.key",
+      issuer_cert = dir .. "/ca.pem", issuer_key = dir .. "/ca.key" }))
+  end)
+
+  teardown(function()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("relays through TLS and reuses the connection", async(function()
+    local peers = {}
+    local secure = assert(core.http.listen({ port = 0, access_log = false,
+      tls = assert(core.tls.server_context({ cert = dir .. "/up.pem",
+        key = dir .. "/up.key" })),
+      handler = function(req)
+        local ip, port = req:peer()
+        peers[#peers + 1] = ip .. ":" .. port
+        return 200, { ["X-Seen"] = req.target }, "secure"
+      end }))
+    local client_ctx = assert(core.tls.client_context({
+      ca = dir .. "/ca.pem" }))
+
+    local front_server = assert(core.http.listen({ port = 0, access_log = false,
+      handler = function(req)
+        return proxy.forward(req, { host = "127.0.0.1",
+          port = secure:port(), tls = client_ctx,
+          server_name = "upstream.test", timeout = 10 })
+      end }))
+
+    for i = 1, 2 do
+      local res = assert(core.http.request({ host = "127.0.0.1",
+        port = front_server:port(), path = "/x" .. i, timeout = 10 }))
+      assert.equal(200, res.status)
+      assert.equal("/x" .. i, res:header("x-seen"))
+      assert.equal("secure", res:read_body())
+      res:close()
+    end
+    assert.equal(2, #peers)
+    assert.equal(peers[1], peers[2])
+
+    -- A certificate for another name is refused: a 502, not a relay.
+    local wrong = assert(core.http.listen({ port = 0, access_log = false,
+      handler = function(req)
+        return proxy.forward(req, { host = "127.0.0.1",
+          port = secure:port(), tls = client_ctx,
+          server_name = "other.test", timeout = 10 })
+      end }))
+    local res = assert(core.http.request({ host = "127.0.0.1",
+      port = wrong:port(), path = "/", timeout = 10 }))
+    assert.equal(502, res.status)
+    res:close()
+
+    wrong:close()
+    front_server:close()
+    secure:close()
+  end))
+end)
