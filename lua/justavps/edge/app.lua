@@ -214,6 +214,8 @@ local function forward(req, ctx)
     local status, headers, body = proxy.forward(req, {
       host = broker.host,
       port = broker.port,
+      tls = broker.tls,
+      server_name = broker.server_name,
       target = ctx.target,
       set_headers = set,
       drop_headers = drop,

@@ -62,7 +62,13 @@ _M.schema = config.schema({ fields = {
     description = "brokers to forward to, used in round robin",
     elements = { type = "record", fields = {
       { url = { type = "string", required = true,
-        description = "http://IP:PORT of the broker" } },
+        description = "http://IP:PORT or https://IP:PORT of the broker" } },
+      { ca = { type = "string",
+        description = "CA file that signed an https broker's certificate "
+          .. "(default: the system store)" } },
+      { server_name = { type = "string",
+        description = "name an https broker's certificate must carry; "
+          .. "required for https" } },
       { id = { type = "string", required = true,
         description = "the broker's broker_id" } },
       -- The length is checked in check() so that no message shows it.
@@ -136,22 +142,16 @@ local function hide_secrets(errors)
 end
 
 
--- Parses a broker URL. Returns host (an IP literal), port, or nil,
--- message.
+-- Parses a broker URL. Returns host (an IP literal), port and whether it
+-- is https, or nil, message.
 function _M.parse_broker_url(url)
   local scheme, authority, rest = smatch(url, "^(%a+)://([^/]+)(.*)$")
   if not scheme then
-    return nil, "expected http://IP:PORT"
+    return nil, "expected http://IP:PORT or https://IP:PORT"
   end
   scheme = slower(scheme)
-  if scheme == "https" then
-    -- TODO: proxy.forward dials without TLS, so an https broker needs a
-    -- TLS option there first.
-    return nil, "https brokers are not supported yet: proxy.forward "
-      .. "offers no TLS; use http:// on a private network or loopback"
-  end
-  if scheme ~= "http" then
-    return nil, "expected the http scheme"
+  if scheme ~= "http" and scheme ~= "https" then
+    return nil, "expected the http or https scheme"
   end
   if rest ~= "" and rest ~= "/" then
     return nil, "expected no path"
@@ -168,7 +168,7 @@ function _M.parse_broker_url(url)
   if port < 1 or port > 65535 then
     return nil, "port must be from 1 to 65535"
   end
-  return host, port
+  return host, port, scheme == "https"
 end
 
 
@@ -200,9 +200,13 @@ local function check(conf)
       return nil, where .. ".id: " .. b.id .. " is listed twice"
     end
     ids[b.id] = true
-    local host, err = _M.parse_broker_url(b.url)
+    local host, err, https = _M.parse_broker_url(b.url)
     if not host then
       return nil, where .. ".url: " .. err
+    end
+    if https and (b.server_name == nil or b.server_name == "") then
+      return nil, where .. ".server_name: required for an https broker, "
+        .. "because its certificate is checked against that name"
     end
   end
   return true

@@ -92,8 +92,17 @@ function _M.set_config(conf)
 
   local brokers = {}
   for i, b in ipairs(conf.brokers) do
-    local host, port = edge_config.parse_broker_url(b.url)
+    local host, port, https = edge_config.parse_broker_url(b.url)
+    local tls
+    if https then
+      local err
+      tls, err = core.tls.client_context({ ca = b.ca })
+      if not tls then
+        return nil, "brokers[" .. i .. "]: " .. tostring(err)
+      end
+    end
     brokers[i] = { id = b.id, url = b.url, host = host, port = port,
+      tls = tls, server_name = https and b.server_name or nil,
       secret = b.secret, down_until = nil, reason = nil }
   end
   _M.brokers = brokers

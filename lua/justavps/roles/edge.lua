@@ -76,7 +76,11 @@ function _M.run(opts)
     return 1
   end
 
-  state.set_config(conf)
+  local ok, serr = state.set_config(conf)
+  if not ok then
+    log.alert("cannot set up the brokers", { error = serr })
+    return 1
+  end
   db.setup(conf.database)
 
   reload.configure({ stable = { "justavps.edge.state",
