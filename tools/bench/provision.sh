@@ -19,7 +19,7 @@
 #   --burst N          machines queued at once (default 20)
 #   --concurrency N    provision.concurrency of the platform (default 2,
 #                      the config default)
-#   --poll-interval S  provision.poll_interval in seconds (default 1, the
+#   --poll-interval S  provision.poll_interval in seconds (default 0.25, the
 #                      config default)
 #   --keep             keep the temporary directory with the logs
 #
@@ -33,7 +33,7 @@ cd "$(dirname "$0")/../.."
 machines=10
 burst=20
 concurrency=2
-poll_interval=1
+poll_interval=0.25
 keep=0
 build=${JV_BUILD_DIR:-build}
 watchdog_seconds=600

@@ -44,7 +44,7 @@ _M.schema = config.schema({ fields = {
           .. "platform-PID-MILLISECONDS" } },
       { concurrency = { type = "integer", default = 2, between = { 1, 64 },
         description = "jobs this process runs at once" } },
-      { poll_interval = { type = "duration", default = 1,
+      { poll_interval = { type = "duration", default = 0.25,
         between = { 0.05, 60 },
         description = "seconds between polls of an empty queue" } },
       { lease = { type = "duration", default = 120, between = { 1, 3600 },
