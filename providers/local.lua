@@ -440,6 +440,12 @@ function Driver:create_server(req)
     return fail(ERR_INVALID, "the daemon config is for slug "
       .. tostring(daemon_conf.slug) .. ", not " .. req.slug)
   end
+  -- The same progress event a cloud driver reports, so the stage history
+  -- looks alike for every provider.
+  if type(req.on_event) == "function" then
+    req.on_event({ type = "create_attempt", attempt = 1,
+      region = req.region, server_type = req.server_type })
+  end
   local ok, rerr = self:resolve()
   if not ok then
     return fail(ERR_UNAVAILABLE, rerr)

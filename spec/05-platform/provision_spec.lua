@@ -324,6 +324,16 @@ describe("provisioning", function()
     assert.equal(1, job.attempts)
     assert.is_true(accepts(row.ip, LOCAL.internal_port))
 
+    -- The provider's progress is part of the history.
+    local attempts = 0
+    for _, detail in ipairs(event_details(id, "server_creating")) do
+      if detail.source == "provider" and detail.kind == "create_attempt" then
+        attempts = attempts + 1
+        assert.equal("local", detail.region)
+      end
+    end
+    assert.equal(1, attempts)
+
     delete_and_check(id, "prov-one")
     stop_platform(p)
   end, 120))

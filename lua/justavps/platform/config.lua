@@ -78,6 +78,11 @@ _M.schema = config.schema({ fields = {
         match = "^%x+$", len_min = 64, len_max = 64,
         description = "SHA-256 of the daemon at daemon_url; the default "
           .. "placeholder is accepted only by the local provider" } },
+      { fallback_regions = { type = "array", default = {},
+        elements = { type = "string" },
+        description = "regions to try in order when a machine's region "
+          .. "has no capacity for its server type; each attempt becomes "
+          .. "a machine event" } },
       { broker_cidrs = { type = "array", default = { "127.0.0.0/8" },
         elements = { type = "string" },
         description = "networks allowed to reach each daemon's public "

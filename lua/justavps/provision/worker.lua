@@ -17,8 +17,11 @@
 -- killed process run again elsewhere or after a restart.
 local core = require("justavps.core")
 local db = require("justavps.db.db")
+local json = require("justavps.json")
 local log = require("justavps.log")
 local providers = require("providers.init")
+
+local ipairs = ipairs
 local cloud_init = require("justavps.provision.cloud_init")
 local sshkey = require("justavps.provision.sshkey")
 local stages = require("justavps.provision.stages")
@@ -179,6 +182,44 @@ local function record_server(tx, machine, server)
 end
 
 
+
+-- Returns the other regions to try, in order, when the machine's region
+-- has no capacity for its server type (provision.fallback_regions).
+local function fallbacks_for(w, machine)
+  local list = {}
+  for _, region in ipairs(w.conf.fallback_regions or {}) do
+    if region ~= machine.region then
+      list[#list + 1] = { region = region,
+        server_type = machine.server_type }
+    end
+  end
+  return list
+end
+
+
+-- Records a provider's progress (a create attempt, a region without
+-- capacity, an SSH key reused) as a machine event at the machine's
+-- current stage, so the user sees each fallback. A failure to record is
+-- logged and does not stop the create.
+local function record_provider_event(machine, event)
+  if type(event) ~= "table" or type(event.type) ~= "string" then
+    return
+  end
+  local detail = { source = "provider", kind = event.type,
+    attempt = event.attempt, region = event.region,
+    server_type = event.server_type,
+    message = type(event.message) == "string" and event.message:sub(1, 300)
+      or nil }
+  local _, err, code = db.query(
+    "INSERT INTO machine_events (machine_id, stage, detail) "
+      .. "SELECT id, stage, $2::jsonb FROM machines WHERE id = $1",
+    { machine.id, json.encode(detail) })
+  if code then
+    log.warn("provider event not recorded", { slug = machine.slug,
+      event = event.type, error = err, code = code })
+  end
+end
+
 local function run_provision(w, job, machine)
   if machine.stage ~= "server_creating" then
     log.info("provision job skipped", { job_id = job.id,
@@ -201,6 +242,10 @@ local function run_provision(w, job, machine)
       public_key = public_key },
     user_data = user_data,
     labels = { ["justavps-account"] = machine.account_id },
+    fallbacks = fallbacks_for(w, machine),
+    on_event = function(event)
+      record_provider_event(machine, event)
+    end,
   })
   if not server then
     return nil, provider_failure("create_server", err, code)
