@@ -5,6 +5,7 @@ local db = require("justavps.db.db")
 local json = require("justavps.json")
 local log = require("justavps.log")
 local api_mod = require("justavps.platform.api")
+local stages = require("justavps.provision.stages")
 local releases = require("justavps.platform.releases")
 
 local type = type
@@ -142,19 +143,17 @@ return function(api)
           end
         end
 
+        -- Every move goes through the stage table, which checks it
+        -- against the machine's stage read under a row lock; a move the
+        -- table forbids (a delete that raced this heartbeat) is skipped.
         for _, step in ipairs(steps) do
-          local _, serr, scode = tx:query(
-            "UPDATE machines SET stage = $2 WHERE id = $1",
-            { machine.id, step.stage })
-          if scode then
-            return nil, serr, scode
-          end
-          local _, eerr, ecode = tx:query(
-            "INSERT INTO machine_events (machine_id, stage, detail) "
-              .. "VALUES ($1, $2, $3::jsonb)",
-            { machine.id, step.stage, json.encode(step.detail) })
-          if ecode then
-            return nil, eerr, ecode
+          local ev, serr, scode = stages.transition(tx, machine, step.stage,
+            step.detail)
+          if not ev then
+            if scode ~= "invalid_transition" then
+              return nil, serr, scode
+            end
+            break
           end
         end
         return true
