@@ -17,6 +17,16 @@
 
 int luaopen_justavps_core(lua_State *L);
 
+/* The Lua tree compiled in by tools/embed_lua.lua (build/embedded_lua.c). */
+typedef struct {
+  const char *name;
+  const char *chunkname;
+  const char *source;
+  size_t size;
+} jv_embedded_t;
+
+extern const jv_embedded_t jv_embedded_modules[];
+
 
 static int
 file_exists(const char *path)
@@ -92,6 +102,54 @@ set_paths(lua_State *L, const char *root)
 }
 
 
+/*
+ * package.loaders entry for the embedded tree. It comes after the file
+ * loaders, so a module on disk wins and hot reload keeps working in a
+ * checkout, while a lone binary on a machine still finds every module.
+ */
+static int
+embedded_loader(lua_State *L)
+{
+  const char *name = luaL_checkstring(L, 1);
+  const jv_embedded_t *m;
+
+  for (m = jv_embedded_modules; m->name != NULL; m++) {
+    if (strcmp(m->name, name) == 0) {
+      if (luaL_loadbuffer(L, m->source, m->size, m->chunkname) != 0) {
+        return lua_error(L);
+      }
+      return 1;
+    }
+  }
+
+  lua_pushfstring(L, "\n\tno embedded module '%s'", name);
+  return 1;
+}
+
+
+/* Installs the loader and package.embedded, a set of the embedded module
+ * names, for code that lists modules (the role registry). */
+static void
+add_embedded_loader(lua_State *L)
+{
+  const jv_embedded_t *m;
+
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaders");
+  lua_pushcfunction(L, embedded_loader);
+  lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
+  lua_pop(L, 1);
+
+  lua_newtable(L);
+  for (m = jv_embedded_modules; m->name != NULL; m++) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, m->name);
+  }
+  lua_setfield(L, -2, "embedded");
+  lua_pop(L, 1);
+}
+
+
 static int
 traceback(lua_State *L)
 {
@@ -105,18 +163,15 @@ main(int argc, char **argv)
 {
   char root[PATH_MAX];
   lua_State *L;
-  int i, status;
+  int i, status, have_root;
 
   if (argc == 2 && strcmp(argv[1], "--version") == 0) {
     printf("justavps %s\n", JV_VERSION);
     return 0;
   }
 
-  if (find_root(root, sizeof(root)) != 0) {
-    fprintf(stderr, "justavps: cannot find lua/justavps/cli.lua; set "
-                    "JUSTAVPS_ROOT to the directory that contains lua/\n");
-    return 1;
-  }
+  /* Without a tree on disk every module comes from the embedded copy. */
+  have_root = find_root(root, sizeof(root)) == 0;
 
   L = luaL_newstate();
   if (L == NULL) {
@@ -125,7 +180,17 @@ main(int argc, char **argv)
   }
 
   luaL_openlibs(L);
-  set_paths(L, root);
+  if (have_root) {
+    set_paths(L, root);
+
+  } else {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_justavps_core);
+    lua_setfield(L, -2, "justavps.core");
+    lua_pop(L, 2);
+  }
+  add_embedded_loader(L);
   jv_log_set_buffered(!isatty(STDERR_FILENO));
 
   lua_pushcfunction(L, traceback);

@@ -39,8 +39,13 @@ local aliases = {
 local loaded = {}
 
 
+-- A role exists as a file on package.path or, in a binary without a Lua
+-- tree beside it, as an embedded module (package.embedded, set by main.c).
 local function module_exists(name)
-  return searchpath("justavps.roles." .. name, package.path) ~= nil
+  local modname = "justavps.roles." .. name
+  local embedded = rawget(package, "embedded")
+  return searchpath(modname, package.path) ~= nil
+    or (embedded ~= nil and embedded[modname] == true)
 end
 
 
