@@ -1668,21 +1668,6 @@ l_req_read(lua_State *L)
 
 
 static int
-header_value_ok(const char *v, size_t len)
-{
-  size_t i;
-
-  for (i = 0; i < len; i++) {
-    if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') {
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
-
-static int
 header_name_ok(const char *v, size_t len)
 {
   size_t i;
@@ -1765,7 +1750,7 @@ add_header(lua_State *L, jv_http_conn_t *c, const char *name, size_t nlen,
     luaL_error(L, "header %s: value must be a string or number", name);
   }
 
-  if (!header_value_ok(v, vlen)) {
+  if (!jv__http_value_ok(v, vlen)) {
     luaL_error(L, "header %s: value contains CR, LF or NUL", name);
   }
 
@@ -1827,10 +1812,11 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
         has_date = 1;
 
       } else if (strcasecmp(name, "connection") == 0) {
-        const char *v = lua_tostring(L, -1);
+        size_t vlen;
+        const char *v = lua_tolstring(L, -1, &vlen);
 
         has_conn = 1;
-        if (v != NULL && strcasecmp(v, "close") == 0) {
+        if (v != NULL && jv__http_list_has_token(v, vlen, "close", 5)) {
           c->keep_alive = 0;
         }
       }
@@ -2071,17 +2057,16 @@ l_req_hijack(lua_State *L)
     return luaL_error(L, "request already hijacked");
   }
 
+  /* Each unread goes to the front of the socket's buffer, so the later
+   * bytes (unparsed input) go back first and the body before them. */
+  if (c->pending_len > 0) {
+    jv__sock_unread(c->sock, c->pending, c->pending_len);
+    c->pending_len = 0;
+  }
+
   if (c->body_len > 0) {
     jv__sock_unread(c->sock, c->body, c->body_len);
     c->body_len = 0;
-  }
-
-  if (c->pending_len > 0) {
-    size_t buffered;
-
-    jv__sock_buffered(c->sock, &buffered);
-    jv__sock_unread(c->sock, c->pending, c->pending_len);
-    c->pending_len = 0;
   }
 
   c->hijacked = 1;
@@ -2228,37 +2213,6 @@ name_is(const char *name, size_t len, const char *lower)
 }
 
 
-/* Returns non-zero when the comma-separated list v contains token in any
- * case. Blanks around each element are ignored. */
-static int
-list_has_token(const char *v, size_t vlen, const char *token, size_t tlen)
-{
-  size_t i = 0, start, end;
-
-  while (i < vlen) {
-    while (i < vlen && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) {
-      i++;
-    }
-
-    start = i;
-    while (i < vlen && v[i] != ',') {
-      i++;
-    }
-
-    end = i;
-    while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t')) {
-      end--;
-    }
-
-    if (end - start == tlen && strncasecmp(v + start, token, tlen) == 0) {
-      return 1;
-    }
-  }
-
-  return 0;
-}
-
-
 /* Returns non-zero unless header i is hop-by-hop or named in the value of
  * a Connection header of the same head. */
 static int
@@ -2277,8 +2231,8 @@ is_end_to_end(const char *head, const jv_http_header_t *hdrs, unsigned n,
 
   for (j = 0; j < n; j++) {
     if (name_is(head + hdrs[j].name_off, hdrs[j].name_len, "connection") &&
-        list_has_token(head + hdrs[j].value_off, hdrs[j].value_len, name,
-                       len)) {
+        jv__http_list_has_token(head + hdrs[j].value_off, hdrs[j].value_len,
+                                name, len)) {
       return 0;
     }
   }
@@ -2307,27 +2261,6 @@ table_has_name(lua_State *L, int t, const char *name, size_t len)
   }
 
   return 0;
-}
-
-
-static int
-target_ok(const char *s, size_t len)
-{
-  size_t i;
-
-  if (len == 0) {
-    return 0;
-  }
-
-  for (i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char) s[i];
-
-    if (ch <= ' ' || ch == 0x7f) {
-      return 0;
-    }
-  }
-
-  return 1;
 }
 
 
@@ -2377,7 +2310,7 @@ add_set_headers(lua_State *L, jv_http_conn_t *c, int set_index,
       size_t vlen;
       const char *v = lua_tolstring(L, -1, &vlen);
 
-      if (v != NULL && list_has_token(v, vlen, "close", 5)) {
+      if (v != NULL && jv__http_list_has_token(v, vlen, "close", 5)) {
         *request_close = 1;
       }
     }
@@ -2408,7 +2341,7 @@ add_default_host(lua_State *L, jv_http_conn_t *c, const char *host, size_t hlen,
 {
   int v6 = memchr(host, ':', hlen) != NULL;
 
-  if (!header_value_ok(host, hlen)) {
+  if (!jv__http_value_ok(host, hlen)) {
     luaL_error(L, "host contains CR, LF or NUL");
   }
 
@@ -2463,7 +2396,7 @@ l_req_forward_head(lua_State *L)
 
   } else {
     target = luaL_checklstring(L, 4, &tlen);
-    if (!target_ok(target, tlen)) {
+    if (!jv__http_target_ok(target, tlen)) {
       return luaL_error(L, "invalid target: it must be non-empty, without "
                            "spaces or control characters");
     }

@@ -1037,73 +1037,6 @@ is_token(const char *s, size_t len)
 }
 
 
-static int
-is_field_value(const char *s, size_t len)
-{
-  size_t i;
-
-  for (i = 0; i < len; i++) {
-    if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0') {
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
-
-static int
-is_target(const char *s, size_t len)
-{
-  size_t i;
-
-  if (len == 0) {
-    return 0;
-  }
-
-  for (i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char) s[i];
-
-    if (ch <= ' ' || ch == 0x7f) {
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
-
-/* Returns non-zero when the comma-separated list v contains the token
- * "close" in any case. */
-static int
-has_close_token(const char *v, size_t len)
-{
-  size_t i = 0, start, end;
-
-  while (i < len) {
-    while (i < len && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) {
-      i++;
-    }
-
-    start = i;
-    while (i < len && v[i] != ',') {
-      i++;
-    }
-
-    end = i;
-    while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t')) {
-      end--;
-    }
-
-    if (end - start == 5 && strncasecmp(v + start, "close", 5) == 0) {
-      return 1;
-    }
-  }
-
-  return 0;
-}
-
-
 /* Appends to out at *pos, or only counts when out is NULL. */
 static void
 emit(char *out, size_t *pos, const char *s, size_t len)
@@ -1170,7 +1103,7 @@ emit_user_header(lua_State *L, jv_request_t *rq, char *out, size_t *pos,
   }
 
   v = lua_tolstring(L, value_index, &vlen);
-  if (!is_field_value(v, vlen)) {
+  if (!jv__http_value_ok(v, vlen)) {
     luaL_error(L, "header %s: value contains CR, LF or NUL", name);
   }
 
@@ -1203,7 +1136,7 @@ emit_user_header(lua_State *L, jv_request_t *rq, char *out, size_t *pos,
       rq->length = n;
 
     } else if (strcasecmp(name, "connection") == 0 &&
-               has_close_token(v, vlen)) {
+               jv__http_list_has_token(v, vlen, "close", 5)) {
       rq->close = 1;
     }
   }
@@ -1304,7 +1237,7 @@ default_host(lua_State *L, jv_request_t *rq, const char *name, int port,
     luaL_error(L, "host or server_name too long");
   }
 
-  if (!is_field_value(rq->host, (size_t) n)) {
+  if (!jv__http_value_ok(rq->host, (size_t) n)) {
     luaL_error(L, "host or server_name contains CR, LF or NUL");
   }
 }
@@ -1368,7 +1301,7 @@ l_build_request(lua_State *L)
   }
 
   rq.target = opt_string(L, "path", "/", &rq.target_len);
-  if (!is_target(rq.target, rq.target_len)) {
+  if (!jv__http_target_ok(rq.target, rq.target_len)) {
     return luaL_error(L, "invalid path: it must be non-empty, without "
                          "spaces or control characters");
   }

@@ -5,6 +5,9 @@
  */
 #include "http_internal.h"
 
+#include <string.h>
+#include <strings.h>
+
 
 /* Pushes name in lower case: header names are case-insensitive. */
 static void
@@ -79,4 +82,70 @@ jv__http_push_header_list(lua_State *L, const char *head,
     lua_rawseti(L, -2, 2);
     lua_rawseti(L, -2, (int) i + 1);
   }
+}
+
+
+int
+jv__http_value_ok(const char *v, size_t len)
+{
+  size_t i;
+
+  for (i = 0; i < len; i++) {
+    if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+int
+jv__http_target_ok(const char *s, size_t len)
+{
+  size_t i;
+
+  if (len == 0) {
+    return 0;
+  }
+
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char) s[i];
+
+    if (ch <= ' ' || ch == 0x7f) {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+int
+jv__http_list_has_token(const char *v, size_t vlen, const char *token,
+                        size_t tlen)
+{
+  size_t i = 0, start, end;
+
+  while (i < vlen) {
+    while (i < vlen && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) {
+      i++;
+    }
+
+    start = i;
+    while (i < vlen && v[i] != ',') {
+      i++;
+    }
+
+    end = i;
+    while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t')) {
+      end--;
+    }
+
+    if (end - start == tlen && strncasecmp(v + start, token, tlen) == 0) {
+      return 1;
+    }
+  }
+
+  return 0;
 }

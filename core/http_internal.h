@@ -57,6 +57,19 @@ int jv__http_relay_head(lua_State *L, int req_index, int status,
                         const char *head, const jv_http_header_t *hdrs,
                         unsigned n);
 
+/* Returns non-zero when a header value contains no CR, LF or NUL, the
+ * bytes that would let a value inject another field. */
+int jv__http_value_ok(const char *v, size_t len);
+
+/* Returns non-zero when a request-target is non-empty and free of blanks
+ * and control characters. */
+int jv__http_target_ok(const char *s, size_t len);
+
+/* Returns non-zero when the comma-separated list v (a Connection value,
+ * say) contains token in any case; blanks around elements are ignored. */
+int jv__http_list_has_token(const char *v, size_t vlen, const char *token,
+                            size_t tlen);
+
 /* Adds the HTTP client functions (http_client.c) to the core.http table
  * at table_index. */
 void jv__http_client_register(lua_State *L, int table_index);

@@ -16,7 +16,6 @@ local type = type
 local tostring = tostring
 local slower = string.lower
 local sgmatch = string.gmatch
-local concat = table.concat
 
 local _M = {}
 
@@ -33,8 +32,6 @@ local HOP_BY_HOP = {
   ["proxy-authorization"] = true,
   ["proxy-authenticate"] = true,
 }
-
-_M.HOP_BY_HOP = HOP_BY_HOP
 
 -- Failure codes that mean nothing answered at the target address.
 local UNREACHABLE = {
@@ -383,16 +380,6 @@ function _M.forward(req, opts)
   end
 
   relay_body(req, res, host, port, opts.tls, opts.server_name)
-end
-
-
--- Returns a printable list of header names, for debugging.
-function _M.describe(headers)
-  local names = {}
-  for name in pairs(headers) do
-    names[#names + 1] = name
-  end
-  return concat(names, ",")
 end
 
 

@@ -294,6 +294,25 @@ describe("http server", function()
     srv:close()
   end))
 
+  it("keeps byte order on hijack", async(function()
+    local first, rest
+    local srv = serve(function(req)
+      first = req:read(3)
+      local sock = req:hijack()
+      rest = sock:readn(12)
+      sock:close()
+    end)
+    local sock = raw.connect(srv:port())
+    sock:write("POST / HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\n"
+      .. "Connection: Upgrade\r\nContent-Length: 10\r\n\r\n"
+      .. "0123456789after")
+    assert.is_true(raw.is_closed(sock))
+    assert.equal("012", first)
+    -- The unread body comes before the bytes that followed it.
+    assert.equal("3456789after", rest)
+    srv:close()
+  end))
+
   it("hands the socket over on hijack", async(function()
     local srv = serve(function(req)
       local sock = req:hijack()

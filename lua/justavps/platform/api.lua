@@ -12,7 +12,6 @@
 local router = require("justavps.router")
 local config = require("justavps.config")
 local json = require("justavps.json")
-local errors = require("justavps.errors")
 local log = require("justavps.log")
 
 local type = type
@@ -21,7 +20,6 @@ local ipairs = ipairs
 local tostring = tostring
 local concat = table.concat
 local sgsub = string.gsub
-local sfind = string.find
 
 local _M = {}
 
@@ -312,15 +310,6 @@ function Api:openapi()
         "message" }, properties = { code = { type = "string" },
         message = { type = "string" } } } } } } },
   }
-end
-
-
--- Exposes errors.status for handlers that map codes to statuses.
-_M.status_of = errors.status
-
--- Returns true when s looks like a JSON content type.
-function _M.is_json(content_type)
-  return content_type ~= nil and sfind(content_type, "json", 1, true) ~= nil
 end
 
 
