@@ -131,7 +131,7 @@ struct jv_http_conn_s {
   size_t ext_len;   /* chunk-extension bytes in the current chunk */
   int peer_eof;     /* the client closed its side */
 
-  /* A limit a parser callback hit: answered instead of llhttp's reason. */
+  /* A limit a parser callback hit, sent instead of llhttp's reason. */
   int reject_status;
   const char *reject_code;
   const char *reject_message;
@@ -445,7 +445,7 @@ count_headers(jv_http_conn_t *c, const char *name, const char **value,
 /*
  * An HTTP/1.1 request carries exactly one Host (RFC 9112 section 3.2), and
  * the only transfer coding this server decodes is a lone "chunked": any
- * other list is answered 501 rather than guessed at (section 6.1).
+ * other list gets 501 rather than a guess (RFC 9112 section 6.1).
  */
 static int
 check_host_and_te(jv_http_conn_t *c, llhttp_t *p)
@@ -666,7 +666,7 @@ conn_parse_error(jv_http_conn_t *c, llhttp_errno_t err)
 
   if (c->head_sent || c->response_done) {
     /* A response already went out for this request: a second one would
-     * be taken as the answer to the client's next request. */
+     * be taken as the response to the client's next request. */
     jv_log(JV_LOG_WARN, "request body rejected after the response", "reason",
            c->reject_status ? c->reject_message : llhttp_errno_name(err), NULL);
     conn_close(c);
@@ -747,11 +747,11 @@ pending_append(jv_http_conn_t *c, const char *data, size_t len)
 
 /*
  * Rejects a bare LF anywhere in a request head, and a line that starts
- * with a space or tab (obsolete line folding): a front end that splits
- * lines differently would see a different header list than this server,
- * which is a request-smuggling gap. llhttp 8 accepts both unless built
- * strict. Returns -1 on either. Scanning stops at the blank line that
- * ends the head.
+ * with a space or tab (obsolete line folding). A front end that splits
+ * lines differently would see another header list than this server, which
+ * is a request-smuggling gap. llhttp 8 accepts both unless built strict.
+ * Returns -1 on either. Scanning stops at the blank line that ends the
+ * head.
  */
 static int
 scan_head(jv_http_conn_t *c, const char *data, size_t len)
@@ -1606,9 +1606,10 @@ send_continue(jv_http_conn_t *c)
 
 
 /*
- * req:read([max]): the next piece of the request body, at most max bytes
- * (default: whatever has arrived); nil at the end of the body; nil,
- * message, code on a closed connection or timeout.
+ * req:read([max]): returns the next piece of the request body, at most max
+ * bytes (default: whatever has arrived). It returns nil at the end of the
+ * body, and nil, message, code when the connection closed or no byte
+ * came within idle_timeout.
  */
 static int
 l_req_read(lua_State *L)

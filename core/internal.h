@@ -250,7 +250,7 @@ jv_listener_t *jv__listener_push(lua_State *L, const char *host, int port,
 void jv__listener_close(jv_listener_t *l);
 
 /* Returns the SSL_CTX of the TLS context at idx, raising when it is not
- * one; role is 1 when the context must be a server context. */
+ * one. server is 1 when the context must be a server context. */
 struct ssl_ctx_st *jv__tls_check(lua_State *L, int idx, int server);
 
 

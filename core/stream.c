@@ -32,9 +32,9 @@ enum {
 static char net_buf[65536];
 static char plain_buf[65536];
 
-/* TLS streams whose decrypted input could not be delivered because the
- * consumer paused reading; delivered from an idle callback once reading
- * restarts, never from inside jv_stream_read_start. */
+/* TLS streams whose decrypted input waits because the consumer paused
+ * reading. An idle callback delivers it once reading restarts, so
+ * jv_stream_read_start never calls the read callback itself. */
 static jv_stream_t *tls_pending;
 static uv_idle_t tls_idle;
 static int tls_idle_init;

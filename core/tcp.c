@@ -554,7 +554,7 @@ sock_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
   ref = sock->read_ref;
   if (ref == LUA_NOREF) {
     if (sock->reading && sock->len > 0) {
-      /* Nobody is reading: keep the data but stop pulling more. */
+      /* No coroutine is reading, so keep the data but stop pulling more. */
       jv_stream_read_stop(s);
       sock->reading = 0;
     }
@@ -1204,8 +1204,8 @@ lua_listener_on_stream(jv_listener_t *l, jv_stream_t *s)
 
 /*
  * core.tcp.listen{host=, port=, backlog=, tls=ctx, on_accept=fn}: fn(sock)
- * runs in a new coroutine for each connection. Port 0 picks a free port;
- * listener:port() tells which.
+ * runs in a new coroutine for each connection. Port 0 picks a free port, and
+ * listener:port() returns it.
  */
 static int
 l_tcp_listen(lua_State *L)

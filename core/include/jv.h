@@ -65,8 +65,8 @@ void jv_log_set_role(const char *role);
 void jv_log_set_level(jv_log_level_t level);
 int jv_log_enabled(jv_log_level_t level);
 
-/* Buffers log lines and flushes them on a timer and at each error line;
- * for a stderr that is a file or a pipe, not a terminal. */
+/* Buffers log lines and flushes them on a timer and at each error line.
+ * Meant for a stderr that is a file or a pipe, not a terminal. */
 void jv_log_set_buffered(int on);
 
 #endif /* JV_H */

@@ -2,7 +2,7 @@
 -- and the internal listener (machine-signed API on 127.0.0.1:7777).
 --
 -- The routing policy decides where a public request goes; this module
--- admits the peer, asks the policy and hands the request to the module
+-- admits the peer, calls the policy and hands the request to the module
 -- that executes the decision: proxy.lua for ports, terminal.lua for
 -- /_pty, toolbox.lua for /_toolbox.
 local cidr = require("justavps.cidr")
@@ -23,7 +23,7 @@ local _M = {}
 local error_response = proxy.error_response
 
 
--- Answers 502 for a closed port, naming it and the ports that do listen,
+-- Returns a 502 for a closed port, naming it and the ports that do listen,
 -- so the user sees at once where the app really is.
 local function port_not_listening(port)
   local listening = {}

@@ -13,7 +13,7 @@ return function(ctx)
       .. "WHERE slug = $1 AND deleted_at IS NULL", { slug })
   if not machine then
     if code == "not_found" then
-      -- The same answer as a bad signature: a caller without the token
+      -- The same response as a bad signature: a caller without the token
       -- learns nothing about which slugs exist.
       log.warn("heartbeat for an unknown machine", { slug = slug })
       return false, 401, "unknown_machine", "unknown machine or bad signature"
