@@ -17,28 +17,8 @@ local ALL_SCOPES = { "read", "write", "delete", "exec", "proxy" }
 local NO_SUCH_ID = "00000000-0000-4000-8000-000000000000"
 
 
-local function shell(command)
-  local f = assert(io.popen(command .. " 2>&1"))
-  local out = f:read("*a")
-  local ok = f:close()
-  assert(ok, "command failed: " .. command .. "\n" .. out)
-  return out
-end
-
-
-local function pg_settings()
-  local env = {
-    PGHOST = os.getenv("PGHOST"), PGPORT = os.getenv("PGPORT"),
-    PGUSER = os.getenv("PGUSER"), PGDATABASE = os.getenv("PGDATABASE"),
-  }
-  if not env.PGHOST then
-    shell("tools/pg.sh start")
-    for name, value in shell("tools/pg.sh env"):gmatch("export (PG%u+)=(%S+)") do
-      env[name] = value
-    end
-  end
-  return env
-end
+local spec_pg = require("support.pg")
+local pg_settings = spec_pg.settings
 
 
 local function without(list, removed)

@@ -28,27 +28,9 @@ local M = machine_routes.handlers
 local A = access.handlers
 
 
-local function shell(command)
-  local f = assert(io.popen(command .. " 2>&1"))
-  local out = f:read("*a")
-  assert(f:close(), "command failed: " .. command .. "\n" .. out)
-  return out
-end
+local spec_pg = require("support.pg")
+local pg_settings = spec_pg.settings
 
-
-local function pg_settings()
-  local env = {
-    PGHOST = os.getenv("PGHOST"), PGPORT = os.getenv("PGPORT"),
-    PGUSER = os.getenv("PGUSER"), PGDATABASE = os.getenv("PGDATABASE"),
-  }
-  if not env.PGHOST then
-    shell("tools/pg.sh start")
-    for name, value in shell("tools/pg.sh env"):gmatch("export (PG%u+)=(%S+)") do
-      env[name] = value
-    end
-  end
-  return env
-end
 
 local settings = pg_settings()
 
