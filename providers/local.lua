@@ -19,12 +19,14 @@
 -- Daemons are started detached (a new session and process group), so
 -- they outlive a platform restart, and found again through their pid
 -- files. delete_server signals the whole process group.
+local ffi = require("ffi")
 local config = require("justavps.config")
 local json = require("justavps.json")
 local cloud_init = require("justavps.provision.cloud_init")
 local daemon_config = require("justavps.daemon.config")
 
 local type = type
+local pcall = pcall
 local ipairs = ipairs
 local tostring = tostring
 local tonumber = tonumber
@@ -37,6 +39,11 @@ local format = string.format
 local concat = table.concat
 
 local _M = {}
+
+-- Another module may have declared readlink already, which ffi.cdef
+-- rejects.
+pcall(ffi.cdef,
+  "long readlink(const char *path, char *buf, unsigned long size);")
 
 _M.name = "local"
 
@@ -565,6 +572,59 @@ function Driver:stop_daemon(slug)
 end
 
 
+-- Returns the target of /proc/PID/cwd, or nil.
+local function process_cwd(pid)
+  local buf = ffi.new("char[4096]")
+  local n = tonumber(ffi.C.readlink("/proc/" .. pid .. "/cwd", buf, 4096))
+  if n < 0 then
+    return nil
+  end
+  return ffi.string(buf, n)
+end
+
+
+-- Stops what the machine's users left running after its daemon stopped:
+-- background processes, whose wrapper names the machine's state
+-- directory in its arguments and leads their process group, and any
+-- other process whose working directory lies in the machine's directory.
+-- A cloud server takes its processes with it; local machines share this
+-- host, so they are found here.
+-- NOTE: a process that changed to a directory outside the machine's, and
+-- does not belong to a background process group, is not found.
+function Driver:stop_machine_processes(slug)
+  local core = self.core
+  local dir = self:dir(slug)
+  local listed, out = run(core, "ls", { "-1", "/proc" })
+  if not listed then
+    return
+  end
+  local own = core.proc.getpid()
+  local groups, singles = {}, {}
+  for pid in out:gmatch("%d+") do
+    if tonumber(pid) ~= own then
+      local cmdline = read_file("/proc/" .. pid .. "/cmdline") or ""
+      local cwd = process_cwd(pid)
+      if cmdline:find("\0" .. dir .. "/state/", 1, true) then
+        groups[#groups + 1] = tonumber(pid)
+      elseif cwd and (cwd == dir or ssub(cwd, 1, #dir + 1) == dir .. "/") then
+        singles[#singles + 1] = tonumber(pid)
+      end
+    end
+  end
+  for _, signal in ipairs({ "SIGTERM", "SIGKILL" }) do
+    for _, pid in ipairs(groups) do
+      core.proc.kill(-pid, signal)
+    end
+    for _, pid in ipairs(singles) do
+      core.proc.kill(pid, signal)
+    end
+    if signal == "SIGTERM" and (#groups > 0 or #singles > 0) then
+      core.sleep(0.2)
+    end
+  end
+end
+
+
 -- Stops the machine's daemon and removes its directory and address
 -- claim. A machine that does not exist counts as deleted.
 function Driver:delete_server(id_or_slug)
@@ -579,6 +639,7 @@ function Driver:delete_server(id_or_slug)
   local slug = id_or_slug
   local address = self:address_of(slug)
   self:stop_daemon(slug)
+  self:stop_machine_processes(slug)
   self.children[slug] = nil
 
   local removed, err = run(self.core, "rm", { "-rf", "--", self:dir(slug) })

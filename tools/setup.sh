@@ -17,6 +17,9 @@ packages=(
   # Provisioning specs validate generated files with the real tools.
   cloud-init systemd openssh-client openssh-server shellcheck python3
   python3-yaml
+  # The dev walkthrough and its end-to-end spec: jq reads stack.json, and
+  # a Python WebSocket client opens the terminal.
+  jq python3-websockets
 )
 
 for arg in "$@"; do

@@ -49,7 +49,7 @@ describe("binary without a Lua tree", function()
   it("lists every role", async(function()
     local status, out = run({ "--help" })
     assert.equal(0, status)
-    for _, role in ipairs({ "platform", "edge", "broker", "daemon", "dev",
+    for _, role in ipairs({ "platform", "edge", "broker", "daemon", "dev", "serve",
         "migrate" }) do
       assert.truthy(out:find("\n  " .. role .. " ", 1, true), role)
     end

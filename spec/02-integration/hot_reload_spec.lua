@@ -1,4 +1,4 @@
--- Hot reload of a running `justavps dev` process: a client loop keeps
+-- Hot reload of a running `justavps serve` process: a client loop keeps
 -- sending requests while the app file changes under it, and no request may
 -- fail. The process runs from a copy of the Lua tree (JUSTAVPS_ROOT) so the
 -- spec edits files without touching the checkout.
@@ -45,10 +45,10 @@ local function write_file(path, data)
 end
 
 
--- Starts the dev role and returns the process, its port and a log reader
+-- Starts the serve role and returns the process, its port and a log reader
 -- that collects stderr lines in the background.
-local function start_dev(root, extra)
-  local args = { "dev", "--port", "0", "--access-log=false" }
+local function start_serve(root, extra)
+  local args = { "serve", "--port", "0", "--access-log=false" }
   for _, a in ipairs(extra or {}) do
     args[#args + 1] = a
   end
@@ -80,7 +80,7 @@ local function start_dev(root, extra)
   if not port then
     got_port:wait(10)
   end
-  assert(port, "dev did not report a port; log:\n" .. table.concat(lines, "\n"))
+  assert(port, "serve did not report a port; log:\n" .. table.concat(lines, "\n"))
   return p, port, lines
 end
 
@@ -127,7 +127,7 @@ end
 describe("hot reload", function()
   it("swaps code on SIGHUP with no failed request", async(function()
     local root = make_tree()
-    local p, port, lines = start_dev(root, { "--no-watch" })
+    local p, port, lines = start_serve(root, { "--no-watch" })
 
     local failures, served = {}, 0
     local running = true
@@ -166,7 +166,7 @@ describe("hot reload", function()
 
   it("keeps old code after a syntax error", async(function()
     local root = make_tree()
-    local p, port, lines = start_dev(root, { "--no-watch" })
+    local p, port, lines = start_serve(root, { "--no-watch" })
     local source = read_file(root .. APP)
 
     write_file(root .. APP, source .. "\nthis is not lua\n")
@@ -201,7 +201,7 @@ describe("hot reload", function()
 
   it("reloads when a watched file changes", async(function()
     local root = make_tree()
-    local p, port, lines = start_dev(root)
+    local p, port, lines = start_serve(root)
     local source = read_file(root .. APP)
 
     write_file(root .. APP,
@@ -227,7 +227,7 @@ return {
   end,
 }
 ]])
-    local p, port = start_dev(root, { "--no-watch" })
+    local p, port = start_serve(root, { "--no-watch" })
 
     local result
     core.spawn(function()

@@ -12,7 +12,7 @@
 #   --reps N      measured runs per server, interleaved; the report shows the
 #                 median (default 3)
 #   --quick       --duration 3 --warmup 1 --reps 1, 1000 held connections only
-#   --perf        also profile the bare and dev servers under wrk with
+#   --perf        also profile the bare and serve servers under wrk with
 #                 perf record and print the top of perf report
 #   --keep        keep the temporary directory with raw wrk output and logs
 #
@@ -212,12 +212,12 @@ start_bare() {
   wait_ready "bare_server.lua (log $out.log)" "$started_port" "$started_pid"
 }
 
-# start_dev [access-log]: the dev role; with an argument the access log is
+# start_dev [access-log]: the serve role; with an argument the access log is
 # on and goes to a file in $tmp.
 start_dev() {
   local out=$tmp/dev-$RANDOM
   started_log=$out.log
-  local args=(dev --port 0 --no-watch)
+  local args=(serve --port 0 --no-watch)
   [[ $# -eq 0 ]] && args+=(--no-access-log)
   taskset -c "$server_cpu" "$build/justavps" "${args[@]}" 2>"$out.log" &
   started_pid=$!
@@ -230,11 +230,11 @@ start_dev() {
     sleep 0.1
   done
   if [[ -z $started_port ]]; then
-    log "the dev role did not log a listening port; its log:"
+    log "the serve role did not log a listening port; its log:"
     cat "$out.log" >&2
     return 1
   fi
-  wait_ready "justavps dev (log $out.log)" "$started_port" "$started_pid"
+  wait_ready "justavps serve (log $out.log)" "$started_port" "$started_pid"
 }
 
 # Starts nginx with one worker; started_pid is the worker, nginx_master_pid
@@ -348,8 +348,8 @@ if [[ $run_http -eq 1 ]]; then
   declare -A label port pid busy_pid log_file
   label[nginx]="nginx, 1 worker"
   label[bare]="justavps bare core handler"
-  label[dev]="justavps dev role, no access log"
-  label[dev_log]="justavps dev role, access log to a file"
+  label[dev]="justavps serve role, no access log"
+  label[dev_log]="justavps serve role, access log to a file"
 
   log "starting the servers"
   start_nginx

@@ -1,8 +1,12 @@
 -- The daemon's configuration: /etc/justavps/config.json on a machine
 -- (written by cloud-init, mode 0600), a file the local provider writes in
 -- development, plus JUSTAVPS_DAEMON_* environment overrides.
+local ffi = require("ffi")
 local config = require("justavps.config")
 local routing = require("policies.daemon_routing")
+
+local ipairs = ipairs
+local pcall = pcall
 
 local _M = {}
 
@@ -81,11 +85,35 @@ _M.schema = config.schema({ fields = {
 } })
 
 
+-- Another module may have declared getcwd already, which ffi.cdef rejects.
+pcall(ffi.cdef, "char *getcwd(char *buf, size_t size);")
+
+
+local function current_dir()
+  local buf = ffi.new("char[4096]")
+  if ffi.C.getcwd(buf, 4096) == nil then
+    error("getcwd failed with errno " .. ffi.errno())
+  end
+  return ffi.string(buf)
+end
+
+
 -- Loads and validates the config file at path. Returns the config or nil,
 -- message, code.
 function _M.load(path)
-  return config.load({ schema = _M.schema, path = path,
+  local conf, err, code = config.load({ schema = _M.schema, path = path,
     env_prefix = "JUSTAVPS_DAEMON" })
+  if not conf then
+    return nil, err, code
+  end
+  -- Processes and the shell run in other directories, so a relative path
+  -- would point elsewhere for them: it is taken from the start directory.
+  for _, key in ipairs({ "state_dir", "toolbox_root" }) do
+    if conf[key]:sub(1, 1) ~= "/" then
+      conf[key] = current_dir() .. "/" .. conf[key]
+    end
+  end
+  return conf
 end
 
 

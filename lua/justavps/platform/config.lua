@@ -118,6 +118,9 @@ _M.schema = config.schema({ fields = {
       { url_scheme = { type = "string", default = "https",
         one_of = { "http", "https" },
         description = "scheme of the share link URLs" } },
+      { url_port = { type = "integer", default = 0, between = { 0, 65535 },
+        description = "port of the edge in share link URLs; 0 leaves it "
+          .. "out, for the scheme's default port" } },
     } } },
   { auth = { type = "record", description = "dashboard sign-in: sessions, "
     .. "login rate limits and GitHub OAuth", fields = {

@@ -25,16 +25,17 @@ local known = {
   { name = "broker", summary = "verifies edge signatures and dials machines" },
   { name = "daemon", summary = "runs on every machine: port routing, "
     .. "terminal, toolbox and internal API" },
-  { name = "dev", summary = "all roles on loopback with a local provider" },
+  { name = "dev", summary = "the whole stack on loopback: Postgres, "
+    .. "platform, edge, broker and a local machine" },
+  { name = "serve", summary = "the HTTP host alone, serving the hello app "
+    .. "with hot reload" },
   { name = "migrate", summary = "applies the SQL migrations in sql/" },
   { name = "hello", summary = "logs a greeting and exits; exercises the "
     .. "command line and the loop" },
 }
 
 -- Roles served by another module while their own does not exist yet.
-local aliases = {
-  dev = "hello",
-}
+local aliases = {}
 
 local loaded = {}
 

@@ -48,8 +48,12 @@ end
 -- in the query.
 function _M.share_url(slug, port, token)
   local conf = state.conf
-  return conf.proxy.url_scheme .. "://" .. tostring(port) .. "-" .. slug
-    .. "." .. conf.domain .. "/?" .. _M.TOKEN_PARAM .. "=" .. token
+  local authority = tostring(port) .. "-" .. slug .. "." .. conf.domain
+  if conf.proxy.url_port ~= 0 then
+    authority = authority .. ":" .. conf.proxy.url_port
+  end
+  return conf.proxy.url_scheme .. "://" .. authority .. "/?"
+    .. _M.TOKEN_PARAM .. "=" .. token
 end
 
 
