@@ -85,6 +85,13 @@ if [[ ! -r $pg_log ]]; then
   exit 1
 fi
 
+# The platform's heartbeat settings (JUSTAVPS_PLATFORM_HEARTBEAT_*) pass
+# through from this script's environment, so runs can compare them.
+platform_env=()
+while IFS= read -r setting; do
+  platform_env+=("$setting")
+done < <(env | grep '^JUSTAVPS_PLATFORM_HEARTBEAT_' || true)
+
 tmp=$(mktemp -d /tmp/justavps-platform-bench.XXXXXX)
 started_pids=()
 dbname=
@@ -184,7 +191,7 @@ start_platform() {
   env -i "PATH=$PATH" "HOME=$tmp/home" "LANG=C.UTF-8" \
     "JUSTAVPS_ROOT=$PWD" "PGHOST=$PGHOST" "PGPORT=$PGPORT" \
     "PGUSER=$PGUSER" "PGDATABASE=$dbname" \
-    "JUSTAVPS_PLATFORM_LISTEN_PORT=0" \
+    "JUSTAVPS_PLATFORM_LISTEN_PORT=0" "${platform_env[@]}" \
     taskset -c "$server_cpu" "$build/justavps" platform \
     --access-log=false 2>"$tmp/platform-$name.log" &
   platform_pid=$!

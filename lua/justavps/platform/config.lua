@@ -23,6 +23,29 @@ _M.schema = config.schema({ fields = {
       { max_body = { type = "size", default = 256 * 1024,
         between = { 1024, 16 * 1024 * 1024 },
         description = "largest heartbeat body accepted" } },
+      { batch_max_rows = { type = "integer", default = 256,
+        between = { 1, 10000 },
+        description = "most steady-state heartbeats written by one "
+          .. "statement" } },
+      { batch_delay = { type = "duration", default = 0.002,
+        between = { 0, 1 },
+        description = "seconds a batch collects heartbeats before its "
+          .. "write starts, unless it fills first; 0 writes at once" } },
+      { batch_writers = { type = "integer", default = 2,
+        between = { 1, 64 },
+        description = "batch writes in flight at once, each on its own "
+          .. "pool connection; keep below database.pool_size" } },
+      { machine_cache_ttl = { type = "duration", default = 300,
+        between = { 0, 86400 },
+        description = "seconds a machine's id, stage and token stay "
+          .. "cached after their lookup; 0 looks up every heartbeat" } },
+      { machine_cache_size = { type = "integer", default = 100000,
+        between = { 1, 10000000 },
+        description = "machines cached at most; a full cache is emptied" } },
+      { release_cache_ttl = { type = "duration", default = 5,
+        between = { 0, 3600 },
+        description = "seconds the release list of the update offer "
+          .. "stays cached; a publish in this process empties it at once" } },
     } } },
   { domain = { type = "string", default = "localhost",
     match = "^[%w.-]+$",

@@ -11,6 +11,7 @@ local core = require("justavps.core")
 local db = require("justavps.db.db")
 local json = require("justavps.json")
 local stages = require("justavps.provision.stages")
+local state = require("justavps.platform.state")
 
 local crypto = core.crypto
 
@@ -319,7 +320,105 @@ end
 -- "delete" job. Returns the machine row; "not_found", or
 -- "invalid_transition" from stages.transition.
 function _M.request_delete(account_id, slug, requested_by)
-  return db.tx(delete_in, account_id, slug, requested_by)
+  local machine, err, code = db.tx(delete_in, account_id, slug,
+    requested_by)
+  if machine then
+    _M.forget_heartbeat_identity(slug)
+  end
+  return machine, err, code
+end
+
+
+-- The machines that sent heartbeats lately, by slug: { id, slug, stage,
+-- token, expires }. A heartbeat needs the token to check its signature
+-- before it writes anything, and looking it up was one statement of
+-- every heartbeat. The entries are safe to keep for minutes:
+-- - the heartbeat writes update only rows with deleted_at NULL, so a
+--   machine deleted meanwhile is rejected there and dropped from here;
+-- - the stage is a hint that picks the write path, and a stage change
+--   reads the stage again under a row lock;
+-- - a signature that fails with a cached token is checked again with
+--   the token read from the database.
+local heartbeat_identities = {}
+local heartbeat_identity_count = 0
+
+-- Defaults for specs that load this module without a platform config.
+local DEFAULT_IDENTITY_TTL = 300
+local DEFAULT_IDENTITY_MAX = 100000
+
+
+local function identity_limits()
+  local conf = state.conf
+  if not conf then
+    return DEFAULT_IDENTITY_TTL, DEFAULT_IDENTITY_MAX
+  end
+  return conf.heartbeat.machine_cache_ttl, conf.heartbeat.machine_cache_size
+end
+
+
+local function copy_identity(entry, cached)
+  return { id = entry.id, slug = entry.slug, stage = entry.stage,
+    token = entry.token, cached = cached }
+end
+
+
+-- Returns { id, slug, stage, token, cached } of the live machine slug
+-- for checking its heartbeat: from the cache (cached is true), or read
+-- from the database when the cache has no fresh entry or opts.fresh is
+-- set. The caller owns the returned table. Failures are nil, message,
+-- code as from db.one, with "not_found" for no live machine.
+-- NOTE: after a token is changed in the database by hand, the old token
+-- is accepted until its entry expires (heartbeat.machine_cache_ttl); the
+-- new one works at once, through the second check.
+function _M.heartbeat_identity(slug, opts)
+  local ttl, max_entries = identity_limits()
+  local now = core.now()
+  local entry = heartbeat_identities[slug]
+  local fresh = opts and opts.fresh
+  if entry and not fresh and now < entry.expires then
+    return copy_identity(entry, true)
+  end
+
+  local row, err, code = db.one(
+    "SELECT id, slug, stage::text AS stage, token FROM machines "
+      .. "WHERE slug = $1 AND deleted_at IS NULL", { slug })
+  if not row then
+    if code == "not_found" then
+      _M.forget_heartbeat_identity(slug)
+    end
+    return nil, err, code
+  end
+  if ttl > 0 then
+    if not heartbeat_identities[slug] then
+      if heartbeat_identity_count >= max_entries then
+        heartbeat_identities = {}
+        heartbeat_identity_count = 0
+      end
+      heartbeat_identity_count = heartbeat_identity_count + 1
+    end
+    heartbeat_identities[slug] = { id = row.id, slug = row.slug,
+      stage = row.stage, token = row.token, expires = now + ttl }
+  end
+  return copy_identity(row, false)
+end
+
+
+-- Records stage as the cached stage of slug, after a heartbeat read or
+-- changed it under a row lock.
+function _M.note_heartbeat_stage(slug, stage)
+  local entry = heartbeat_identities[slug]
+  if entry then
+    entry.stage = stage
+  end
+end
+
+
+-- Drops slug from the heartbeat identity cache.
+function _M.forget_heartbeat_identity(slug)
+  if heartbeat_identities[slug] then
+    heartbeat_identities[slug] = nil
+    heartbeat_identity_count = heartbeat_identity_count - 1
+  end
 end
 
 

@@ -1,12 +1,15 @@
 -- The data layer of daemon releases: create, list, and the update offer a
 -- heartbeat reply carries. Functions return their result or nil, message,
 -- code as justavps.db.db does.
+local core = require("justavps.core")
 local db = require("justavps.db.db")
 local json = require("justavps.json")
 local log = require("justavps.log")
 local rollout = require("policies.rollout")
+local state = require("justavps.platform.state")
 
 local type = type
+local pcall = pcall
 local ipairs = ipairs
 local smatch = string.match
 
@@ -18,6 +21,17 @@ _M.MAX_LIST = 100
 -- Newest releases the offer looks through for one that includes a
 -- machine. A machine outside all of them gets no offer.
 _M.OFFER_WINDOW = 20
+
+-- Seconds the offer's release list stays cached when the platform config
+-- sets none (specs that load this module without a platform).
+local DEFAULT_CACHE_TTL = 5
+
+-- The newest OFFER_WINDOW releases as the offer last read them. rows is
+-- nil when nothing is cached. generation grows with every invalidation,
+-- so a read that started before a publish is not cached after it.
+-- loading holds the waiters of heartbeats that wait for a read in flight.
+local offer_cache = { rows = nil, expires = 0, generation = 0,
+  loading = nil }
 
 -- The release version form, the same as the CHECK of releases.version:
 -- MAJOR.MINOR.PATCH with an optional -pre-release or +build suffix.
@@ -79,7 +93,65 @@ function _M.create(fields)
   if not row then
     return nil, err, code
   end
+  _M.invalidate_cache()
   return decode_row(row)
+end
+
+
+-- Empties the release list cache of the update offer, so the next
+-- heartbeat reads the list again. A publish in this process calls it.
+-- NOTE: another platform process sees a publish only when its cached
+-- list expires (heartbeat.release_cache_ttl).
+function _M.invalidate_cache()
+  offer_cache.rows = nil
+  offer_cache.expires = 0
+  offer_cache.generation = offer_cache.generation + 1
+end
+
+
+local function cache_ttl()
+  local conf = state.conf
+  return conf and conf.heartbeat.release_cache_ttl or DEFAULT_CACHE_TTL
+end
+
+
+-- Returns the newest OFFER_WINDOW releases from the cache, reading them
+-- when the cache is empty or expired. Heartbeats that miss while a read
+-- is in flight wait for that read instead of sending their own.
+local function offer_releases()
+  local ttl = cache_ttl()
+  if ttl <= 0 then
+    return _M.list(_M.OFFER_WINDOW)
+  end
+  local now = core.now()
+  if offer_cache.rows and now < offer_cache.expires then
+    return offer_cache.rows
+  end
+
+  if offer_cache.loading then
+    local waiter = core.waiter()
+    local waiters = offer_cache.loading
+    waiters[#waiters + 1] = waiter
+    local rows, err, code = waiter:wait()
+    return rows, err, code
+  end
+
+  offer_cache.loading = {}
+  local generation = offer_cache.generation
+  local ok, rows, err, code = pcall(_M.list, _M.OFFER_WINDOW)
+  if not ok then
+    rows, err, code = nil, rows, "internal"
+  end
+  local waiters = offer_cache.loading
+  offer_cache.loading = nil
+  if rows and generation == offer_cache.generation then
+    offer_cache.rows = rows
+    offer_cache.expires = now + ttl
+  end
+  for i = 1, #waiters do
+    waiters[i]:wake(rows, err, code)
+  end
+  return rows, err, code
 end
 
 
@@ -104,9 +176,10 @@ end
 -- or the machine runs that release already. Only the newest included
 -- release is a candidate, so a machine that runs it is not offered an
 -- older one. A database failure is logged and gives no offer, so it
--- never fails the heartbeat.
+-- never fails the heartbeat. The release list comes from a cache that
+-- lives heartbeat.release_cache_ttl seconds.
 function _M.offer(machine, version)
-  local rows, err, code = _M.list(_M.OFFER_WINDOW)
+  local rows, err, code = offer_releases()
   if not rows then
     log.err("update offer not computed", { slug = machine.slug,
       error = err, code = code })

@@ -1,15 +1,26 @@
 -- POST /api/v1/machines/{slug}/heartbeat: the machine-signed report a
 -- daemon sends every interval. It records version, ports, metrics and the
 -- provisioning stage the daemon reports.
+--
+-- Two paths write a heartbeat. One that changes no stage and carries no
+-- update outcome (the steady state) joins a group commit in
+-- justavps.platform.heartbeat_batch. Any other runs its own transaction
+-- that locks the machine row, reads the stage there, and writes the stage
+-- change with its machine_events row (and so its NOTIFY). Either way the
+-- reply goes out after the data has committed.
 local db = require("justavps.db.db")
 local json = require("justavps.json")
 local log = require("justavps.log")
 local api_mod = require("justavps.platform.api")
 local stages = require("justavps.provision.stages")
 local releases = require("justavps.platform.releases")
+local machines = require("justavps.platform.machines")
+local heartbeat_batch = require("justavps.platform.heartbeat_batch")
 
 local type = type
 local ipairs = ipairs
+local sfind = string.find
+local min = math.min
 
 -- Stages a daemon may report, in the order provisioning passes them. A
 -- report moves a machine forward only; the platform's own stages
@@ -37,6 +48,8 @@ local function number_or_nil(v)
 end
 
 
+-- Returns the machine_metrics values of a report's metrics, from
+-- cpu_percent to net (JSON text), with nil for a missing value.
 local function metrics_row(m)
   m = type(m) == "table" and m or {}
   local cpu = type(m.cpu) == "table" and m.cpu or {}
@@ -62,6 +75,131 @@ local function metrics_row(m)
 end
 
 
+-- Returns the stages a report moves a machine in stage `current` through,
+-- in order, each { stage, detail }. A daemon that reports services_ready
+-- has finished cloud-init too, so that event is recorded on the way.
+local function plan_steps(reported, current, cloud_init)
+  local order = STAGE_ORDER[current]
+  local steps = {}
+  if reported == "failed" and order and order < 3 then
+    steps[1] = { stage = "failed", detail = { source = "daemon",
+      reason = "cloud-init reported errors",
+      errors = json.array(type(cloud_init.errors) == "table"
+        and cloud_init.errors or {}),
+      log_tail = json.array(type(cloud_init.log_tail) == "table"
+        and cloud_init.log_tail or {}) } }
+  elseif DAEMON_STAGES[reported] and order
+      and DAEMON_STAGES[reported] > order then
+    if reported == "services_ready" and order < 2 then
+      steps[#steps + 1] = { stage = "cloud_init_done",
+        detail = { source = "daemon", cloud_init = cloud_init.status } }
+    end
+    steps[#steps + 1] = { stage = reported, detail = { source = "daemon" } }
+  end
+  return steps
+end
+
+
+-- Returns the event details of the self-update outcomes (applied,
+-- rolled_back, skipped, failed) a report carries, at most
+-- MAX_UPDATE_EVENTS.
+local function update_outcomes(body)
+  local updates = type(body.events) == "table" and body.events or {}
+  local out = {}
+  for i = 1, min(#updates, MAX_UPDATE_EVENTS) do
+    local ev = updates[i]
+    if type(ev) == "table" and UPDATE_OUTCOMES[ev.type] then
+      out[#out + 1] = { source = "daemon", kind = "update",
+        outcome = ev.type, version = type(ev.version) == "string"
+          and ev.version or nil, reason = type(ev.reason) == "string"
+          and ev.reason:sub(1, 500) or nil }
+    end
+  end
+  return out
+end
+
+
+-- Writes a heartbeat that changes the stage or carries update outcomes,
+-- in one transaction on the locked machine row. Returns the machine's
+-- stage after it, or nil, message, code ("not_found" for a machine
+-- deleted since its lookup).
+local function record_locked(tx, machine, report)
+  local locked, lerr, lcode = tx:one(
+    "SELECT stage::text AS stage FROM machines "
+      .. "WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", { machine.id })
+  if not locked then
+    return nil, lerr, lcode
+  end
+
+  local _, uerr, ucode = tx:query(
+    "UPDATE machines SET version = $2, ports = $3::jsonb, "
+      .. "last_seen_at = now() WHERE id = $1",
+    { machine.id, report.version, report.ports })
+  if ucode then
+    return nil, uerr, ucode
+  end
+
+  local row = report.metrics
+  local _, merr, mcode = tx:query(
+    "INSERT INTO machine_metrics (machine_id, cpu_percent, load_1, "
+      .. "load_5, load_15, mem_used_bytes, mem_total_bytes, "
+      .. "disk_used_bytes, disk_total_bytes, net) VALUES ($1, $2, "
+      .. "$3, $4, $5, $6, $7, $8, $9, $10::jsonb)",
+    { machine.id, row[1], row[2], row[3], row[4], row[5], row[6],
+      row[7], row[8], row[9], n = 10 })
+  if mcode then
+    return nil, merr, mcode
+  end
+
+  -- Self-update outcomes join the machine's history at its current
+  -- stage.
+  for _, detail in ipairs(report.outcomes) do
+    local _, eerr, ecode = tx:query(
+      "INSERT INTO machine_events (machine_id, stage, detail) "
+        .. "SELECT id, stage, $2::jsonb FROM machines WHERE id = $1",
+      { machine.id, json.encode(detail) })
+    if ecode then
+      return nil, eerr, ecode
+    end
+  end
+
+  -- The steps come from the stage read under the lock, not from the
+  -- lookup, which may be cached and older. Every move goes through the
+  -- stage table, and a move it forbids (a delete that raced this
+  -- heartbeat) is skipped.
+  local stage = locked.stage
+  for _, step in ipairs(plan_steps(report.stage, stage, report.cloud_init)) do
+    local ev, serr, scode = stages.transition(tx, machine, step.stage,
+      step.detail)
+    if not ev then
+      if scode ~= "invalid_transition" then
+        return nil, serr, scode
+      end
+      break
+    end
+    stage = step.stage
+  end
+  return stage
+end
+
+
+local function write_failed(machine, err, code)
+  if code == "not_found" then
+    machines.forget_heartbeat_identity(machine.slug)
+    log.warn("heartbeat for a deleted machine", { slug = machine.slug })
+    return api_mod.error(401, "unknown_machine",
+      "unknown machine or bad signature")
+  end
+  log.err("heartbeat not recorded", { slug = machine.slug,
+    error = err, code = code })
+  if code == "database_unavailable" or code == "timeout" then
+    return api_mod.error(503, "database_unavailable",
+      "the database is unavailable; retry later")
+  end
+  return api_mod.error(500, "internal", "internal server error")
+end
+
+
 return function(api)
   api:route({
     method = "POST", path = "/api/v1/machines/{slug}/heartbeat",
@@ -77,96 +215,41 @@ return function(api)
       end
 
       local version = type(body.version) == "string" and body.version or nil
-      local ports = type(body.ports) == "table" and body.ports or {}
-      local stage = body.stage
-      local current = STAGE_ORDER[machine.stage]
-      local cloud_init = type(body.cloud_init) == "table" and body.cloud_init
-        or {}
-
-      -- The stages this report moves the machine through, in order: a
-      -- daemon that reports services_ready has finished cloud-init too,
-      -- so that event is recorded on the way.
-      local steps = {}
-      if stage == "failed" and current and current < 3 then
-        steps[1] = { stage = "failed", detail = { source = "daemon",
-          reason = "cloud-init reported errors",
-          errors = json.array(type(cloud_init.errors) == "table"
-            and cloud_init.errors or {}),
-          log_tail = json.array(type(cloud_init.log_tail) == "table"
-            and cloud_init.log_tail or {}) } }
-      elseif DAEMON_STAGES[stage] and current
-          and DAEMON_STAGES[stage] > current then
-        if stage == "services_ready" and current < 2 then
-          steps[#steps + 1] = { stage = "cloud_init_done",
-            detail = { source = "daemon", cloud_init = cloud_init.status } }
-        end
-        steps[#steps + 1] = { stage = stage, detail = { source = "daemon" } }
+      if version and sfind(version, "\0", 1, true) then
+        return api_mod.error(400, "invalid_request",
+          "version must not contain NUL characters")
       end
+      local ports = type(body.ports) == "table" and body.ports or {}
+      local report = {
+        version = version,
+        ports = json.encode(json.array(ports)),
+        metrics = metrics_row(body.metrics),
+        stage = body.stage,
+        cloud_init = type(body.cloud_init) == "table" and body.cloud_init
+          or {},
+        outcomes = update_outcomes(body),
+      }
 
-      local ok, err, code = db.tx(function(tx)
-        local _, uerr, ucode = tx:query(
-          "UPDATE machines SET version = $2, ports = $3::jsonb, "
-            .. "last_seen_at = now() WHERE id = $1",
-          { machine.id, version, json.encode(json.array(ports)) })
-        if ucode then
-          return nil, uerr, ucode
+      -- machine.stage may come from the lookup cache. A stale stage
+      -- only sends the report to the locked path, which reads the stage
+      -- again, because stages never move back to one a daemon reports.
+      local ok, err, code
+      if #report.outcomes == 0
+          and #plan_steps(report.stage, machine.stage, report.cloud_init)
+            == 0 then
+        ok, err, code = heartbeat_batch.submit({ machine_id = machine.id,
+          version = version, ports = report.ports,
+          metrics = report.metrics })
+      else
+        local stage
+        stage, err, code = db.tx(record_locked, machine, report)
+        if stage then
+          machines.note_heartbeat_stage(machine.slug, stage)
+          ok = true
         end
-
-        local row = metrics_row(body.metrics)
-        local _, merr, mcode = tx:query(
-          "INSERT INTO machine_metrics (machine_id, cpu_percent, load_1, "
-            .. "load_5, load_15, mem_used_bytes, mem_total_bytes, "
-            .. "disk_used_bytes, disk_total_bytes, net) VALUES ($1, $2, "
-            .. "$3, $4, $5, $6, $7, $8, $9, $10::jsonb)",
-          { machine.id, row[1], row[2], row[3], row[4], row[5], row[6],
-            row[7], row[8], row[9], n = 10 })
-        if mcode then
-          return nil, merr, mcode
-        end
-
-        -- Self-update outcomes (applied, rolled_back, skipped, failed)
-        -- join the machine's history at its current stage.
-        local updates = type(body.events) == "table" and body.events or {}
-        for i = 1, math.min(#updates, MAX_UPDATE_EVENTS) do
-          local ev = updates[i]
-          if type(ev) == "table" and UPDATE_OUTCOMES[ev.type] then
-            local _, uerr2, ucode2 = tx:query(
-              "INSERT INTO machine_events (machine_id, stage, detail) "
-                .. "SELECT id, stage, $2::jsonb FROM machines WHERE id = $1",
-              { machine.id, json.encode({ source = "daemon", kind = "update",
-                outcome = ev.type, version = type(ev.version) == "string"
-                  and ev.version or nil, reason = type(ev.reason) == "string"
-                  and ev.reason:sub(1, 500) or nil }) })
-            if ucode2 then
-              return nil, uerr2, ucode2
-            end
-          end
-        end
-
-        -- Every move goes through the stage table, which checks it
-        -- against the machine's stage read under a row lock; a move the
-        -- table forbids (a delete that raced this heartbeat) is skipped.
-        for _, step in ipairs(steps) do
-          local ev, serr, scode = stages.transition(tx, machine, step.stage,
-            step.detail)
-          if not ev then
-            if scode ~= "invalid_transition" then
-              return nil, serr, scode
-            end
-            break
-          end
-        end
-        return true
-      end)
-
+      end
       if not ok then
-        log.err("heartbeat not recorded", { slug = machine.slug,
-          error = err, code = code })
-        if code == "database_unavailable" then
-          return api_mod.error(503, "database_unavailable",
-            "the database is unavailable; retry later")
-        end
-        return api_mod.error(500, "internal", "internal server error")
+        return write_failed(machine, err, code)
       end
 
       local offer = releases.offer(machine, version)
