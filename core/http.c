@@ -131,6 +131,11 @@ struct jv_http_conn_s {
   size_t ext_len;   /* chunk-extension bytes in the current chunk */
   int peer_eof;     /* the client closed its side */
 
+  /* The client's address, looked up once per connection by req:peer. */
+  char peer_ip[64];
+  int peer_port;
+  int peer_known;
+
   /* A limit a parser callback hit, sent instead of llhttp's reason. */
   int reject_status;
   const char *reject_code;
@@ -1580,16 +1585,18 @@ static int
 l_req_peer(lua_State *L)
 {
   jv_http_conn_t *c = check_req(L);
-  char ip[64];
-  int port;
 
-  if (jv_stream_address(c->stream, 1, ip, sizeof(ip), &port) != 0) {
-    lua_pushnil(L);
-    return 1;
+  if (!c->peer_known) {
+    if (jv_stream_address(c->stream, 1, c->peer_ip, sizeof(c->peer_ip),
+                          &c->peer_port) != 0) {
+      lua_pushnil(L);
+      return 1;
+    }
+    c->peer_known = 1;
   }
 
-  lua_pushstring(L, ip);
-  lua_pushinteger(L, port);
+  lua_pushstring(L, c->peer_ip);
+  lua_pushinteger(L, c->peer_port);
   return 2;
 }
 
@@ -2501,29 +2508,32 @@ l_req_forward_head(lua_State *L)
 }
 
 
-int
-jv__http_relay_head(lua_State *L, int req_index, int status, const char *head,
-                    const jv_http_header_t *hdrs, unsigned n)
+/* Builds the relayed response head into c->out (see jv__http_relay_head).
+ * Returns the connection, or raises. */
+static jv_http_conn_t *
+build_relay_head(lua_State *L, int req_index, int status, const char *head,
+                 const jv_http_header_t *hdrs, unsigned n)
 {
   jv_http_req_box_t *box = luaL_checkudata(L, req_index, JV_HTTP_REQUEST_MT);
   jv_http_conn_t *c = box->conn;
   int has_length = 0, has_date = 0;
   int bodyless = (status < 200 || status == 204 || status == 304);
-  uv_buf_t buf;
   unsigned i;
-  int rc;
 
   if (c == NULL) {
-    return luaL_error(L, "request is over: its response was sent or its "
-                         "connection closed");
+    luaL_error(L, "request is over: its response was sent or its "
+                  "connection closed");
+    return NULL;
   }
 
   if (c->head_sent) {
-    return luaL_error(L, "response head already sent");
+    luaL_error(L, "response head already sent");
+    return NULL;
   }
 
   if (status < 100 || status > 999) {
-    return luaL_error(L, "invalid status %d", status);
+    luaL_error(L, "invalid status %d", status);
+    return NULL;
   }
 
   c->out_len = 0;
@@ -2588,6 +2598,17 @@ jv__http_relay_head(lua_State *L, int req_index, int status, const char *head,
   }
 
   out_add(L, c, "\r\n", 2);
+  return c;
+}
+
+
+int
+jv__http_relay_head(lua_State *L, int req_index, int status, const char *head,
+                    const jv_http_header_t *hdrs, unsigned n)
+{
+  jv_http_conn_t *c = build_relay_head(L, req_index, status, head, hdrs, n);
+  uv_buf_t buf;
+  int rc;
 
   buf = uv_buf_init(c->out, (unsigned) c->out_len);
   c->status = status;
@@ -2603,6 +2624,71 @@ jv__http_relay_head(lua_State *L, int req_index, int status, const char *head,
 
   lua_pushboolean(L, 1);
   return 1;
+}
+
+
+int
+jv__http_relay_response(lua_State *L, int req_index, int status,
+                        const char *head, const jv_http_header_t *hdrs,
+                        unsigned n, const uv_buf_t *body, unsigned nbody,
+                        int complete)
+{
+  jv_http_conn_t *c;
+  uv_buf_t bufs[JV_HTTP_RELAY_MAX_PIECES + 4];
+  char size_line[24];
+  size_t total = 0;
+  unsigned nbufs = 0, i;
+  int rc;
+
+  if (status < 200 || nbody > JV_HTTP_RELAY_MAX_PIECES) {
+    return luaL_error(L, "relay of status %d with %u body pieces", status,
+                      nbody);
+  }
+
+  c = build_relay_head(L, req_index, status, head, hdrs, n);
+  bufs[nbufs++] = uv_buf_init(c->out, (unsigned) c->out_len);
+
+  if (!c->is_head) {
+    for (i = 0; i < nbody; i++) {
+      total += body[i].len;
+    }
+
+    if (total > 0 && c->chunked) {
+      int len = snprintf(size_line, sizeof(size_line), "%zx\r\n", total);
+
+      bufs[nbufs++] = uv_buf_init(size_line, (unsigned) len);
+    }
+
+    for (i = 0; i < nbody; i++) {
+      if (body[i].len > 0) {
+        bufs[nbufs++] = body[i];
+      }
+    }
+
+    if (total > 0 && c->chunked) {
+      bufs[nbufs++] = uv_buf_init("\r\n", 2);
+    }
+
+    if (complete && c->chunked) {
+      bufs[nbufs++] = uv_buf_init("0\r\n\r\n", 5);
+    }
+  }
+
+  c->status = status;
+  c->head_sent = 1;
+  rc = conn_write(c, bufs, nbufs);
+
+  if (complete) {
+    conn_response_done(c);
+  }
+
+  if (rc != 0) {
+    return jv__push_error(L, rc);
+  }
+
+  lua_pushboolean(L, 1);
+  lua_pushstring(L, complete ? "done" : "more");
+  return 2;
 }
 
 

@@ -878,6 +878,59 @@ l_response_relay_head(lua_State *L)
 }
 
 
+/*
+ * res:relay(req): like relay_head, and sends in the same write the body
+ * bytes already parsed. When they are the whole body the response to req
+ * ends there (req:finish is not called). Returns true, "done" when the
+ * response is complete, true, "more" when the caller relays the rest with
+ * res:read and req:write, or nil, message, code when the write fails.
+ */
+static int
+l_response_relay(lua_State *L)
+{
+  jv_http_response_t *res = check_response(L, 1);
+  uv_buf_t body[JV_HTTP_RELAY_MAX_PIECES];
+  unsigned nbody = 0;
+  int complete, rc;
+
+  if (!res->headers_done) {
+    return luaL_error(L, "response head not received yet");
+  }
+
+  if (res->status < 200 || res->closed) {
+    rc = jv__http_relay_head(L, 2, res->status, res->head, res->hdrs,
+                             res->nhdrs);
+    if (rc == 1) {
+      lua_pushstring(L, "more");
+      return 2;
+    }
+    return rc;
+  }
+
+  while (res->span_first < res->nspans && nbody < JV_HTTP_RELAY_MAX_PIECES) {
+    jv_span_t *sp = &res->spans[res->span_first];
+
+    body[nbody++] =
+        uv_buf_init((char *) res->input + sp->off, (unsigned) sp->len);
+    res->span_first++;
+  }
+
+  complete =
+      res->message_done && !res->failed && res->span_first == res->nspans;
+
+  /* The pieces point into the input string, which stays anchored until
+   * the write has taken (or copied) them. */
+  rc = jv__http_relay_response(L, 2, res->status, res->head, res->hdrs,
+                               res->nhdrs, body, nbody, complete);
+
+  if (res->span_first == res->nspans) {
+    drop_input(L, res, 1);
+  }
+
+  return rc;
+}
+
+
 static int
 may_reuse(jv_http_response_t *res)
 {
@@ -1654,6 +1707,7 @@ jv__http_client_register(lua_State *L, int table_index)
     { "headers", l_response_headers },
     { "header_list", l_response_header_list },
     { "relay_head", l_response_relay_head },
+    { "relay", l_response_relay },
     { "keepalive", l_response_keepalive },
     { "socket", l_response_socket },
     { "close", l_response_close },

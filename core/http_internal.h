@@ -57,6 +57,20 @@ int jv__http_relay_head(lua_State *L, int req_index, int status,
                         const char *head, const jv_http_header_t *hdrs,
                         unsigned n);
 
+/* Most body pieces jv__http_relay_response takes in one call. */
+#define JV_HTTP_RELAY_MAX_PIECES 16
+
+/* Like jv__http_relay_head for a final status (200 or more), and writes
+ * the nbody body pieces in the same write (as one chunk when the response
+ * is chunked). When complete is non-zero the pieces are the whole body:
+ * the response ends as req:finish ends it. Returns the number of Lua
+ * results pushed: true, "done" or "more", or nil, message, code when the
+ * write fails. */
+int jv__http_relay_response(lua_State *L, int req_index, int status,
+                            const char *head, const jv_http_header_t *hdrs,
+                            unsigned n, const uv_buf_t *body, unsigned nbody,
+                            int complete);
+
 /* Returns non-zero when a header value contains no CR, LF or NUL, the
  * bytes that would let a value inject another field. */
 int jv__http_value_ok(const char *v, size_t len);

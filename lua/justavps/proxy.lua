@@ -374,8 +374,19 @@ function _M.forward(req, opts)
 
   -- Keeps the upstream's framing when it sent a length, so the client
   -- sees the same Content-Length; otherwise the server chunks the body.
-  if not res:relay_head(req) then
+  -- The head goes out with the body bytes read so far, in one write, and
+  -- a body that arrived whole ends the response there.
+  local ok, progress = res:relay(req)
+  if not ok then
     res:close()
+    return
+  end
+  if progress == "done" then
+    if res:keepalive() then
+      pool_put(host, port, res:socket(), opts.tls, opts.server_name)
+    else
+      res:close()
+    end
     return
   end
 

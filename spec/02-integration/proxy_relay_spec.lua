@@ -1,0 +1,215 @@
+-- justavps.proxy.forward's relay of the upstream response with res:relay:
+-- the head and the body bytes already read go out in one write, and a body
+-- that arrived whole ends the response without req:finish. These specs
+-- cover the cases around that shortcut: a body that arrives after the
+-- head, many small chunks, bodyless answers, several requests on one
+-- client connection with the upstream connection reused, and the request
+-- counters of the C side (peer address looked up once per connection).
+local core = require("justavps.core")
+local helpers = require("support.helpers")
+local raw = require("support.rawhttp")
+local proxy = require("justavps.proxy")
+
+local async = helpers.async
+
+
+-- Starts a raw upstream that answers each request head read on a
+-- connection with respond(sock, head, n), n counting the requests on that
+-- connection; stats.connections counts accepted connections.
+local function upstream(stats, respond)
+  return assert(core.tcp.listen({
+    port = 0,
+    on_accept = function(sock)
+      stats.connections = (stats.connections or 0) + 1
+      sock:settimeout(5)
+      local n = 0
+      while true do
+        local head = sock:readuntil("\r\n\r\n")
+        if not head then
+          break
+        end
+        n = n + 1
+        if respond(sock, head, n) == false then
+          break
+        end
+      end
+      sock:close()
+    end,
+  }))
+end
+
+
+local function front(port)
+  return assert(core.http.listen({
+    port = 0,
+    access_log = false,
+    handler = function(req)
+      return proxy.forward(req, { host = "127.0.0.1", port = port,
+        timeout = 5 })
+    end,
+  }))
+end
+
+
+local GET = "GET / HTTP/1.1\r\nHost: app\r\n\r\n"
+
+
+describe("proxy relay of the upstream response", function()
+  after_each(function()
+    proxy.close_pool()
+  end)
+
+  it("relays a body that arrives after the head", async(function()
+    local up = upstream({}, function(sock)
+      sock:write("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+      core.sleep(0.05)
+      sock:write("first")
+      core.sleep(0.05)
+      sock:write("-last")
+    end)
+    local srv = front(up:port())
+    local sock = raw.connect(srv:port())
+    assert(sock:write(GET))
+    local res = assert(raw.read_response(sock))
+    assert.equal(200, res.status)
+    assert.equal("10", res.headers["content-length"])
+    assert.equal("first-last", res.body)
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
+  it("joins many small chunks that arrive with the head", async(function()
+    local parts, expected = {}, {}
+    for i = 1, 40 do
+      local piece = string.format("%02d", i)
+      parts[#parts + 1] = "2\r\n" .. piece .. "\r\n"
+      expected[#expected + 1] = piece
+    end
+    local up = upstream({}, function(sock)
+      sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. table.concat(parts) .. "0\r\n\r\n")
+    end)
+    local srv = front(up:port())
+    local sock = raw.connect(srv:port())
+    assert(sock:write(GET))
+    local res = assert(raw.read_response(sock))
+    assert.equal("chunked", res.headers["transfer-encoding"])
+    assert.equal(table.concat(expected), res.body)
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
+  it("ends a 204 and a 304 without a body", async(function()
+    local up = upstream({}, function(sock, _, n)
+      if n == 1 then
+        sock:write("HTTP/1.1 204 No Content\r\n\r\n")
+      else
+        sock:write("HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+      end
+    end)
+    local srv = front(up:port())
+    local sock = raw.connect(srv:port())
+    assert(sock:write(GET))
+    local res = assert(raw.read_response(sock, { head = true }))
+    assert.equal(204, res.status)
+    assert.is_nil(res.headers["transfer-encoding"])
+    assert(sock:write(GET))
+    res = assert(raw.read_response(sock, { head = true }))
+    assert.equal(304, res.status)
+    assert.equal("\"x\"", res.headers["etag"])
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
+  it("serves keep-alive requests over one reused upstream connection",
+    async(function()
+      local stats = {}
+      local up = upstream(stats, function(sock, _, n)
+        local body = "reply " .. n
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #body
+          .. "\r\n\r\n" .. body)
+      end)
+      local srv = front(up:port())
+      local sock = raw.connect(srv:port())
+      for n = 1, 5 do
+        assert(sock:write(GET))
+        local res = assert(raw.read_response(sock))
+        assert.equal(200, res.status)
+        assert.equal("reply " .. n, res.body)
+      end
+      assert.equal(1, stats.connections)
+      sock:close()
+      srv:close()
+      up:close()
+    end))
+
+  it("answers pipelined requests in order", async(function()
+    local up = upstream({}, function(sock, head)
+      local path = head:match("^GET (%S+)")
+      sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #path
+        .. "\r\n\r\n" .. path)
+    end)
+    local srv = front(up:port())
+    local sock = raw.connect(srv:port())
+    assert(sock:write("GET /a HTTP/1.1\r\nHost: app\r\n\r\n"
+      .. "GET /bb HTTP/1.1\r\nHost: app\r\n\r\n"))
+    local first = assert(raw.read_response(sock))
+    local second = assert(raw.read_response(sock))
+    assert.equal("/a", first.body)
+    assert.equal("/bb", second.body)
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
+  it("closes the client connection when the upstream body is cut short",
+    async(function()
+      local up = upstream({}, function(sock)
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        return false
+      end)
+      local srv = front(up:port())
+      local sock = raw.connect(srv:port())
+      assert(sock:write(GET))
+      local head = assert(sock:readuntil("\r\n\r\n"))
+      assert.truthy(head:find("Content-Length: 100", 1, true))
+      local rest = sock:read(100)
+      assert.equal("partial", rest)
+      local after, err = sock:read(100)
+      assert.is_nil(after)
+      assert.truthy(err)
+      sock:close()
+      srv:close()
+      up:close()
+    end))
+end)
+
+
+describe("req:peer on a kept-alive connection", function()
+  it("returns the same address for every request", async(function()
+    local seen = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local ip, port = req:peer()
+        seen[#seen + 1] = ip .. " " .. port
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    for _ = 1, 3 do
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+    end
+    assert.equal(3, #seen)
+    assert.equal(seen[1], seen[2])
+    assert.equal(seen[1], seen[3])
+    assert.truthy(seen[1]:find("^127%.0%.0%.1 %d+$"))
+    sock:close()
+    srv:close()
+  end))
+end)
