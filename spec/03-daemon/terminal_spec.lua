@@ -30,9 +30,10 @@ local function write_file(path, data)
 end
 
 
--- Starts the daemon with a config in a new temporary directory. Returns
--- a table with proc, port, dir and lines (its stderr so far).
-local function start_daemon()
+-- Starts the daemon with a config in a new temporary directory, with
+-- terminal as its "terminal" record when given. Returns a table with
+-- proc, port, dir and lines (its stderr so far).
+local function start_daemon(terminal)
   local dir = os.tmpname()
   os.remove(dir)
   sh("mkdir -p " .. dir)
@@ -46,6 +47,7 @@ local function start_daemon()
     toolbox_root = dir,
     state_dir = dir,
     shell = "/bin/sh",
+    terminal = terminal,
   }))
 
   local p = assert(core.proc.spawn({
@@ -554,6 +556,105 @@ describe("daemon terminal", function()
     c:bye()
     core.sleep(0.5)
     assert.is_false(log_has(d, "secret%-out"))
+  end, 30))
+end)
+
+
+-- Waits until pred() is true, pumping nothing; fails after limit seconds.
+local function wait_until(limit, pred, what)
+  core.update_time()
+  local deadline = core.now() + limit
+  while not pred() do
+    core.update_time()
+    if core.now() > deadline then
+      error("timed out waiting for " .. what, 2)
+    end
+    core.sleep(0.05)
+  end
+end
+
+
+describe("daemon terminal limits", function()
+  local d
+
+  setup(function()
+    helpers.run(function()
+      d = start_daemon({ reattach_window = 1, idle_timeout = 2,
+        ping_interval = 1, max_sessions = 2, kill_grace = 1 })
+    end)
+  end)
+
+  teardown(function()
+    helpers.run(function()
+      assert.equal(0, stop_daemon(d))
+    end, 30)
+  end)
+
+  it("ends a detached session after the window", async(function()
+    local c = attach(d)
+    local s = c:session()
+    c:bye()
+    wait_until(WAIT, function()
+      return log_has(d, "reason=reattach_window")
+    end, "the reattach window to expire")
+    wait_until(WAIT, function()
+      return raw_upgrade(d, "/_pty?session=" .. s.id).status == 404
+    end, "the session to be freed")
+  end, 30))
+
+  it("ends an idle attached session", async(function()
+    local c = attach(d)
+    c:session()
+    local closed = c:wait_close()
+    assert.is_true(closed.code == 4001 or closed.code == 1000,
+      "close code " .. tostring(closed.code))
+    -- The daemon buffers its log when stderr is a pipe, so the line may
+    -- come a little after the close.
+    wait_until(WAIT, function()
+      return log_has(d, "reason=idle_timeout")
+    end, "the idle_timeout log line")
+  end, 30))
+
+  it("rejects a session past the maximum", async(function()
+    local a = attach(d)
+    local b = attach(d)
+    a:session()
+    b:session()
+    local res = raw_upgrade(d, "/_pty")
+    assert.equal(503, res.status)
+    assert.equal("too_many_sessions", res.json.error.code)
+    a:type("exit\n")
+    b:type("exit\n")
+    a:wait_close()
+    b:wait_close()
+  end, 30))
+
+  it("pings an attached client", async(function()
+    local c = attach(d)
+    c:session()
+    local kinds = {}
+    wait_until(WAIT, function()
+      local _, kind = c.conn:recv()
+      if kind then
+        kinds[kind] = true
+      end
+      return kinds.ping == true
+    end, "a ping")
+    c:type("exit\n")
+    c:wait_close()
+  end, 30))
+
+  it("drops a client that stops answering pings", async(function()
+    local sock = assert(core.tcp.connect("127.0.0.1", d.port))
+    sock:settimeout(WAIT)
+    assert(websocket.client_handshake(sock, { host = "127.0.0.1",
+      path = "/_pty" }))
+    -- Nothing is read, so no pong goes back; after three ping intervals
+    -- the daemon closes its side.
+    wait_until(WAIT, function()
+      return log_has(d, "stopped responding to pings")
+    end, "the ping check")
+    sock:close()
   end, 30))
 end)
 

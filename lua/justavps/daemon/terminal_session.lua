@@ -35,9 +35,11 @@ local FRAME_SIZE = 64 * 1024
 -- closes a PTY that a background job keeps open.
 local EXIT_DRAIN = 2
 
--- Seconds between checks for sessions past their reattach window or idle
--- limit; an expiry happens up to this much later than configured.
-local SWEEP_INTERVAL = 10
+-- Longest time between checks for sessions past their reattach window or
+-- idle limit. A shorter limit is checked at a quarter of its length, so an
+-- expiry comes at most a quarter late (and never more than this).
+local MAX_SWEEP_INTERVAL = 10
+local MIN_SWEEP_INTERVAL = 0.25
 
 local ID_LENGTH = 32
 
@@ -223,9 +225,20 @@ local function sweep()
 end
 
 
+local function sweep_interval()
+  local shortest = settings.reattach_window
+  if settings.idle_timeout > 0 and settings.idle_timeout < shortest then
+    shortest = settings.idle_timeout
+  end
+  return math.max(MIN_SWEEP_INTERVAL,
+    math.min(MAX_SWEEP_INTERVAL, shortest / 4))
+end
+
+
 local function start_sweeper()
   if not sweeper then
-    sweeper = timer(SWEEP_INTERVAL, sweep, SWEEP_INTERVAL)
+    local interval = sweep_interval()
+    sweeper = timer(interval, sweep, interval)
   end
 end
 
