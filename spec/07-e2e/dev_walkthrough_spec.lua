@@ -325,6 +325,15 @@ describe("justavps dev walkthrough", function()
     assert.equal(200, signed_status, text)
   end))
 
+  it("lists the local regions and server types", async(function()
+    local status, _, body, regions = api("GET", "/regions")
+    assert.equal(200, status, body)
+    assert.equal("local", regions.regions[1].id)
+    local types_status, _, types_body, types = api("GET", "/server-types")
+    assert.equal(200, types_status, types_body)
+    assert.equal("local", types.server_types[1].id)
+  end))
+
   it("creates a machine and streams its stages", async(function()
     local status, _, body, created = api("POST", "/machines", { json = {
       name = "walkthrough", provider = "local", region = "local",
@@ -504,6 +513,36 @@ describe("justavps dev walkthrough", function()
     assert.equal(200, status, body)
     assert.is_true(#metrics.items > 0)
   end, 40))
+
+  it("restarts a role that crashed", async(function()
+    for _, role in ipairs({ "broker", "edge", "platform" }) do
+      local pid_file = dir .. "/run/" .. role .. ".pid"
+      local old_pid = tonumber(read_file(pid_file))
+      assert.is_number(old_pid)
+      assert(core.proc.kill(old_pid, "SIGKILL"))
+      local new_pid = eventually(20, function()
+        local pid = tonumber(read_file(pid_file) or "")
+        return pid ~= old_pid and pid or nil
+      end)
+      assert.truthy(new_pid, role .. " was not restarted")
+      assert.truthy(eventually(20, function()
+        for _, line in ipairs(dev_log) do
+          if line:find("role exited; restarting it", 1, true)
+              and line:find("role=" .. role, 1, true) then
+            return true
+          end
+        end
+        return false
+      end), role .. ": no restart log line")
+    end
+
+    -- The whole chain works again.
+    local ok = eventually(20, function()
+      local s = curl(machine_url(slug, app_port), { key = stack.api_key })
+      return s == 200
+    end)
+    assert.truthy(ok, "the chain did not recover")
+  end, 90))
 
   it("deletes the machine and leaves nothing behind", async(function()
     assert.is_true(process_alive(daemon_pid))
