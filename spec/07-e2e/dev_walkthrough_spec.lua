@@ -310,6 +310,17 @@ describe("justavps dev walkthrough", function()
     assert.truthy(out:find("stack.json", 1, true), out)
   end, 200))
 
+  it("rejects a second stack on the same directory", async(function()
+    local status, _, err = run(BIN, { "dev", "--dir", dir,
+      "--platform-port", tostring(free_port()),
+      "--edge-port", tostring(free_port()),
+      "--broker-port", tostring(free_port()) })
+    assert.equal(1, status)
+    assert.truthy(err:find("another justavps dev is running", 1, true), err)
+    -- The running stack is untouched.
+    assert.equal(200, (api("GET", "/me")))
+  end, 60))
+
   it("signs the internal API with the token", async(function()
     local url = stack.machine.internal_url .. "/v1/health"
     local status, _, _, body = curl(url)

@@ -4,6 +4,7 @@
 -- no bindings for them.
 local core = require("justavps.core")
 local ffi = require("ffi")
+local bit = require("bit")
 
 local ipairs = ipairs
 local pcall = pcall
@@ -21,6 +22,9 @@ for _, decl in ipairs({
   "int symlink(const char *target, const char *linkpath);",
   "long readlink(const char *path, char *buf, unsigned long size);",
   "char *strerror(int errnum);",
+  "int open(const char *path, int flags, unsigned int mode);",
+  "int flock(int fd, int operation);",
+  "int close(int fd);",
 }) do
   pcall(ffi.cdef, decl)
 end
@@ -87,6 +91,35 @@ function _M.run(file, args, opts)
   p.stdout:close()
   p.stderr:close()
   return { status = status, stdout = concat(outs), stderr = concat(errs) }
+end
+
+
+-- Linux values of open(2) and flock(2) flags.
+local O_WRONLY, O_CREAT, O_CLOEXEC = 1, 64, 524288
+local LOCK_EX, LOCK_NB = 2, 4
+local EWOULDBLOCK = 11
+
+
+-- Takes an exclusive lock on path (created if missing) for as long as this
+-- process runs; the kernel drops it when the process exits, however it
+-- exits. Returns true, or nil, message, where code "locked" means another
+-- process holds it.
+function _M.lock(path)
+  local fd = C.open(path, bit.bor(O_WRONLY, O_CREAT, O_CLOEXEC),
+    tonumber("600", 8))
+  if fd < 0 then
+    return nil, errno_message("open", path)
+  end
+  if C.flock(fd, bit.bor(LOCK_EX, LOCK_NB)) ~= 0 then
+    local errno = ffi.errno()
+    C.close(fd)
+    if errno == EWOULDBLOCK then
+      return nil, "locked", "locked"
+    end
+    return nil, "flock " .. path .. ": " .. ffi.string(C.strerror(errno))
+  end
+  -- The descriptor stays open on purpose: closing it would drop the lock.
+  return true
 end
 
 

@@ -159,6 +159,15 @@ local function start(opts, state)
   if not opts.dir then
     return err
   end
+  local code
+  ok, err, code = files.lock(opts.dir .. "/dev.lock")
+  if not ok then
+    if code == "locked" then
+      return "another justavps dev is running on " .. opts.dir
+        .. "; stop it first, or pass another --dir"
+    end
+    return err
+  end
 
   local pg, conninfo = postgres.open(opts.dir)
   if not pg then
