@@ -138,9 +138,10 @@ function Supervisor.wait_ready(_, child, port, timeout)
 end
 
 
--- Starts role name with the config file config, waits until it listens
--- on port, and keeps it running. Returns true, or nil, message.
-function Supervisor:start(name, config, port)
+-- Starts role name with the config file config, waits up to timeout
+-- seconds until it listens on port, and keeps it running. Returns true,
+-- or nil, message.
+function Supervisor:start(name, config, port, timeout)
   local child = {
     name = name,
     config = config,
@@ -153,7 +154,7 @@ function Supervisor:start(name, config, port)
     return nil, err
   end
   self.children[#self.children + 1] = child
-  ok, err = self:wait_ready(child, port, 60)
+  ok, err = self:wait_ready(child, port, timeout)
   if not ok then
     return nil, err
   end

@@ -207,7 +207,8 @@ local function start(opts, state)
       { "platform", opts.platform_port },
       { "broker", opts.broker_port },
       { "edge", opts.edge_port } }) do
-    ok, err = sup:start(role[1], stack.configs[role[1]], role[2])
+    ok, err = sup:start(role[1], stack.configs[role[1]], role[2],
+      opts.ready_timeout)
     if not ok then
       return err
     end
