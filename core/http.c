@@ -1479,9 +1479,6 @@ push_url_part(lua_State *L, jv_http_conn_t *c, int part)
 }
 
 
-static int l_req_methods_index;
-
-
 /* req.method, req.target, req.path, req.query, req.version, req.id; any
  * other key looks up a method. */
 static int
@@ -1531,8 +1528,7 @@ l_req_index(lua_State *L)
     }
   }
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, l_req_methods_index);
-  lua_getfield(L, -1, key);
+  lua_pushnil(L);
   return 1;
 }
 
@@ -1560,6 +1556,53 @@ l_req_header(lua_State *L)
 
 /* req:headers(): a table of lower-case names to values; a repeated header
  * maps to an array of its values in order. */
+/* req:header_count(name): the number of header fields named name, in any
+ * case, and the value of the first one (nil when there is none), without
+ * building a table. */
+static int
+l_req_header_count(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  const char *name = luaL_checkstring(L, 2);
+  const char *v = NULL;
+  size_t len = 0;
+  unsigned n = count_headers(c, name, &v, &len);
+
+  lua_pushinteger(L, (lua_Integer) n);
+  if (n == 0) {
+    lua_pushnil(L);
+
+  } else {
+    lua_pushlstring(L, v, len);
+  }
+
+  return 2;
+}
+
+
+/* req:has_header_prefix(prefix): true when a header field name starts
+ * with prefix, compared without case. */
+static int
+l_req_has_header_prefix(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  size_t plen;
+  const char *prefix = luaL_checklstring(L, 2, &plen);
+  unsigned i;
+
+  for (i = 0; i < c->nhdrs; i++) {
+    if (c->hdrs[i].name_len >= plen &&
+        strncasecmp(c->head + c->hdrs[i].name_off, prefix, plen) == 0) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+
 static int
 l_req_headers(lua_State *L)
 {
@@ -2729,6 +2772,19 @@ opt_field_number(lua_State *L, int idx, const char *name, double def)
 }
 
 
+/* __index of requests and responses: methods from a table, other keys
+ * from a C function of (object, key). */
+const char jv__http_index_src[] = "local methods, field = ...\n"
+                                  "return function(obj, key)\n"
+                                  "  local m = methods[key]\n"
+                                  "  if m ~= nil then\n"
+                                  "    return m\n"
+                                  "  end\n"
+                                  "  return field(obj, key)\n"
+                                  "end\n";
+const size_t jv__http_index_src_len = sizeof(jv__http_index_src) - 1;
+
+
 /* Wraps the handler so its result and errors come back to l_req_done. */
 static const char wrapper_src[] =
     "local handler, traceback = ...\n"
@@ -2994,23 +3050,26 @@ jv__open_http(lua_State *L)
     { "connections", l_server_connections },
     { NULL, NULL }
   };
-  static const luaL_Reg req_methods[] = { { "header", l_req_header },
-                                          { "headers", l_req_headers },
-                                          { "header_list", l_req_header_list },
-                                          { "peer", l_req_peer },
-                                          { "read", l_req_read },
-                                          { "respond", l_req_respond },
-                                          { "send_head", l_req_send_head },
-                                          { "write", l_req_write },
-                                          { "finish", l_req_finish },
-                                          { "hijack", l_req_hijack },
-                                          { "keepalive", l_req_keepalive },
-                                          { "is_upgrade", l_req_is_upgrade },
-                                          { "head_sent", l_req_head_sent },
-                                          { "forward_head",
-                                            l_req_forward_head },
-                                          { "_done", l_req_done },
-                                          { NULL, NULL } };
+  static const luaL_Reg req_methods[] = {
+    { "header", l_req_header },
+    { "headers", l_req_headers },
+    { "header_list", l_req_header_list },
+    { "header_count", l_req_header_count },
+    { "has_header_prefix", l_req_has_header_prefix },
+    { "peer", l_req_peer },
+    { "read", l_req_read },
+    { "respond", l_req_respond },
+    { "send_head", l_req_send_head },
+    { "write", l_req_write },
+    { "finish", l_req_finish },
+    { "hijack", l_req_hijack },
+    { "keepalive", l_req_keepalive },
+    { "is_upgrade", l_req_is_upgrade },
+    { "head_sent", l_req_head_sent },
+    { "forward_head", l_req_forward_head },
+    { "_done", l_req_done },
+    { NULL, NULL }
+  };
   unsigned char rnd[4];
   int i;
 
@@ -3037,14 +3096,20 @@ jv__open_http(lua_State *L)
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
 
-  luaL_newmetatable(L, JV_HTTP_REQUEST_MT);
-  lua_pushcfunction(L, l_req_index);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-
+  /* Methods are found in a Lua table by a Lua __index, and only the
+   * request's fields (method, target, ...) cost a call into C. */
   lua_newtable(L);
   luaL_setfuncs(L, req_methods, 0);
-  l_req_methods_index = luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_newmetatable(L, JV_HTTP_REQUEST_MT);
+  if (luaL_loadbuffer(L, jv__http_index_src, jv__http_index_src_len,
+                      "=http request") != 0) {
+    lua_error(L);
+  }
+  lua_pushvalue(L, -3);
+  lua_pushcfunction(L, l_req_index);
+  lua_call(L, 2, 1);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 2);
 
   lua_newtable(L);
   luaL_setfuncs(L, funcs, 0);

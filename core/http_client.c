@@ -810,8 +810,7 @@ l_response_index(lua_State *L)
     return 1;
   }
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, l_response_methods_ref);
-  lua_getfield(L, -1, key);
+  lua_pushnil(L);
   return 1;
 }
 
@@ -1732,8 +1731,6 @@ jv__http_client_register(lua_State *L, int table_index)
   response_settings.on_message_complete = on_message_complete;
 
   luaL_newmetatable(L, JV_HTTP_RESPONSE_MT);
-  lua_pushcfunction(L, l_response_index);
-  lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, l_response_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
@@ -1760,6 +1757,19 @@ jv__http_client_register(lua_State *L, int table_index)
   lua_setfield(L, methods_index, "read_body");
   lua_setfield(L, methods_index, "read");
   lua_setfield(L, table_index, "request");
+
+  /* Methods are found in the table by a Lua __index, and only status,
+   * version and reason cost a call into C. */
+  luaL_getmetatable(L, JV_HTTP_RESPONSE_MT);
+  if (luaL_loadbuffer(L, jv__http_index_src, jv__http_index_src_len,
+                      "=http response") != 0) {
+    lua_error(L);
+  }
+  lua_pushvalue(L, methods_index);
+  lua_pushcfunction(L, l_response_index);
+  lua_call(L, 2, 1);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
 
   luaL_unref(L, LUA_REGISTRYINDEX, l_response_methods_ref);
   l_response_methods_ref = luaL_ref(L, LUA_REGISTRYINDEX);

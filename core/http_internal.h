@@ -57,6 +57,12 @@ int jv__http_relay_head(lua_State *L, int req_index, int status,
                         const char *head, const jv_http_header_t *hdrs,
                         unsigned n);
 
+/* Source of a Lua __index for a userdata: called with a methods table and
+ * a C function (object, key) for the other keys, it returns the __index
+ * function. */
+extern const char jv__http_index_src[];
+extern const size_t jv__http_index_src_len;
+
 /* Most body pieces jv__http_relay_response takes in one call. */
 #define JV_HTTP_RELAY_MAX_PIECES 16
 
