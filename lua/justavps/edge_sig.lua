@@ -14,7 +14,6 @@ local core = require("justavps.core")
 local cidr = require("justavps.cidr")
 
 local ipairs = ipairs
-local pairs = pairs
 local tonumber = tonumber
 local tostring = tostring
 local type = type
@@ -22,7 +21,7 @@ local error = error
 local floor = math.floor
 local slower = string.lower
 local sfind = string.find
-local concat = table.concat
+local ssub = string.sub
 
 local crypto = core.crypto
 
@@ -136,19 +135,10 @@ local FORMATS = {
 -- (strings; the port and timestamp may be numbers). The host is
 -- lowercased here, so either side may pass it as received.
 function _M.string_to_sign(f)
-  return concat({
-    _M.PREFIX,
-    f.method,
-    slower(f.host),
-    f.target,
-    f.target_ip,
-    tostring(f.target_port),
-    f.slug,
-    f.client_ip,
-    tostring(f.timestamp),
-    f.nonce,
-    f.broker_id,
-  }, "\n")
+  return _M.PREFIX .. "\n" .. f.method .. "\n" .. slower(f.host) .. "\n"
+    .. f.target .. "\n" .. f.target_ip .. "\n" .. tostring(f.target_port)
+    .. "\n" .. f.slug .. "\n" .. f.client_ip .. "\n" .. tostring(f.timestamp)
+    .. "\n" .. f.nonce .. "\n" .. f.broker_id
 end
 
 
@@ -162,6 +152,30 @@ function _M.signature(secret, f)
 end
 
 
+-- Random characters for nonces, drawn NONCE_BATCH nonces at a time so
+-- that a request does not pay for a call into the random generator.
+-- Each character is uniform over [A-Za-z0-9_-], and no character is used
+-- twice.
+local NONCE_BATCH = 64
+local nonce_pool = ""
+local nonce_pos = 1
+
+
+local function next_nonce()
+  if nonce_pos + NONCE_LENGTH - 1 > #nonce_pool then
+    local pool, err = crypto.random_token(NONCE_LENGTH * NONCE_BATCH)
+    if not pool then
+      error("edge_sig.sign: no random nonce: " .. tostring(err), 3)
+    end
+    nonce_pool = pool
+    nonce_pos = 1
+  end
+  local nonce = ssub(nonce_pool, nonce_pos, nonce_pos + NONCE_LENGTH - 1)
+  nonce_pos = nonce_pos + NONCE_LENGTH
+  return nonce
+end
+
+
 -- Signs a request for the edge. fields as for string_to_sign; timestamp
 -- defaults to now and nonce to a fresh random token. Returns a table of
 -- the eight header names to values, for the edge to set after it has
@@ -170,27 +184,29 @@ function _M.sign(secret, fields)
   if type(secret) ~= "string" or secret == "" then
     error("edge_sig.sign: secret must be a non-empty string", 2)
   end
-  local f = {}
-  for k, v in pairs(fields) do
-    f[k] = v
+  local timestamp = tostring(fields.timestamp or floor(core.time()))
+  local nonce = fields.nonce or next_nonce()
+  local port = tostring(fields.target_port)
+  local text = _M.PREFIX .. "\n" .. fields.method .. "\n"
+    .. slower(fields.host) .. "\n" .. fields.target .. "\n"
+    .. fields.target_ip .. "\n" .. port .. "\n" .. fields.slug .. "\n"
+    .. fields.client_ip .. "\n" .. timestamp .. "\n" .. nonce .. "\n"
+    .. fields.broker_id
+  local mac = crypto.hmac_sha256(secret, text)
+  if not mac then
+    error("edge_sig: HMAC-SHA256 failed", 2)
   end
-  f.timestamp = f.timestamp or floor(core.time())
-  if not f.nonce then
-    local nonce, err = crypto.random_token(NONCE_LENGTH)
-    if not nonce then
-      error("edge_sig.sign: no random nonce: " .. tostring(err), 2)
-    end
-    f.nonce = nonce
-  end
-  f.timestamp = tostring(f.timestamp)
-  f.target_port = tostring(f.target_port)
-  f.signature = _M.signature(secret, f)
 
-  local headers = {}
-  for _, h in ipairs(_M.HEADERS) do
-    headers[h.name] = f[h.field]
-  end
-  return headers
+  return {
+    ["X-JustAVPS-Target-IP"] = fields.target_ip,
+    ["X-JustAVPS-Target-Port"] = port,
+    ["X-JustAVPS-Slug"] = fields.slug,
+    ["X-JustAVPS-Client-IP"] = fields.client_ip,
+    ["X-JustAVPS-Timestamp"] = timestamp,
+    ["X-JustAVPS-Nonce"] = nonce,
+    ["X-JustAVPS-Broker"] = fields.broker_id,
+    ["X-JustAVPS-Signature"] = "v1=" .. crypto.hex_encode(mac),
+  }
 end
 
 
@@ -233,6 +249,39 @@ function _M.parse(list)
     return nil, "missing_header", "missing header Host"
   end
   if counts["host"] > 1 then
+    return nil, "invalid_header", "header Host was sent more than once"
+  end
+  f.host = slower(host)
+  return f
+end
+
+
+-- Reads the eight headers and Host from the server request req as parse
+-- reads them from a header list, with the same results, but looks each
+-- name up in the parsed head instead of building the list.
+function _M.parse_request(req)
+  local f = {}
+  for _, h in ipairs(_M.HEADERS) do
+    local count, v = req:header_count(h.name)
+    if count == 0 then
+      return nil, "missing_header", "missing header " .. h.name
+    end
+    if count > 1 then
+      return nil, "invalid_header", "header " .. h.name
+        .. " was sent more than once"
+    end
+    if not CHECKS[h.field](v) then
+      return nil, "invalid_header", "invalid header " .. h.name
+        .. ": expected " .. FORMATS[h.field]
+    end
+    f[h.field] = v
+  end
+
+  local count, host = req:header_count("host")
+  if count == 0 or host == "" then
+    return nil, "missing_header", "missing header Host"
+  end
+  if count > 1 then
     return nil, "invalid_header", "header Host was sent more than once"
   end
   f.host = slower(host)

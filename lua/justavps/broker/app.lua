@@ -64,7 +64,7 @@ end
 -- Runs checks 1 to 5. Returns the fields, or nil followed by status,
 -- code, message for the rejection.
 local function verify(req, conf)
-  local fields, code, message = edge_sig.parse(req:header_list())
+  local fields, code, message = edge_sig.parse_request(req)
   if not fields then
     return nil, 400, code, message
   end

@@ -28,6 +28,7 @@ local ipairs = ipairs
 local tonumber = tonumber
 local concat = table.concat
 local sfind = string.find
+local ssub = string.sub
 local smatch = string.match
 local slower = string.lower
 local sgsub = string.gsub
@@ -243,8 +244,8 @@ end
 -- Reads the tokens of the cookie and of the query into input.
 local function gather_tokens(req, ctx, input)
   local slug = ctx.machine.slug
-  local cookie, _, ccode = session.get_cookie(cookie_lines(req),
-    _M.PROXY_COOKIE)
+  local cookie, _, ccode = session.get_cookie(ctx.cookie_lines
+    or cookie_lines(req), _M.PROXY_COOKIE)
   local from_cookie, cookie_error
   if cookie then
     from_cookie, cookie_error = verify_token(cookie, slug)
@@ -280,6 +281,27 @@ local function gather_tokens(req, ctx, input)
 end
 
 
+-- Returns the key of a value in the common form "Bearer sk_live_..."
+-- with one space and nothing around it, or nil for any other form.
+-- apikey.parse returns the same key for those values, but its patterns
+-- cost more than the other credential checks of a request.
+local BEARER = "Bearer "
+local PLAIN_BEARER_LENGTH = #BEARER + apikey.KEY_LENGTH
+local KEY_CHARACTERS = "^[A-Za-z0-9_-]+$"
+
+local function plain_bearer_key(value)
+  if #value ~= PLAIN_BEARER_LENGTH or ssub(value, 1, #BEARER) ~= BEARER then
+    return nil
+  end
+  local key = ssub(value, #BEARER + 1)
+  if ssub(key, 1, #apikey.KEY_PREFIX) ~= apikey.KEY_PREFIX
+      or not sfind(key, KEY_CHARACTERS, #apikey.KEY_PREFIX + 1) then
+    return nil
+  end
+  return key
+end
+
+
 -- Builds the policy input for one request and asks the policy. ctx:
 -- host (from hosts.parse), machine (from lookup), target (what the
 -- daemon receives), creds (from split_query), scheme, is_websocket.
@@ -300,7 +322,11 @@ function _M.evaluate(req, ctx)
 
   local authorization = req:header("authorization")
   if _M.is_api_key_header(authorization) then
-    local _, key = apikey.parse(authorization)
+    local key = plain_bearer_key(authorization)
+    if not key then
+      local _, parsed = apikey.parse(authorization)
+      key = parsed
+    end
     if not key then
       input.api_key_error = "invalid_api_key"
     else

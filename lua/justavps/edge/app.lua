@@ -169,12 +169,30 @@ local function exchange(ctx)
 end
 
 
+-- The sets dropped_headers returns when the request has no X-JustAVPS-*
+-- header, which is every request of a well-behaved client. They are
+-- shared, so nothing may change them.
+local DROP = { cookie = true }
+for name in pairs(edge_sig.HEADER_SET) do
+  DROP[name] = true
+end
+local DROP_WITH_AUTHORIZATION = { authorization = true }
+for name in pairs(DROP) do
+  DROP_WITH_AUTHORIZATION[name] = true
+end
+
+
 -- Returns the set of request headers never forwarded: any X-JustAVPS-*
 -- header, Cookie (replaced by its filtered copy), and Authorization when
 -- it carries a JustAVPS API key.
 local function dropped_headers(req)
-  local drop = { cookie = true }
-  for name in pairs(edge_sig.HEADER_SET) do
+  local api_key = access.is_api_key_header(req:header("authorization"))
+  if not req:has_header_prefix(SIGNATURE_PREFIX) then
+    return api_key and DROP_WITH_AUTHORIZATION or DROP
+  end
+
+  local drop = {}
+  for name in pairs(DROP) do
     drop[name] = true
   end
   for _, h in ipairs(req:header_list()) do
@@ -183,7 +201,7 @@ local function dropped_headers(req)
       drop[lname] = true
     end
   end
-  if access.is_api_key_header(req:header("authorization")) then
+  if api_key then
     drop["authorization"] = true
   end
   return drop
@@ -272,15 +290,24 @@ end
 
 
 local function host_header(req)
-  local value, count
-  count = 0
-  for _, h in ipairs(req:header_list()) do
-    if slower(h[1]) == "host" then
-      count = count + 1
-      value = value or h[2]
-    end
-  end
+  local count, value = req:header_count("host")
   return value, count
+end
+
+
+-- Returns the Cookie header values of req as a list. NO_COOKIES is shared
+-- by every request without one, so nothing may change the list.
+local NO_COOKIES = {}
+
+local function cookie_lines(req)
+  local count, value = req:header_count("cookie")
+  if count == 0 then
+    return NO_COOKIES
+  end
+  if count == 1 then
+    return { value }
+  end
+  return req:headers()["cookie"]
 end
 
 
@@ -334,13 +361,7 @@ function _M.handle(req)
   else
     ctx.target = ctx.public_target
   end
-  ctx.cookie_lines = {}
-  local cookies = req:headers()["cookie"]
-  if type(cookies) == "string" then
-    ctx.cookie_lines = { cookies }
-  elseif type(cookies) == "table" then
-    ctx.cookie_lines = cookies
-  end
+  ctx.cookie_lines = cookie_lines(req)
 
   local decision, status, dcode, message = access.evaluate(req, ctx)
   if not decision then
