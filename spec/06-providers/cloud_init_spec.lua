@@ -283,7 +283,9 @@ describe("cloud_init.user_data", function()
 
   it("adds extra packages and the timezone", function()
     local doc = parse(assert(cloud_init.user_data(sample_opts())))
-    assert.same({ "ufw", "curl", "ca-certificates", "htop" }, doc.packages)
+    assert.same({ "ufw", "curl", "ca-certificates", "libuv1",
+      "libluajit-5.1-2", "libpq5", "libcurl4", "lua-cjson", "htop" },
+      doc.packages)
     assert.equal("Europe/Berlin", doc.timezone)
     assert.is_true(doc.package_update)
   end)
@@ -557,4 +559,39 @@ describe("sshkey.generate", function()
     assert.equal("invalid_option", code)
     assert.truthy(err:find("comment", 1, true))
   end, 30))
+end)
+
+
+describe("cloud_init.BASE_PACKAGES", function()
+  -- Packages a Debian cloud image always has.
+  local PRESENT = { libc6 = true, libssl3 = true }
+
+  it("installs every library the binary needs", function()
+    local bin = (os.getenv("JV_BUILD_DIR") or "build") .. "/justavps"
+    local readelf = assert(io.popen("readelf -d " .. bin))
+    local needed = {}
+    for line in readelf:lines() do
+      local name = line:match("%(NEEDED%).-%[(.-)%]")
+      if name then
+        needed[#needed + 1] = name
+      end
+    end
+    readelf:close()
+    assert.is_true(#needed > 0, "readelf found no NEEDED entry in " .. bin)
+
+    local wanted = {}
+    for _, name in ipairs(cloud_init.BASE_PACKAGES) do
+      wanted[name] = true
+    end
+    for _, lib in ipairs(needed) do
+      local dpkg = assert(io.popen("dpkg -S '*/" .. lib .. "' 2>/dev/null"))
+      local owner = (dpkg:read("*l") or ""):match("^([^:]+)")
+      dpkg:close()
+      assert.truthy(owner, "no package owns " .. lib)
+      assert.is_true(wanted[owner] or PRESENT[owner] or false,
+        lib .. " comes from " .. owner .. ", which BASE_PACKAGES lacks")
+    end
+    -- The binary requires cjson at run time rather than linking it.
+    assert.is_true(wanted["lua-cjson"])
+  end)
 end)
