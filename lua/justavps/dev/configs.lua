@@ -47,8 +47,8 @@ local function ensure_certs(dir, domain)
   for _, leaf in ipairs(leaves) do
     local cert = dir .. "/" .. leaf.name .. ".pem"
     local names_file = cert .. ".names"
-    local wanted = concat(leaf.names, " ")
-    if not files.exists(cert) or files.read(names_file) ~= wanted then
+    local names = concat(leaf.names, " ")
+    if not files.exists(cert) or files.read(names_file) ~= names then
       local ok, err = core.tls.generate({ cert_out = cert,
         key_out = dir .. "/" .. leaf.name .. ".key", names = leaf.names,
         cn = leaf.names[1], issuer_cert = ca, issuer_key = ca_key })
@@ -56,7 +56,7 @@ local function ensure_certs(dir, domain)
         return nil, "cannot make the " .. leaf.name .. " certificate: "
           .. tostring(err)
       end
-      files.write_private(names_file, wanted)
+      files.write_private(names_file, names)
     end
   end
   return { ca = ca }

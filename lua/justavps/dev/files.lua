@@ -100,10 +100,10 @@ local LOCK_EX, LOCK_NB = 2, 4
 local EWOULDBLOCK = 11
 
 
--- Takes an exclusive lock on path (created if missing) for as long as this
--- process runs; the kernel drops it when the process exits, however it
--- exits. Returns true, or nil, message, where code "locked" means another
--- process holds it.
+-- Takes an exclusive lock on path, created if missing, for as long as this
+-- process runs. The kernel drops the lock when the process exits, however
+-- it exits. Returns true, or nil, message, code, where code "locked"
+-- means another process has the lock.
 function _M.lock(path)
   local fd = C.open(path, bit.bor(O_WRONLY, O_CREAT, O_CLOEXEC),
     tonumber("600", 8))

@@ -25,7 +25,8 @@ _M.DATABASE = "justavps"
 -- opens no TCP listener.
 _M.PORT = 5432
 
--- ".s.PGSQL.5432" adds 14 bytes to the directory, and sun_path holds 107.
+-- ".s.PGSQL.5432" adds 14 bytes to the directory, and sun_path has room
+-- for 107.
 local MAX_SOCKET_DIR = 90
 
 

@@ -266,7 +266,7 @@ end
 
 function _M.run(opts)
   local state = { started = core.now(), stop_requested = false }
-  local stop_wanted = core.waiter()
+  local stop_signal = core.waiter()
   local status = 0
 
   local function on_signal(name)
@@ -274,7 +274,7 @@ function _M.run(opts)
       log.info("stopping", { signal = name })
     end
     state.stop_requested = true
-    stop_wanted:wake()
+    stop_signal:wake()
   end
   local handles = { core.signal.on("SIGINT", on_signal),
     core.signal.on("SIGTERM", on_signal) }
@@ -285,7 +285,7 @@ function _M.run(opts)
       log.alert("justavps dev could not start", { error = err })
       status = 1
     elseif not state.stop_requested then
-      stop_wanted:wait()
+      stop_signal:wait()
     end
     stop(opts, state)
     for _, h in ipairs(handles) do
