@@ -1,0 +1,193 @@
+-- GET /api/v1/regions and /server-types of a real platform process whose
+-- catalog provider is the Hetzner driver, pointed at tools/fake_hetzner.lua
+-- on loopback: the lists match what the API returns, a second call within
+-- cache_ttl does not reach the provider, and a provider that fails gives
+-- 502 provider_unavailable.
+local core = require("justavps.core")
+local json = require("justavps.json")
+local helpers = require("support.helpers")
+local spec_pg = require("support.pg")
+local fake_hetzner = require("tools.fake_hetzner")
+
+local async = helpers.async
+
+local BIN = os.getenv("JUSTAVPS_TEST_BIN")
+  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local TOKEN = "catalog-spec-token"
+
+
+local function request(port, method, path, headers, body)
+  local res = assert(core.http.request({ method = method,
+    host = "127.0.0.1", port = port, path = path, headers = headers,
+    body = body, timeout = 20 }))
+  local text = res:read_body()
+  res:close()
+  return res.status, json.decode(text), res
+end
+
+
+-- Returns how many requests the fake saw for "METHOD path".
+local function count(fake, line)
+  local n = 0
+  for _, seen in ipairs(fake.requests) do
+    if seen == line then
+      n = n + 1
+    end
+  end
+  return n
+end
+
+
+describe("platform catalog", function()
+  local settings = spec_pg.settings()
+  local dbname, env, fake
+  local processes = {}
+
+  local function connect(name)
+    return assert(core.pg.connect({ host = settings.PGHOST,
+      port = settings.PGPORT, user = settings.PGUSER,
+      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
+  end
+
+  -- Starts a platform with the catalog settings in extra; returns its port.
+  local function start_platform(extra)
+    local child_env = {}
+    for k, v in pairs(env) do
+      child_env[k] = v
+    end
+    for k, v in pairs(extra) do
+      child_env[k] = v
+    end
+    local p = assert(core.proc.spawn({ file = BIN,
+      args = { "platform", "--access-log=false" }, env = child_env,
+      stdout = "null", stderr = "pipe" }))
+    processes[#processes + 1] = p
+    local port
+    local ready = core.waiter()
+    core.spawn(function()
+      while true do
+        local line = p.stderr:readuntil("\n", 1024 * 1024)
+        if not line then
+          break
+        end
+        local n = line:match("msg=listening .*port=(%d+)")
+        if n and not port then
+          port = tonumber(n)
+          ready:wake()
+        end
+      end
+    end)
+    if not port then
+      ready:wait(20)
+    end
+    assert(port, "platform did not start")
+    return port
+  end
+
+  -- Signs a new user up on port; returns the session Cookie header.
+  local function session(port)
+    local email = "catalog-" .. math.random(1, 1e9) .. "@example.test"
+    local status, _, res = request(port, "POST", "/api/v1/auth/signup",
+      { ["Content-Type"] = "application/json" },
+      json.encode({ email = email, password = "correct horse battery" }))
+    assert.equal(201, status)
+    return { Cookie = res:header("Set-Cookie"):match("^([^;]+)") }
+  end
+
+  setup(function()
+    helpers.run(function()
+      dbname = string.format("justavps_spec_%d_%06d", os.time(),
+        math.random(0, 999999))
+      local c = connect()
+      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
+      c:close()
+      env = helpers.child_env({ PGHOST = settings.PGHOST,
+        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
+        PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0",
+        JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" })
+      local m = assert(core.proc.spawn({ file = BIN, args = { "migrate" },
+        env = env, stdout = "null", stderr = "null" }))
+      assert.equal(0, m:wait(60))
+      fake = assert(fake_hetzner.start({ token = TOKEN }))
+    end, 60)
+  end)
+
+  teardown(function()
+    helpers.run(function()
+      for _, p in ipairs(processes) do
+        p:kill("SIGTERM")
+        p:wait(10)
+      end
+      fake:close()
+      local c = connect()
+      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
+      c:close()
+    end, 30)
+  end)
+
+  local function hetzner_env(token, ttl)
+    return {
+      JUSTAVPS_PLATFORM_CATALOG_PROVIDER = "hetzner",
+      JUSTAVPS_PLATFORM_CATALOG_PROVIDER_CONFIG = json.encode({
+        base_url = fake:url(), token = token }),
+      JUSTAVPS_PLATFORM_CATALOG_CACHE_TTL = tostring(ttl),
+    }
+  end
+
+  it("lists the provider's regions and types", async(function()
+    local port = start_platform(hetzner_env(TOKEN, 300))
+    local headers = session(port)
+
+    -- The fake's own answer, read directly with the token.
+    local _, locations = request(fake:port(), "GET", "/v1/locations",
+      { Authorization = "Bearer " .. TOKEN })
+    local expected = {}
+    for _, l in ipairs(locations.locations) do
+      expected[#expected + 1] = l.name
+    end
+    assert.is_true(#expected > 0)
+
+    local status, body = request(port, "GET", "/api/v1/regions", headers)
+    assert.equal(200, status, json.encode(body))
+    local ids = {}
+    for _, r in ipairs(body.regions) do
+      ids[#ids + 1] = r.id
+    end
+    assert.same(expected, ids)
+
+    local types_status, types = request(port, "GET", "/api/v1/server-types",
+      headers)
+    assert.equal(200, types_status)
+    assert.is_true(#types.server_types > 0)
+    assert.equal("string", type(types.server_types[1].id))
+  end, 60))
+
+  it("reuses a list within cache_ttl", async(function()
+    local port = start_platform(hetzner_env(TOKEN, 300))
+    local headers = session(port)
+    local before = count(fake, "GET /v1/locations")
+    assert.equal(200, (request(port, "GET", "/api/v1/regions", headers)))
+    local after_first = count(fake, "GET /v1/locations")
+    assert.is_true(after_first > before)
+    assert.equal(200, (request(port, "GET", "/api/v1/regions", headers)))
+    assert.equal(after_first, count(fake, "GET /v1/locations"))
+  end, 60))
+
+  it("answers 502 when the provider fails", async(function()
+    local port = start_platform(hetzner_env("wrong-token", 0))
+    local headers = session(port)
+    local status, body = request(port, "GET", "/api/v1/regions", headers)
+    assert.equal(502, status)
+    assert.equal("provider_unavailable", body.error.code)
+    -- The reply names neither the token nor the provider's raw error.
+    local text = json.encode(body)
+    assert.falsy(text:find("wrong-token", 1, true))
+  end, 60))
+
+  it("requires a signed-in user", async(function()
+    local port = start_platform(hetzner_env(TOKEN, 300))
+    local status, body = request(port, "GET", "/api/v1/regions")
+    assert.equal(401, status)
+    assert.equal("table", type(body.error))
+  end, 60))
+end)
