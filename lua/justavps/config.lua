@@ -583,6 +583,25 @@ local function from_env(field, s)
 end
 
 
+-- Returns a copy of strings (top-level names to string values, as in an
+-- environment or a string-only map) with each value converted to the type
+-- of its field in schema. Names the schema lacks and values that do not
+-- convert are kept as they are, so validate() reports them.
+function _M.from_strings(schema, strings)
+  local fields = _M.schema(schema).root.fields.by_name
+  local out = {}
+  for name, value in pairs(strings) do
+    local field = fields[name]
+    if field and type(value) == "string" then
+      out[name] = from_env(field, value) or value
+    else
+      out[name] = value
+    end
+  end
+  return out
+end
+
+
 local function set_path(data, path, value)
   local node = data
   local keys = {}

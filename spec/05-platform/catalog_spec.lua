@@ -129,7 +129,8 @@ describe("platform catalog", function()
     return {
       JUSTAVPS_PLATFORM_CATALOG_PROVIDER = "hetzner",
       JUSTAVPS_PLATFORM_CATALOG_PROVIDER_CONFIG = json.encode({
-        base_url = fake:url(), token = token }),
+        base_url = fake:url(), token = token, max_attempts = "1",
+        timeout = "5" }),
       JUSTAVPS_PLATFORM_CATALOG_CACHE_TTL = tostring(ttl),
     }
   end

@@ -215,8 +215,8 @@ _M.schema = config.schema({ fields = {
           .. "hetzner; empty answers 503 provider_not_configured" } },
       { provider_config = { type = "map", default = {},
         values = { type = "string" },
-        description = "settings of that provider, checked against its "
-          .. "own schema; string values only" } },
+        description = "settings of that provider as strings, converted "
+          .. "to the types of its own schema and checked against it" } },
       { cache_ttl = { type = "duration", default = 300,
         between = { 0, 86400 },
         description = "seconds a provider list is reused" } },

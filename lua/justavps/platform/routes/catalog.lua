@@ -9,6 +9,7 @@ local json = require("justavps.json")
 local api_mod = require("justavps.platform.api")
 local state = require("justavps.platform.state")
 local providers = require("providers.init")
+local config = require("justavps.config")
 
 local ipairs = ipairs
 local pairs = pairs
@@ -26,9 +27,12 @@ local function get_driver(catalog)
   if driver and driver_provider == catalog.provider then
     return driver
   end
-  local conf = {}
-  for k, v in pairs(catalog.provider_config) do
-    conf[k] = v
+  -- provider_config holds strings only, so numbers and booleans are
+  -- converted by the types of the driver's own schema.
+  local conf = catalog.provider_config
+  local module = providers.get(catalog.provider)
+  if module and module.schema then
+    conf = config.from_strings(module.schema, conf)
   end
   local new, err, code = providers.new(catalog.provider, conf)
   if not new then
