@@ -350,14 +350,14 @@ end)
 
 
 describe("config.from_strings", function()
-  local schema = config.schema({ fields = {
+  local typed = config.schema({ fields = {
     { attempts = { type = "integer", default = 3 } },
     { verbose = { type = "boolean", default = false } },
     { name = { type = "string", default = "x" } },
   } })
 
   it("converts values by field type", function()
-    local out = config.from_strings(schema, { attempts = "5",
+    local out = config.from_strings(typed, { attempts = "5",
       verbose = "yes", name = "42" })
     assert.equal(5, out.attempts)
     assert.is_true(out.verbose)
@@ -365,11 +365,11 @@ describe("config.from_strings", function()
   end)
 
   it("leaves unknown and bad values for validate", function()
-    local out = config.from_strings(schema, { attempts = "many",
+    local out = config.from_strings(typed, { attempts = "many",
       extra = "1" })
     assert.equal("many", out.attempts)
     assert.equal("1", out.extra)
-    local valid, err = config.validate(schema, out)
+    local valid, err = config.validate(typed, out)
     assert.is_nil(valid)
     assert.truthy(err:find("attempts", 1, true))
     assert.truthy(err:find("extra", 1, true))

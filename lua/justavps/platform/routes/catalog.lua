@@ -12,7 +12,6 @@ local providers = require("providers.init")
 local config = require("justavps.config")
 
 local ipairs = ipairs
-local pairs = pairs
 
 -- Cached lists by provider function name: { at, value, provider }.
 -- The table lives until the next reload of this module.
