@@ -605,7 +605,9 @@ describe("justavps dev walkthrough", function()
       { key = first_key })
     assert.equal(200, status)
 
-    dev:kill("SIGTERM")
+    dev:kill("SIGINT")
     assert.equal(0, dev:wait(60), dev_log_text())
+    -- PostgreSQL stopped too: its socket is gone.
+    assert.is_nil(core.fs.stat(dir .. "/pg/.s.PGSQL.5432"))
   end, 240))
 end)
