@@ -2315,6 +2315,67 @@ table_has_name(lua_State *L, int t, const char *name, size_t len)
 }
 
 
+/* Names of a set_headers or drop_headers table, gathered once per
+ * forward_head call so that each received field is checked with string
+ * compares instead of a walk over the Lua table. The strings stay valid
+ * while the tables are on the stack. */
+#define FORWARD_MAX_NAMES 64
+
+typedef struct {
+  const char *name;
+  size_t len;
+} jv_name_ref_t;
+
+typedef struct {
+  jv_name_ref_t names[FORWARD_MAX_NAMES];
+  unsigned n;
+  int overflow; /* more keys than fit: fall back to table_has_name */
+} jv_name_set_t;
+
+
+static void
+name_set_add_table(lua_State *L, int t, jv_name_set_t *set)
+{
+  lua_pushnil(L);
+  while (lua_next(L, t) != 0) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      if (set->n == FORWARD_MAX_NAMES) {
+        set->overflow = 1;
+        lua_pop(L, 2);
+        return;
+      }
+      set->names[set->n].name = lua_tolstring(L, -2, &set->names[set->n].len);
+      set->n++;
+    }
+    lua_pop(L, 1);
+  }
+}
+
+
+/* Returns non-zero when name is in the set or, after an overflow, a key of
+ * one of the tables at drop_index and set_index (0 for none). */
+static int
+name_set_has(lua_State *L, const jv_name_set_t *set, int drop_index,
+             int set_index, const char *name, size_t len)
+{
+  unsigned i;
+
+  if (set->overflow) {
+    return (drop_index != 0 && table_has_name(L, drop_index, name, len)) ||
+           (set_index != 0 && table_has_name(L, set_index, name, len));
+  }
+
+  for (i = 0; i < set->n; i++) {
+    if (set->names[i].len == len &&
+        strncasecmp(set->names[i].name, name, len) == 0) {
+      return 1;
+    }
+  }
+
+  return 0;
+}
+
+
 /* Appends the set_headers entries of the table at set_index, skipping
  * false values, and records which framing headers they carry. */
 static void
@@ -2437,8 +2498,11 @@ l_req_forward_head(lua_State *L)
   const char *mode = "none";
   int set_index = 0, drop_index = 0;
   int has_host = 0, has_length = 0, request_close = 0;
+  jv_name_set_t skip;
   unsigned i;
 
+  skip.n = 0;
+  skip.overflow = 0;
   luaL_argcheck(L, port >= 1 && port <= 65535, 3, "port must be 1 to 65535");
 
   if (lua_isnoneornil(L, 4)) {
@@ -2477,6 +2541,13 @@ l_req_forward_head(lua_State *L)
     mode = "chunked";
   }
 
+  if (drop_index != 0) {
+    name_set_add_table(L, drop_index, &skip);
+  }
+  if (set_index != 0 && !skip.overflow) {
+    name_set_add_table(L, set_index, &skip);
+  }
+
   method = llhttp_method_name(c->parser.method);
   c->out_len = 0;
   out_str(L, c, method);
@@ -2489,8 +2560,7 @@ l_req_forward_head(lua_State *L)
     const char *name = c->head + h->name_off;
 
     if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i) ||
-        (drop_index != 0 && table_has_name(L, drop_index, name, h->name_len)) ||
-        (set_index != 0 && table_has_name(L, set_index, name, h->name_len))) {
+        name_set_has(L, &skip, drop_index, set_index, name, h->name_len)) {
       continue;
     }
 

@@ -3,8 +3,9 @@
 -- that arrived whole ends the response without req:finish. These specs
 -- cover the cases around that shortcut: a body that arrives after the
 -- head, many small chunks, bodyless answers, several requests on one
--- client connection with the upstream connection reused, and the request
--- counters of the C side (peer address looked up once per connection).
+-- client connection with the upstream connection reused. Also covers
+-- req:peer on a kept-alive connection and req:forward_head with small and
+-- large set_headers and drop_headers tables.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
 local raw = require("support.rawhttp")
@@ -212,4 +213,50 @@ describe("req:peer on a kept-alive connection", function()
     sock:close()
     srv:close()
   end))
+end)
+
+
+describe("req:forward_head name sets", function()
+  -- Returns the head forward_head builds for request under set and drop.
+  local function forward_head(request, set, drop)
+    local head
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        head = req:forward_head("127.0.0.1", 8080, nil, set, drop)
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write(request))
+    assert(raw.read_response(sock))
+    sock:close()
+    srv:close()
+    return head
+  end
+
+  local REQUEST = "GET / HTTP/1.1\r\nHost: app\r\nX-Keep: 1\r\n"
+    .. "X-Drop-70: 1\r\nx-set-3: old\r\n\r\n"
+
+  for _, count in ipairs({ 10, 100 }) do
+    it("drops and replaces names with " .. count .. " entries",
+      async(function()
+        local drop, set = {}, {}
+        for i = 1, count do
+          drop["x-drop-" .. i] = true
+          set["X-Set-" .. i] = "new"
+        end
+        local head = forward_head(REQUEST, set, drop)
+        assert.truthy(head:find("\r\nX-Keep: 1\r\n", 1, true))
+        assert.truthy(head:find("\r\nHost: app\r\n", 1, true))
+        assert.falsy(head:find("old", 1, true))
+        assert.truthy(head:find("\r\nX-Set-3: new\r\n", 1, true))
+        if count >= 70 then
+          assert.falsy(head:find("X-Drop-70", 1, true))
+        else
+          assert.truthy(head:find("\r\nX-Drop-70: 1\r\n", 1, true))
+        end
+      end))
+  end
 end)
