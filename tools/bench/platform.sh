@@ -11,20 +11,31 @@
 # log_statement = all in a separate pass of --count sequential requests.
 #
 #   tools/bench/platform.sh [--duration S] [--warmup S] [--reps N]
-#                           [--count N] [--quick] [--keep]
+#                           [--count N] [--connections N] [--quick]
+#                           [--heartbeat-only] [--keep]
 #
 #   --duration S  seconds of each measured wrk run (default 10)
 #   --warmup S    seconds of the unmeasured wrk run before each one (default 2)
 #   --reps N      measured runs per workload, interleaved; the report shows
 #                 the median (default 3)
 #   --count N     requests of each workload in the statement count (default 200)
+#   --connections N  wrk connections, each with one request in flight
+#                 (default 32)
 #   --quick       --duration 3 --warmup 1 --reps 1 --count 50
+#   --heartbeat-only  measure only the heartbeat workload
 #   --keep        keep the temporary directory with raw output and logs
+#
+# The heartbeat count first sends one heartbeat from every machine, which
+# fills the platform's machine lookup cache, and counts those apart.
+# For each measured heartbeat run it also reports the transactions the
+# database committed per heartbeat (xact_commit of pg_stat_database).
+# JUSTAVPS_PLATFORM_HEARTBEAT_* variables pass through to the platform.
 #
 # Needs wrk, luajit, taskset, curl, psql, a build (tools/build.sh, copied at
 # the start; JV_BUILD_DIR picks another one) and the test PostgreSQL
-# (tools/pg.sh start), whose log it reads and where it creates a database
-# and drops it at exit. The platform runs on CPU 0 and wrk on CPU 1;
+# (tools/pg.sh start, or the server of PGHOST, PGPORT and PGUSER when
+# PGHOST is set), whose log it reads and where it creates a database and
+# drops it at exit. The platform runs on CPU 0 and wrk on CPU 1;
 # PostgreSQL is not pinned. Every process this script starts is ended when
 # it exits, and a watchdog ends the whole run after 15 minutes.
 set -euo pipefail
@@ -35,6 +46,7 @@ warmup=2
 reps=3
 count=200
 keep=0
+heartbeat_only=0
 build=${JV_BUILD_DIR:-build}
 server_cpu=0
 client_cpu=1
@@ -51,10 +63,12 @@ while [[ $# -gt 0 ]]; do
     --warmup) warmup=$2; shift ;;
     --reps) reps=$2; shift ;;
     --count) count=$2; shift ;;
+    --connections) connections=$2; shift ;;
     --quick) duration=3; warmup=1; reps=1; count=50 ;;
+    --heartbeat-only) heartbeat_only=1 ;;
     --keep) keep=1 ;;
     -h | --help)
-      sed -n '2,29s/^# \{0,1\}//p' "$0"
+      sed -n '2,40s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     *)
@@ -77,8 +91,11 @@ if [[ ! -x $build/justavps || ! -f $build/lua/justavps/core.so ]]; then
     "missing; run tools/build.sh first" >&2
   exit 1
 fi
-tools/pg.sh start >&2
-eval "$(tools/pg.sh env)"
+# A PGHOST set by the caller wins, as in the specs' support/pg.lua.
+if [[ -z ${PGHOST:-} ]]; then
+  tools/pg.sh start >&2
+  eval "$(tools/pg.sh env)"
+fi
 pg_log="$(readlink -f var/test-pg)/postgres.log"
 if [[ ! -r $pg_log ]]; then
   echo "platform.sh: cannot read the PostgreSQL log $pg_log" >&2
@@ -162,6 +179,12 @@ machine_ticks() {
 # Prints the pids of the PostgreSQL backends connected to the database.
 backend_pids() {
   psql -XAtc "SELECT pid FROM pg_stat_activity WHERE datname = '$dbname'"
+}
+
+# Prints the transactions committed in the bench database so far.
+xact_commits() {
+  psql -XAtc "SELECT xact_commit FROM pg_stat_database
+    WHERE datname = '$dbname'"
 }
 
 to_us() {
@@ -289,12 +312,11 @@ if [[ $status != 200 ]] || ! grep -q '"slug":"list-050"' "$tmp/list.json"; then
   head -c 500 "$tmp/list.json" >&2
   exit 1
 fi
-luajit tools/bench/platform_sign.lua "$tmp/machines.txt" "$((count + 1))" \
-  "count-" "$tmp/count.tsv" "$build"
-head -n1 "$tmp/count.tsv" >"$tmp/count-first.tsv"
-tail -n +2 "$tmp/count.tsv" >"$tmp/count-rest.tsv"
-send_heartbeats "$tmp/count-first.tsv"
-sleep 0.5
+machine_count=$(wc -l <"$tmp/machines.txt")
+luajit tools/bench/platform_sign.lua "$tmp/machines.txt" \
+  "$((machine_count + count))" "count-" "$tmp/count.tsv" "$build"
+head -n "$machine_count" "$tmp/count.tsv" >"$tmp/count-first.tsv"
+tail -n +"$((machine_count + 1))" "$tmp/count.tsv" >"$tmp/count-rest.tsv"
 
 from=$(stat -c %s "$pg_log")
 for _ in $(seq 1 "$count"); do
@@ -303,6 +325,14 @@ done
 sleep 0.5
 pids=$(backend_pids | tr '\n' ' ')
 list_statements=$(count_statements "$from" "$count" $pids)
+
+# The first heartbeat of each machine, while the platform's caches are
+# empty, then the counted ones with the caches filled.
+from=$(stat -c %s "$pg_log")
+send_heartbeats "$tmp/count-first.tsv"
+sleep 0.5
+pids=$(backend_pids | tr '\n' ' ')
+first_heartbeat_statements=$(count_statements "$from" "$machine_count" $pids)
 
 from=$(stat -c %s "$pg_log")
 send_heartbeats "$tmp/count-rest.tsv"
@@ -319,12 +349,13 @@ start_platform load
 list_url="http://127.0.0.1:$platform_port/api/v1/machines"
 base_url="http://127.0.0.1:$platform_port"
 
-declare -A rps p50 p99 platform_cpu pg_cpu machine_cpu
+declare -A rps p50 p99 platform_cpu pg_cpu machine_cpu commits
 bad_runs=0
 
 # measure workload rep: one unmeasured and one measured wrk run.
 measure() {
   local workload=$1 rep=$2 out=$tmp/wrk-$1-$2.txt args t0 t1 p0 p1 m0 m1
+  local x0 x1 requests
   local tick=$(getconf CLK_TCK) pids
   if [[ $workload == list ]]; then
     args=(-H "$auth" "$list_url")
@@ -341,6 +372,9 @@ measure() {
     args=(-s tools/bench/platform_wrk.lua "$base_url" -- "$tmp/run.tsv")
   fi
   pids=$(backend_pids | tr '\n' ' ')
+  # PostgreSQL publishes a backend's counters about once a second.
+  sleep 1.5
+  x0=$(xact_commits)
   t0=$(cpu_ticks "$platform_pid")
   p0=$(cpu_ticks $pids)
   read -r m0 mt0 < <(machine_ticks)
@@ -349,6 +383,8 @@ measure() {
   t1=$(cpu_ticks "$platform_pid")
   p1=$(cpu_ticks $pids)
   read -r m1 mt1 < <(machine_ticks)
+  sleep 1.5
+  x1=$(xact_commits)
 
   if grep -q "Non-2xx\|Socket errors" "$out"; then
     log "$workload run $rep had errors:"
@@ -364,12 +400,21 @@ measure() {
     -v hz="$tick" 'BEGIN { printf "%.0f", (b - a) / hz / d * 100 }')
   machine_cpu[$workload,$rep]=$(awk -v a="$m0" -v b="$m1" -v c="$mt0" \
     -v e="$mt1" 'BEGIN { printf "%.0f", (b - a) / (e - c) * 200 }')
-  log "$workload run $rep: ${rps[$workload,$rep]} requests/s"
+  requests=$(awk '$2 == "requests" && $3 == "in" { print $1 }' "$out")
+  commits[$workload,$rep]=$(awk -v a="$x0" -v b="$x1" -v n="$requests" \
+    'BEGIN { printf "%.3f", (b - a) / n }')
+  log "$workload run $rep: ${rps[$workload,$rep]} requests/s," \
+    "${commits[$workload,$rep]} commits per request"
 }
 
 workloads=(list heartbeat)
+if ((heartbeat_only)); then
+  workloads=(heartbeat)
+fi
 for rep in $(seq 1 "$reps"); do
-  if ((rep % 2)); then
+  if ((heartbeat_only)); then
+    order=(heartbeat)
+  elif ((rep % 2)); then
     order=(list heartbeat)
   else
     order=(heartbeat list)
@@ -397,8 +442,10 @@ column() {
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "### Run of $(date -u '+%Y-%m-%d %H:%M') UTC (commit $commit)"
 echo
-echo "\`tools/bench/platform.sh --duration $duration --warmup $warmup" \
-  "--reps $reps --count $count\`, build from $source_build, wrk" \
+options="--duration $duration --warmup $warmup --reps $reps --count $count"
+((connections != 32)) && options+=" --connections $connections"
+((heartbeat_only)) && options+=" --heartbeat-only"
+echo "\`tools/bench/platform.sh $options\`, build from $source_build, wrk" \
   "-t1 -c$connections. Medians of $reps interleaved runs; CPU is percent" \
   "of one core over the measured run, the machine column of both cores" \
   "(200 = all busy)."
@@ -424,6 +471,17 @@ for workload in "${workloads[@]}"; do
   done
   echo "- $workload: ${list[*]}"
 done
+list=()
+for rep in $(seq 1 "$reps"); do
+  list+=("${commits[heartbeat,$rep]}")
+done
+echo
+echo "Transactions committed per heartbeat under load (xact_commit of the" \
+  "bench database over each measured run, including the provisioning" \
+  "worker's polls): ${list[*]}."
+if ((${#platform_env[@]})); then
+  echo "Platform settings from the environment: ${platform_env[*]}."
+fi
 echo
 echo "Heartbeats recorded (machine_metrics rows at the end): $heartbeat_rows."
 echo "Runs with non-2xx responses or socket errors: $bad_runs."
@@ -438,7 +496,14 @@ echo "| per request | statement (first 80 characters) |"
 echo "| ---: | --- |"
 echo "$list_statements"
 echo
-echo "Heartbeat:"
+echo "Heartbeat, the first from each of the $machine_count machines (empty" \
+  "caches):"
+echo
+echo "| per request | statement (first 80 characters) |"
+echo "| ---: | --- |"
+echo "$first_heartbeat_statements"
+echo
+echo "Heartbeat, the next $count (caches filled):"
 echo
 echo "| per request | statement (first 80 characters) |"
 echo "| ---: | --- |"

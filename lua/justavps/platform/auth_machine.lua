@@ -31,26 +31,21 @@ return function(ctx)
     return lookup_failed(slug, err, code)
   end
 
+  -- The core.http request has the method, target and header(name) that
+  -- verify reads.
   local req = ctx.req
-  local signed = {
-    method = req.method,
-    target = req.target,
-    header = function(_, name)
-      return req:header(name)
-    end,
-  }
   local body = ctx.raw_body or ""
-  local ok, verr, vcode = machine_sig.verify(machine.token, signed, body,
+  local ok, verr, vcode = machine_sig.verify(machine.token, req, body,
     state.heartbeat_nonces)
   if not ok and vcode == "bad_signature" and machine.cached then
-    -- The cached token may be older than the row: check once more with
-    -- the token read now. The nonce is recorded only after a signature
-    -- matches, so this second check sees it unused.
+    -- The cached token may be older than the row, so check once more
+    -- with the token read now. verify records the nonce only after a
+    -- signature matches, so the nonce is still unused here.
     machine, err, code = machines.heartbeat_identity(slug, { fresh = true })
     if not machine then
       return lookup_failed(slug, err, code)
     end
-    ok, verr, vcode = machine_sig.verify(machine.token, signed, body,
+    ok, verr, vcode = machine_sig.verify(machine.token, req, body,
       state.heartbeat_nonces)
   end
   if not ok then
