@@ -151,6 +151,18 @@ static time_t date_sec;
 static char id_prefix[9];
 static uint64_t id_counter;
 
+/* Worker coroutines parked between requests, as registry references. At
+ * most MAX_IDLE_WORKERS wait: a burst that needed more leaves the rest to
+ * end. Each waiting worker keeps a Lua thread, about 1 KiB. */
+#define MAX_IDLE_WORKERS 64
+
+static struct {
+  int refs[MAX_IDLE_WORKERS];
+  int n;
+} idle_workers;
+
+static int worker_ref = LUA_NOREF;
+
 static void conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data);
 static void conn_close(jv_http_conn_t *c);
 static void conn_next_request(jv_http_conn_t *c);
@@ -1240,8 +1252,6 @@ conn_dispatch(jv_http_conn_t *c)
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
   c->req_id[0] = '\0'; /* made on first use: most requests never ask */
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
-
   box = lua_newuserdata(L, sizeof(*box));
   box->conn = c;
   c->box = box;
@@ -1250,7 +1260,24 @@ conn_dispatch(jv_http_conn_t *c)
   lua_pushvalue(L, -1);
   c->req_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-  jv__co_start(L, 1, "http handler");
+  if (idle_workers.n > 0) {
+    /* A worker coroutine that finished an earlier request waits in
+     * next_request: hand it the handler and the request. */
+    int ref = idle_workers.refs[--idle_workers.n];
+    lua_State *co = jv__co_thread(ref);
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+    lua_xmove(L, co, 1);
+    lua_xmove(L, co, 1);
+    jv__co_resume(ref, 2);
+    return;
+  }
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, worker_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  lua_pushvalue(L, -3);
+  lua_remove(L, -4);
+  jv__co_start(L, 2, "http handler");
 }
 
 
@@ -2867,6 +2894,50 @@ static const char wrapper_src[] =
     "end\n";
 
 
+/* Body of the coroutines that run requests: after one request it waits in
+ * next_request for another (of any server), so a busy server does not
+ * create a coroutine per request. run is a server's wrapper from above. */
+static const char worker_src[] = "local next_request = ...\n"
+                                 "return function(run, req)\n"
+                                 "  repeat\n"
+                                 "    run(req)\n"
+                                 "    run, req = nil, nil\n"
+                                 "    run, req = next_request()\n"
+                                 "  until run == nil\n"
+                                 "end\n";
+
+
+/* next_request(): parks the calling worker coroutine among the idle ones
+ * until conn_dispatch resumes it with a wrapper and a request. Returns
+ * nothing, so that the worker ends, when MAX_IDLE_WORKERS already wait. */
+static int
+l_next_request(lua_State *L)
+{
+  if (idle_workers.n >= MAX_IDLE_WORKERS || !jv__co_parkable(L)) {
+    return 0;
+  }
+
+  idle_workers.refs[idle_workers.n++] = jv__co_park(L);
+  return lua_yield(L, 0);
+}
+
+
+/* Creates the worker function once per process (and once per Lua state
+ * that loads core.so under plain luajit). */
+static void
+init_worker(lua_State *L)
+{
+  if (luaL_loadbuffer(L, worker_src, sizeof(worker_src) - 1, "=http worker") !=
+      0) {
+    lua_error(L);
+  }
+  lua_pushcfunction(L, l_next_request);
+  lua_call(L, 1, 1);
+  worker_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  idle_workers.n = 0;
+}
+
+
 static void
 push_wrapper(lua_State *L, int handler_index)
 {
@@ -3142,6 +3213,8 @@ jv__open_http(lua_State *L)
   };
   unsigned char rnd[4];
   int i;
+
+  init_worker(L);
 
   llhttp_settings_init(&parser_settings);
   parser_settings.on_message_begin = on_message_begin;
