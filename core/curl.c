@@ -13,7 +13,7 @@
  */
 #include "internal.h"
 
-#include <curl/curl.h>
+#include "dynlib_curl.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -1268,6 +1268,12 @@ l_request(lua_State *L)
   CURLMcode mrc;
 
   read_options(L, &o);
+
+  /* check_url parses with libcurl, so the library loads first. */
+  failure = jv__curl_load();
+  if (failure != NULL) {
+    return push_failure(L, failure, "library_unavailable");
+  }
 
   failure = check_url(o.url, message, sizeof(message), &code);
   if (failure != NULL) {

@@ -12,7 +12,7 @@
  */
 #include "internal.h"
 
-#include <libpq-fe.h>
+#include "dynlib_pq.h"
 
 #include <errno.h>
 #include <math.h>
@@ -1365,6 +1365,7 @@ l_connect(lua_State *L)
   const char *values[PG_MAX_CONNECT_PARAMS + 1];
   int n = 0, expand = 0;
   double timeout = PG_DEFAULT_TIMEOUT;
+  const char *load_error;
   jv_pg_conn_t *c;
 
   if (lua_type(L, 2) == LUA_TTABLE) {
@@ -1414,6 +1415,12 @@ l_connect(lua_State *L)
 
   keywords[n] = NULL;
   values[n] = NULL;
+
+  /* Load libpq before the userdata exists, because its __gc calls libpq. */
+  load_error = jv__pq_load();
+  if (load_error != NULL) {
+    return push_failure(L, load_error, "library_unavailable");
+  }
 
   c = lua_newuserdata(L, sizeof(*c));
   memset(c, 0, sizeof(*c));
