@@ -55,14 +55,17 @@ _M.SSHD_DROPIN_PATH = "/etc/ssh/sshd_config.d/00-justavps.conf"
 _M.SCRIPT_PATH = "/usr/local/lib/justavps/provision.sh"
 
 -- Packages the provisioning script needs, then the shared libraries the
--- justavps binary loads (see `ldd justavps`) and lua-cjson, which it
--- requires at run time: a cloud image ships none of them. Docker
--- (Debian's docker.io) is installed by the script instead, because only
--- the script can skip it when a docker binary already exists.
--- NOTE: these are Debian 12 names. Debian 13 renamed libuv1 and libcurl4
--- (the t64 packages provide the old names, which apt resolves).
+-- justavps binary links (its NEEDED entries, `readelf -d justavps`) and
+-- lua-cjson, which it requires at run time: a cloud image ships none of
+-- them. libpq5 and libcurl4 are left out because the binary loads them
+-- with dlopen() only when core.pg or core.curl is first used, which the
+-- daemon never does. Docker (Debian's docker.io) is installed by the
+-- script instead, because only the script can skip it when a docker
+-- binary already exists.
+-- NOTE: these are Debian 12 names. Debian 13 renamed libuv1 (the t64
+-- package provides the old name, which apt resolves).
 _M.BASE_PACKAGES = { "ufw", "curl", "ca-certificates",
-  "libuv1", "libluajit-5.1-2", "libpq5", "libcurl4", "lua-cjson" }
+  "libuv1", "libluajit-5.1-2", "lua-cjson" }
 
 -- Cloud-config keys this generator may emit, in output order, with the
 -- keys allowed inside each item of list modules. cloud-init's schema check
