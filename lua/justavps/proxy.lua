@@ -42,64 +42,96 @@ local UNREACHABLE = {
   closed = true,
 }
 
--- Idle upstream sockets: pool["host port"] = { {sock=, at=}, ... }.
+-- Idle upstream sockets: pool[host][port] for a plain upstream, so that a
+-- request builds no key string, and tls_pool["host port tls name"] for a
+-- TLS one. Each list is { socks = {...}, at = {...} }, the sockets and the
+-- times they were put back, newest last.
 local pool = {}
+local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
 local POOL_IDLE_SECONDS = 30
 
 
 -- A TLS upstream gets its own pool per context and server name, so a
 -- connection verified for one name is never reused for another.
-local function pool_key(host, port, tls, server_name)
+local function pool_list(host, port, tls, server_name, create)
+  local by_key, key
   if tls then
-    return host .. " " .. port .. " " .. tostring(tls) .. " "
+    by_key = tls_pool
+    key = host .. " " .. port .. " " .. tostring(tls) .. " "
       .. tostring(server_name)
+  else
+    by_key = pool[host]
+    if by_key == nil then
+      if not create then
+        return nil
+      end
+      by_key = {}
+      pool[host] = by_key
+    end
+    key = port
   end
-  return host .. " " .. port
+  local list = by_key[key]
+  if list == nil and create then
+    list = { socks = {}, at = {} }
+    by_key[key] = list
+  end
+  return list
 end
 
 
 local function pool_take(host, port, tls, server_name)
-  local list = pool[pool_key(host, port, tls, server_name)]
+  local list = pool_list(host, port, tls, server_name, false)
   if not list then
     return nil
   end
 
+  local socks, at = list.socks, list.at
   local now = core.now()
-  while #list > 0 do
-    local entry = list[#list]
-    list[#list] = nil
-    if not entry.sock:closed() and now - entry.at < POOL_IDLE_SECONDS then
-      return entry.sock
+  local n = #socks
+  while n > 0 do
+    local sock, put_at = socks[n], at[n]
+    socks[n], at[n] = nil, nil
+    n = n - 1
+    if not sock:closed() and now - put_at < POOL_IDLE_SECONDS then
+      return sock
     end
-    entry.sock:close()
+    sock:close()
   end
   return nil
 end
 
 
 local function pool_put(host, port, sock, tls, server_name)
-  local key = pool_key(host, port, tls, server_name)
-  local list = pool[key]
-  if not list then
-    list = {}
-    pool[key] = list
-  end
-  if #list >= POOL_MAX_PER_TARGET then
+  local list = pool_list(host, port, tls, server_name, true)
+  local n = #list.socks
+  if n >= POOL_MAX_PER_TARGET then
     sock:close()
     return
   end
-  list[#list + 1] = { sock = sock, at = core.now() }
+  list.socks[n + 1] = sock
+  list.at[n + 1] = core.now()
+end
+
+
+local function close_list(list)
+  for _, sock in ipairs(list.socks) do
+    sock:close()
+  end
 end
 
 
 -- Closes every pooled upstream socket (on drain or in specs).
 function _M.close_pool()
-  for key, list in pairs(pool) do
-    for _, entry in ipairs(list) do
-      entry.sock:close()
+  for key, list in pairs(tls_pool) do
+    close_list(list)
+    tls_pool[key] = nil
+  end
+  for host, by_port in pairs(pool) do
+    for _, list in pairs(by_port) do
+      close_list(list)
     end
-    pool[key] = nil
+    pool[host] = nil
   end
 end
 
