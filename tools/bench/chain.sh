@@ -492,6 +492,8 @@ echo "| run | side | requests/s | p50 | p99 | proxy CPU | errors |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
 
 declare -A rps_runs p50_runs p99_runs
+# CPU microseconds per request of each justavps process in the chain rows.
+split_rows=()
 for rep in $(seq 1 "$reps"); do
   for k in "${!sides[@]}"; do
     side=${sides[$(((k + rep - 1) % ${#sides[@]}))]}
@@ -500,6 +502,10 @@ for rep in $(seq 1 "$reps"); do
     out=$tmp/wrk-$side-$rep.txt
     # shellcheck disable=SC2086 # busy lists space-separated pids
     ticks_before=$(cpu_ticks ${busy[$side]})
+    if [[ $side == chain ]]; then
+      split_before=("$(cpu_ticks "$edge_pid")" \
+        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")")
+    fi
     if ! run_wrk "$side" "$duration" "$out"; then
       log "wrk failed on ${label[$side]}:"
       cat "$out" >&2
@@ -511,6 +517,19 @@ for rep in $(seq 1 "$reps"); do
       -v hz="$(getconf CLK_TCK)" -v d="$duration" \
       'BEGIN { printf "%.0f%%", 100 * t / hz / d }')
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    if [[ $side == chain ]]; then
+      split_after=("$(cpu_ticks "$edge_pid")" \
+        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")")
+      split_rows+=("$(awk -v r="$rps" -v d="$duration" \
+        -v hz="$(getconf CLK_TCK)" -v rep="$rep" \
+        -v e=$((split_after[0] - split_before[0])) \
+        -v b=$((split_after[1] - split_before[1])) \
+        -v m=$((split_after[2] - split_before[2])) 'BEGIN {
+        n = r * d
+        printf "| %d | %.1f | %.1f | %.1f | %.1f |", rep, e / hz * 1e6 / n,
+          b / hz * 1e6 / n, m / hz * 1e6 / n, (e + b + m) / hz * 1e6 / n
+      }')")
+    fi
     p50=$(to_us "$(awk '$1 == "50%" { print $2 }' "$out")")
     p99=$(to_us "$(awk '$1 == "99%" { print $2 }' "$out")")
     errors=$(grep -E 'Socket errors|Non-2xx' "$out" | tr -s ' ' |
@@ -547,6 +566,14 @@ for side in "${sides[@]}"; do
       l, r, r / nr, a, b, a - d
   }'
 done
+echo
+echo "CPU time per request of each process in the justavps chain rows" \
+  "(utime + stime from /proc/PID/stat over the run, divided by the" \
+  "requests served, in microseconds):"
+echo
+echo "| run | edge | broker | daemon | total |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+printf '%s\n' "${split_rows[@]}"
 echo
 echo "Load average after the HTTP runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -39,6 +39,41 @@ local error_response = proxy.error_response
 local DROP = edge_sig.HEADER_SET
 
 
+-- Decisions of target_policy.allowed by target IP and port, for the
+-- current conf.target and policy function: the policy reads nothing else,
+-- and parsing the address and walking the blocks cost more than a lookup.
+-- The map is emptied when it reaches MAX_TARGET_DECISIONS addresses.
+local MAX_TARGET_DECISIONS = 4096
+local decisions = { conf = nil, allowed = nil, count = 0, by_ip = {} }
+
+
+local function target_allowed(ip, port, conf)
+  if decisions.conf ~= conf or decisions.allowed ~= target_policy.allowed
+      or decisions.count >= MAX_TARGET_DECISIONS then
+    decisions.conf = conf
+    decisions.allowed = target_policy.allowed
+    decisions.count = 0
+    decisions.by_ip = {}
+  end
+  local by_port = decisions.by_ip[ip]
+  if by_port == nil then
+    by_port = {}
+    decisions.by_ip[ip] = by_port
+    decisions.count = decisions.count + 1
+  end
+  local reason = by_port[port]
+  if reason == nil then
+    local allowed, why = target_policy.allowed(ip, port, conf)
+    reason = allowed and true or (why or "denied")
+    by_port[port] = reason
+  end
+  if reason == true then
+    return true
+  end
+  return false, reason
+end
+
+
 -- Logs a rejected request, with the slug and the client IP when they were
 -- well formed but never with the signature, and returns the error response.
 local function reject(req, fields, status, code, message, reason)
@@ -114,7 +149,7 @@ function _M.handle(req)
   end
 
   local port = tonumber(fields.target_port)
-  local allowed, reason = target_policy.allowed(fields.target_ip, port,
+  local allowed, reason = target_allowed(fields.target_ip, port,
     conf.target)
   if not allowed then
     return reject(req, fields, 403, "target_denied",

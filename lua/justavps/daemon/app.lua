@@ -48,9 +48,32 @@ local function port_not_listening(port)
 end
 
 
+-- Results of the broker_cidrs check by peer address, for the current
+-- state.broker_blocks, emptied when it reaches MAX_ADMISSIONS addresses.
+local MAX_ADMISSIONS = 1024
+local admissions = { blocks = nil, count = 0, by_ip = {} }
+
+
+local function peer_admitted(ip)
+  if admissions.blocks ~= state.broker_blocks
+      or admissions.count >= MAX_ADMISSIONS then
+    admissions.blocks = state.broker_blocks
+    admissions.count = 0
+    admissions.by_ip = {}
+  end
+  local admitted = admissions.by_ip[ip]
+  if admitted == nil then
+    admitted = cidr.match(state.broker_blocks, ip) ~= nil
+    admissions.by_ip[ip] = admitted
+    admissions.count = admissions.count + 1
+  end
+  return admitted
+end
+
+
 local function admit(req)
   local ip = req:peer()
-  if not ip or not cidr.match(state.broker_blocks, ip) then
+  if not ip or not peer_admitted(ip) then
     log.warn("rejected a client outside the broker networks",
       { client_ip = ip, path = req.path })
     return false
