@@ -2,6 +2,7 @@
 -- from a standard's test vectors or from python3's hashlib/hmac/base64,
 -- never from the code under test.
 local cjson = require("cjson")
+local fixtures = require("support.fixtures")
 local core = require("justavps.core")
 local helpers = require("spec.support.helpers")
 
@@ -19,32 +20,8 @@ local function unhex(s)
   end))
 end
 
--- Returns the directory of this spec file, from busted's chunk name.
-local function spec_dir()
-  local source = debug.getinfo(1, "S").source:gsub("^@", "")
-  return source:match("^(.*)/[^/]*$") or "."
-end
-
--- Reads a fixture from the shared directory next to the repository root,
--- trying the path relative to this file and then to the working directory.
 local function read_fixture(name)
-  local candidates = {
-    spec_dir() .. "/../../../shared/fixtures/" .. name,
-    "../shared/fixtures/" .. name,
-  }
-
-  for _, path in ipairs(candidates) do
-    local file = io.open(path, "rb")
-    if file then
-      local text = file:read("*a")
-      file:close()
-      return text
-    end
-  end
-
-  error("fixture " .. name .. " not found; tried "
-    .. table.concat(candidates, ", ")
-    .. " (the shared directory must sit next to the repository root)")
+  return fixtures.read(name)
 end
 
 

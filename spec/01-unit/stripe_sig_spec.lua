@@ -2,6 +2,7 @@
 -- test vectors computed apart from this code with python3 hmac and
 -- hashlib, plus header parsing and form encoding of the Checkout call.
 local json = require("justavps.json")
+local fixtures = require("support.fixtures")
 local stripe = require("justavps.platform.stripe")
 
 local SECRET = "whsec_test_secret"
@@ -9,29 +10,8 @@ local BODY = '{"id":"evt_test_webhook","object":"event"}'
 local V1 = "f7ce7f288c4790b5ca55ef895aa690d984fb194728c44f2f97cd19873e2a7e1f"
 
 
--- Returns the directory of this spec file, from busted's chunk name.
-local function spec_dir()
-  local source = debug.getinfo(1, "S").source:gsub("^@", "")
-  return source:match("^(.*)/[^/]*$") or "."
-end
-
--- Reads a Stripe fixture from the shared directory next to the
--- repository root, relative to this file or to the working directory.
 local function read_fixture(name)
-  local candidates = {
-    spec_dir() .. "/../../../shared/fixtures/stripe/" .. name,
-    "../shared/fixtures/stripe/" .. name,
-  }
-  for _, path in ipairs(candidates) do
-    local file = io.open(path, "rb")
-    if file then
-      local text = file:read("*a")
-      file:close()
-      return text
-    end
-  end
-  error("fixture " .. name .. " not found; tried "
-    .. table.concat(candidates, ", "))
+  return fixtures.read("stripe/" .. name)
 end
 
 

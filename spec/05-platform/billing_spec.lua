@@ -4,6 +4,7 @@
 -- signatures, and the 503 answers of a platform without billing or a
 -- catalog provider.
 local core = require("justavps.core")
+local fixtures = require("support.fixtures")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 
@@ -22,28 +23,8 @@ local spec_pg = require("support.pg")
 local pg_settings = spec_pg.settings
 
 
-local function spec_dir()
-  local source = debug.getinfo(1, "S").source:gsub("^@", "")
-  return source:match("^(.*)/[^/]*$") or "."
-end
-
-
--- Reads a Stripe event fixture from the shared directory next to the
--- repository root.
 local function read_fixture(name)
-  local candidates = {
-    spec_dir() .. "/../../../shared/fixtures/stripe/" .. name,
-    "../shared/fixtures/stripe/" .. name,
-  }
-  for _, path in ipairs(candidates) do
-    local file = io.open(path, "rb")
-    if file then
-      local text = file:read("*a")
-      file:close()
-      return text
-    end
-  end
-  error("fixture " .. name .. " not found; tried " .. table.concat(candidates, ", "))
+  return fixtures.read("stripe/" .. name)
 end
 
 
