@@ -7,6 +7,7 @@ local json = require("justavps.json")
 local log = require("justavps.log")
 local files = require("justavps.dev.files")
 
+local ipairs = ipairs
 local format = string.format
 local tostring = tostring
 local type = type
@@ -16,6 +17,7 @@ local _M = {}
 _M.DEMO_EMAIL = "demo@justavps.localhost"
 _M.DEMO_MACHINE = "demo"
 _M.KEY_SCOPES = { "read", "write", "delete", "exec", "proxy" }
+_M.KEY_NAME = "justavps dev"
 
 local Client = {}
 Client.__index = Client
@@ -113,12 +115,34 @@ function Client:ensure_key(previous, password)
   end
   local status, body = self:call("POST", "/api/v1/api-keys",
     { cookie = cookie, csrf = csrf,
-      body = { name = "justavps dev", scopes = _M.KEY_SCOPES } })
+      body = { name = _M.KEY_NAME, scopes = _M.KEY_SCOPES } })
   if status ~= 201 or type(body) ~= "table" or not body.key then
     return nil, unexpected("API key creation", status, body)
   end
   log.info("demo API key created", { prefix = body.prefix })
+  self:revoke_other_keys(body.key, body.id)
   return body.key
+end
+
+
+-- Revokes the demo account's other keys named KEY_NAME, which earlier
+-- runs made and whose stack.json is gone, so one valid dev key remains.
+function Client:revoke_other_keys(key, keep_id)
+  local status, body = self:call("GET", "/api/v1/api-keys?limit=100",
+    { key = key })
+  if status ~= 200 or type(body) ~= "table" then
+    log.warn("cannot list the demo API keys", { status = status })
+    return
+  end
+  -- The list holds unrevoked keys only.
+  for _, item in ipairs(body.api_keys or {}) do
+    if item.name == _M.KEY_NAME and item.id ~= keep_id then
+      local revoked = self:call("DELETE", "/api/v1/api-keys/" .. item.id,
+        { key = key })
+      log.info("older demo API key revoked", { key_id = item.id,
+        status = revoked })
+    end
+  end
 end
 
 
@@ -154,10 +178,31 @@ function Client:wait_ready(key, slug, timeout)
 end
 
 
+-- Returns the slug of a live machine named DEMO_MACHINE, made by an
+-- earlier run whose stack.json is gone, or nil.
+function Client:find_demo_machine(key)
+  local status, body = self:call("GET", "/api/v1/machines?limit=100",
+    { key = key })
+  if status ~= 200 or type(body) ~= "table" then
+    return nil
+  end
+  for _, m in ipairs(body.items or {}) do
+    if m.name == _M.DEMO_MACHINE and m.stage ~= "deleting"
+        and m.stage ~= "deleted" and m.stage ~= "failed" then
+      return m.slug
+    end
+  end
+  return nil
+end
+
+
 -- Returns the machine of the previous run when it still exists, else a
 -- new machine created with POST /machines. Returns machine, or nil,
 -- message.
 function Client:ensure_machine(key, previous_slug, timeout)
+  if type(previous_slug) ~= "string" then
+    previous_slug = self:find_demo_machine(key)
+  end
   if type(previous_slug) == "string" then
     local status, body = self:call("GET", "/api/v1/machines/"
       .. previous_slug, { key = key })

@@ -68,12 +68,20 @@ end
 local function ensure_secrets(dir)
   local path = dir .. "/secrets.json"
   local text = files.read(path)
-  local secrets = text and json.decode(text)
-  if type(secrets) == "table" and type(secrets.jwt_secret) == "string"
-      and type(secrets.broker_secret) == "string" then
+  if text then
+    local secrets = json.decode(text)
+    if type(secrets) ~= "table" or type(secrets.jwt_secret) ~= "string"
+        or type(secrets.broker_secret) ~= "string"
+        or type(secrets.demo_password) ~= "string" then
+      -- New secrets would not match the demo password already stored in
+      -- the database, so the file is never replaced silently.
+      return nil, path .. " is not valid: expected a JSON object with "
+        .. "jwt_secret, broker_secret and demo_password; restore it, or "
+        .. "remove the whole directory to start afresh"
+    end
     return secrets
   end
-  secrets = {
+  local secrets = {
     jwt_secret = core.crypto.random_token(48),
     broker_secret = core.crypto.random_token(48),
     demo_password = core.crypto.random_token(20),

@@ -180,9 +180,16 @@ function _M:start()
 end
 
 
+-- Quotes a libpq connection string value: inside single quotes, a
+-- backslash and a quote are escaped with a backslash.
+local function quote(value)
+  return "'" .. value:gsub("[\\']", "\\%0") .. "'"
+end
+
+
 function _M:conninfo(database)
-  return format("host=%s port=%d user=%s dbname=%s", self.cluster, _M.PORT,
-    _M.USER, database)
+  return format("host=%s port=%d user=%s dbname=%s", quote(self.cluster),
+    _M.PORT, _M.USER, database)
 end
 
 
@@ -201,9 +208,9 @@ function _M:stop()
 end
 
 
--- Prepares the cluster under dir and starts it. Returns the cluster
--- object and the connection string, or nil, message.
-function _M.open(dir)
+-- Prepares the cluster under dir, running initdb on first use. Returns
+-- the cluster object, which start() then starts, or nil, message.
+function _M.new(dir)
   local bindir, err = find_bindir()
   if not bindir then
     return nil, err
@@ -219,12 +226,7 @@ function _M.open(dir)
   if not ok then
     return nil, err
   end
-  local conninfo
-  conninfo, err = self:start()
-  if not conninfo then
-    return nil, err
-  end
-  return self, conninfo
+  return self
 end
 
 

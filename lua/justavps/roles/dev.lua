@@ -25,6 +25,7 @@ local summary = require("justavps.dev.summary")
 local ipairs = ipairs
 local rawget = rawget
 local tostring = tostring
+local floor = math.floor
 
 local _M = {}
 
@@ -106,6 +107,28 @@ local function stop_machines(driver)
 end
 
 
+-- Returns true when nothing listens on each of the stack's ports, else
+-- nil, message naming the port and its option.
+local function check_ports(opts)
+  for _, entry in ipairs({
+      { "platform", opts.platform_port },
+      { "edge", opts.edge_port },
+      { "broker", opts.broker_port } }) do
+    local listener = core.tcp.listen({ host = "127.0.0.1", port = entry[2],
+      on_accept = function(sock)
+        sock:close()
+      end })
+    if not listener then
+      return nil, "port " .. entry[2] .. " on 127.0.0.1 for the "
+        .. entry[1] .. " is in use; stop what listens there or pass --"
+        .. entry[1] .. "-port"
+    end
+    listener:close()
+  end
+  return true
+end
+
+
 -- Writes DIR/stack.json. Returns the stack table, or nil, message.
 local function write_stack(stack, demo)
   local out = {
@@ -169,11 +192,25 @@ local function start(opts, state)
     return err
   end
 
-  local pg, conninfo = postgres.open(opts.dir)
-  if not pg then
-    return conninfo
+  -- Every port must be free before anything starts: a client of a port
+  -- taken by another program would send it the demo credentials.
+  ok, err = check_ports(opts)
+  if not ok then
+    return err
   end
+
+  local pg
+  pg, err = postgres.new(opts.dir)
+  if not pg then
+    return err
+  end
+  -- Set before the start, so that a failure after it stops the server.
   state.pg = pg
+  local conninfo
+  conninfo, err = pg:start()
+  if not conninfo then
+    return err
+  end
   local result, merr = migrate.run({ conninfo = conninfo,
     dir = (rawget(_G, "JUSTAVPS_ROOT") or ".") .. "/sql" })
   if not result then
@@ -245,7 +282,8 @@ local function start(opts, state)
   io.stdout:write(summary.format(out, opts.dir))
   io.stdout:flush()
   log.info("justavps dev is ready", { platform = out.platform_url,
-    edge = out.edge_url, seconds = core.now() - state.started })
+    edge = out.edge_url,
+    seconds = floor((core.now() - state.started) * 1000 + 0.5) / 1000 })
   return nil
 end
 
