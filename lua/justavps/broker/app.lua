@@ -63,8 +63,8 @@ local function target_allowed(ip, port, conf)
   end
   local reason = by_port[port]
   if reason == nil then
-    local allowed, why = target_policy.allowed(ip, port, conf)
-    reason = allowed and true or (why or "denied")
+    local allowed, denial = target_policy.allowed(ip, port, conf)
+    reason = allowed and true or (denial or "denied")
     by_port[port] = reason
   end
   if reason == true then
