@@ -248,6 +248,29 @@ describe("machines API", function()
       assert.equal("deleting", events[2].stage)
     end))
 
+    it("queues a dead delete job again", async(function()
+      local m = create(alice)
+      local status = decode(M.delete(ctx(alice, { params = { slug = m.slug } })))
+      assert.equal(202, status)
+      assert(db.query("UPDATE jobs SET state = 'dead', attempts = 5 "
+        .. "FROM machines m WHERE m.id = jobs.machine_id AND m.slug = $1 "
+        .. "AND jobs.kind = 'delete'", { m.slug }))
+
+      status = decode(M.delete(ctx(alice, { params = { slug = m.slug } })))
+      assert.equal(202, status)
+      local jobs = assert(db.rows("SELECT j.state, j.attempts FROM jobs j "
+        .. "JOIN machines m ON m.id = j.machine_id WHERE m.slug = $1 "
+        .. "AND j.kind = 'delete'", { m.slug }))
+      assert.equal(1, #jobs)
+      assert.equal("queued", jobs[1].state)
+      assert.equal(0, jobs[1].attempts)
+      -- The stage stays deleting, with no second event.
+      local events = assert(db.rows("SELECT e.stage::text AS stage FROM "
+        .. "machine_events e JOIN machines m ON m.id = e.machine_id "
+        .. "WHERE m.slug = $1 AND e.stage = 'deleting'", { m.slug }))
+      assert.equal(1, #events)
+    end))
+
     it("hides a deleted machine", async(function()
       local m = create(alice)
       assert(db.query("UPDATE machines SET stage = 'deleted', "

@@ -404,6 +404,12 @@ describe("provisioning", function()
     local details = event_details(id, "failed")
     assert.truthy(details[1].reason:find("unknown region mars", 1, true))
     assert.equal("invalid_request", details[1].code)
+
+    -- The server was never created, so it has no provider_server_id and
+    -- the delete goes by slug.
+    request_delete(id)
+    wait_stage(id, "deleted", 30)
+    assert.equal("done", job_row(id, "delete").state)
     stop_platform(p)
   end, 60))
 end)

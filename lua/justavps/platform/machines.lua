@@ -284,16 +284,15 @@ local function delete_in(tx, account_id, slug, requested_by)
   if not machine then
     return nil, err, code
   end
-  -- A repeated DELETE while the first one runs changes nothing.
-  if machine.stage == "deleting" then
-    return machine
-  end
-
-  local detail = { source = "api", requested_by = requested_by }
-  local event, terr, tcode = stages.transition(tx, machine, "deleting",
-    detail)
-  if not event then
-    return nil, terr, tcode
+  -- A repeated DELETE keeps the stage; the statement below still queues
+  -- the delete job again when it died, so a retry can finish a delete.
+  if machine.stage ~= "deleting" then
+    local detail = { source = "api", requested_by = requested_by }
+    local event, terr, tcode = stages.transition(tx, machine, "deleting",
+      detail)
+    if not event then
+      return nil, terr, tcode
+    end
   end
 
   -- A delete job left from an earlier attempt that failed is queued

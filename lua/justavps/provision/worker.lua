@@ -107,10 +107,22 @@ local function driver_for(w, name)
 end
 
 
+-- Loads machine id with SQL NULLs as nil: a NULL column arrives as a
+-- null value that is true in Lua, and `machine.provider_server_id or
+-- machine.slug` must fall back to the slug for a server never created.
 local function load_machine(id)
-  return db.one("SELECT id, slug, account_id, token, provider, region, "
-    .. "server_type, stage::text AS stage, provider_server_id, "
-    .. "host(ip) AS ip FROM machines WHERE id = $1", { id })
+  local machine, err, code = db.one("SELECT id, slug, account_id, token, "
+    .. "provider, region, server_type, stage::text AS stage, "
+    .. "provider_server_id, host(ip) AS ip FROM machines WHERE id = $1",
+    { id })
+  if type(machine) == "table" then
+    for key, value in pairs(machine) do
+      if value == core.pg.null then
+        machine[key] = nil
+      end
+    end
+  end
+  return machine, err, code
 end
 
 
