@@ -218,7 +218,7 @@ describe("heartbeat group commit", function()
   local function steady(version)
     return { version = version, stage = "services_ready",
       ports = { { port = 3000, address = "127.0.0.1" } },
-      metrics = { cpu = { percent = 5 }, load = { ["1"] = 0.25 } } }
+      metrics = { cpu = { usage_percent = 5 }, load = { ["1"] = 0.25 } } }
   end
 
   local function query(sql, params)
@@ -335,7 +335,7 @@ describe("heartbeat group commit", function()
       calls[i] = { slug_of(i), steady("2.3.0") }
     end
     -- machine_metrics checks cpu_percent BETWEEN 0 AND 100.
-    calls[5][2].metrics.cpu.percent = 150
+    calls[5][2].metrics.cpu.usage_percent = 150
     local statuses, replies = burst(calls)
     for i = 1, MACHINES do
       if i == 5 then

@@ -156,8 +156,8 @@ describe("platform API", function()
     local status = heartbeat("hb-1", { version = "9.9.9",
       stage = "services_ready",
       ports = { { port = 3000, address = "0.0.0.0" } },
-      metrics = { cpu = { percent = 12.5 }, memory = { total_bytes = 1000,
-        available_bytes = 400 } } })
+      metrics = { cpu = { usage_percent = 12.5 }, memory = { total = 1000,
+        available = 400 } } })
     assert.equal(200, status)
 
     local db = connect(dbname)

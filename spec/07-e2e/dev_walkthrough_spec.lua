@@ -523,6 +523,19 @@ describe("justavps dev walkthrough", function()
       .. "/metrics")
     assert.equal(200, status, body)
     assert.is_true(#metrics.items > 0)
+
+    -- The daemon's real report fills the columns: memory at once, CPU from
+    -- the second sample on.
+    local filled = eventually(20, function()
+      local _, _, _, m = api("GET", "/machines/" .. slug .. "/metrics")
+      local last = m and m.items[#m.items]
+      return last and type(last.cpu_percent) == "number" and last
+    end)
+    assert.truthy(filled, "cpu_percent stayed null")
+    assert.is_true(filled.mem_total_bytes > 0)
+    assert.is_true(filled.mem_used_bytes > 0)
+    assert.is_true(filled.mem_used_bytes <= filled.mem_total_bytes)
+    assert.is_true(filled.disk_total_bytes > 0)
   end, 40))
 
   it("restarts a role that crashed", async(function()

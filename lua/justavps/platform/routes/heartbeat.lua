@@ -49,7 +49,10 @@ end
 
 
 -- Returns the machine_metrics values of a report's metrics, from
--- cpu_percent to net (JSON text), with nil for a missing value.
+-- cpu_percent to net (JSON text), with nil for a missing value. The
+-- metrics have the shape of the daemon's /v1/system reply (see
+-- justavps.daemon.metrics.system): cpu.usage_percent, memory.total and
+-- memory.available in bytes, disk.used_bytes and disk.total_bytes.
 local function metrics_row(m)
   m = type(m) == "table" and m or {}
   local cpu = type(m.cpu) == "table" and m.cpu or {}
@@ -57,17 +60,18 @@ local function metrics_row(m)
   local mem = type(m.memory) == "table" and m.memory or {}
   local disk = type(m.disk) == "table" and m.disk or {}
   local net = type(m.network) == "table" and m.network.interfaces or nil
+  local total = number_or_nil(mem.total)
   local used
-  if number_or_nil(mem.total_bytes) and number_or_nil(mem.available_bytes) then
-    used = mem.total_bytes - mem.available_bytes
+  if total and number_or_nil(mem.available) then
+    used = total - mem.available
   end
   return {
-    number_or_nil(cpu.percent),
+    number_or_nil(cpu.usage_percent),
     number_or_nil(load["1"] or load.load1 or load[1]),
     number_or_nil(load["5"] or load.load5 or load[2]),
     number_or_nil(load["15"] or load.load15 or load[3]),
     used,
-    number_or_nil(mem.total_bytes),
+    total,
     number_or_nil(disk.used_bytes),
     number_or_nil(disk.total_bytes),
     json.encode(type(net) == "table" and net or {}),
