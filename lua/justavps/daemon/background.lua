@@ -87,7 +87,13 @@ function _M.start(conf, opts)
     hb[k] = v
   end
   hb.update = update
-  heartbeat.start(conf, hb)
+  if conf.platform_url == "" then
+    -- A daemon started by hand would otherwise report to whatever
+    -- listens on a guessed address.
+    log.warn("heartbeats are off because platform_url is empty")
+  else
+    heartbeat.start(conf, hb)
+  end
   log.info("background work started", { platform_url = conf.platform_url,
     heartbeat_interval = conf.heartbeat_interval })
 end

@@ -25,8 +25,9 @@ _M.schema = config.schema({ fields = {
   { token = { type = "string", required = true, len_min = 16,
     description = "machine token shared with the platform; signs the "
       .. "internal API and heartbeats" } },
-  { platform_url = { type = "string", default = "http://127.0.0.1:8080",
-    description = "base URL of the platform API for heartbeats" } },
+  { platform_url = { type = "string", default = "",
+    description = "base URL of the platform API for heartbeats; empty "
+      .. "turns heartbeats, and so self-update, off" } },
   { public = listen_record("0.0.0.0", 80,
     "listener for traffic from brokers") },
   { internal = listen_record("127.0.0.1", 7777,
