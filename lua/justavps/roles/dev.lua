@@ -199,6 +199,12 @@ local function start(opts, state)
     return err
   end
 
+  if files.getuid() == 0 then
+    log.warn("running as root: local machines run commands as root, and "
+      .. "every user of this host can reach them on 127.0.0.x; use a "
+      .. "machine you do not share")
+  end
+
   local pg
   pg, err = postgres.new(opts.dir)
   if not pg then
