@@ -46,36 +46,14 @@ local DEFAULTS = { batch_max_rows = 256, batch_delay = 0.002,
 local METRIC_COUNT = 9
 
 -- One statement for the whole batch. $1 to $12 are arrays with one
--- element per heartbeat. The UPDATE takes the last heartbeat of each
--- machine and skips deleted machines, and the INSERT keeps every
--- heartbeat of the machines it updated, in arrival order. It returns the
--- ids of the machines updated.
-local WRITE_SQL = [[
-WITH input AS (
-  SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::real[],
-    $5::real[], $6::real[], $7::real[], $8::bigint[], $9::bigint[],
-    $10::bigint[], $11::bigint[], $12::jsonb[]) WITH ORDINALITY
-    AS t(machine_id, version, ports, cpu_percent, load_1, load_5, load_15,
-      mem_used_bytes, mem_total_bytes, disk_used_bytes, disk_total_bytes,
-      net, n)
-), latest AS (
-  SELECT DISTINCT ON (machine_id) machine_id, version, ports FROM input
-  ORDER BY machine_id, n DESC
-), updated AS (
-  UPDATE machines m SET version = l.version, ports = l.ports,
-    last_seen_at = now()
-  FROM latest l WHERE m.id = l.machine_id AND m.deleted_at IS NULL
-  RETURNING m.id
-), inserted AS (
-  INSERT INTO machine_metrics (machine_id, cpu_percent, load_1, load_5,
-    load_15, mem_used_bytes, mem_total_bytes, disk_used_bytes,
-    disk_total_bytes, net)
-  SELECT i.machine_id, i.cpu_percent, i.load_1, i.load_5, i.load_15,
-    i.mem_used_bytes, i.mem_total_bytes, i.disk_used_bytes,
-    i.disk_total_bytes, i.net
-  FROM input i JOIN updated u ON u.id = i.machine_id ORDER BY i.n
-)
-SELECT id::text AS id FROM updated]]
+-- element per heartbeat. record_heartbeats (sql/0005_record_heartbeats.sql)
+-- updates each machine that is not deleted from its last heartbeat,
+-- inserts one machine_metrics row per heartbeat of those machines, and
+-- returns the ids of the machines it updated.
+local WRITE_SQL = "SELECT id::text AS id FROM record_heartbeats("
+  .. "$1::uuid[], $2::text[], $3::jsonb[], $4::real[], $5::real[], "
+  .. "$6::real[], $7::real[], $8::bigint[], $9::bigint[], $10::bigint[], "
+  .. "$11::bigint[], $12::jsonb[]) AS id"
 
 -- Codes after which the statement did not reach a verdict on the data,
 -- so running its rows one by one would fail the same way.
