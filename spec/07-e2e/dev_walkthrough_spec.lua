@@ -568,6 +568,30 @@ describe("justavps dev walkthrough", function()
     assert.truthy(ok, "the chain did not recover")
   end, 90))
 
+  it("restarts a stopped daemon and database", async(function()
+    local demo = stack.machine
+    local pid_file = dir .. "/machines/" .. demo.slug .. "/daemon.pid"
+    local old_pid = tonumber((read_file(pid_file) or ""):match("^(%d+)"))
+    assert(core.proc.kill(old_pid, "SIGKILL"))
+    local new_pid = eventually(30, function()
+      local pid = tonumber((read_file(pid_file) or ""):match("^(%d+)"))
+      return pid ~= old_pid and listening(demo.ip, demo.daemon_port) and pid
+    end)
+    assert.truthy(new_pid, "the demo daemon was not started again")
+
+    -- SIGINT is PostgreSQL's fast shutdown.
+    local postmaster = tonumber((read_file(dir
+      .. "/pg/data/postmaster.pid") or ""):match("^(%d+)"))
+    assert(core.proc.kill(postmaster, "SIGINT"))
+    assert.truthy(eventually(30, function()
+      return process_alive(postmaster) == false
+        and core.fs.stat(dir .. "/pg/.s.PGSQL.5432") ~= nil
+    end), "postgres was not started again")
+    assert.truthy(eventually(30, function()
+      return api("GET", "/me") == 200
+    end), "the platform did not reconnect")
+  end, 90))
+
   it("deletes the machine and leaves nothing behind", async(function()
     assert.is_true(process_alive(daemon_pid))
     local status, _, body = api("DELETE", "/machines/" .. slug)

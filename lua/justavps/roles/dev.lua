@@ -7,7 +7,9 @@
 --   4. the daemons of local machines from an earlier run, started again;
 --   5. a demo account, API key and machine made through the API
 --      (dev.bootstrap);
---   6. DIR/stack.json (mode 0600) and a summary on stdout.
+--   6. DIR/stack.json (mode 0600) and a summary on stdout;
+--   7. checks that restart PostgreSQL and machine daemons when they stop
+--      (dev.watch).
 -- SIGINT or SIGTERM stops everything in the reverse order, and the next
 -- start reuses the data.
 local core = require("justavps.core")
@@ -21,6 +23,7 @@ local configs = require("justavps.dev.configs")
 local supervisor = require("justavps.dev.supervisor")
 local bootstrap = require("justavps.dev.bootstrap")
 local summary = require("justavps.dev.summary")
+local watch = require("justavps.dev.watch")
 
 local ipairs = ipairs
 local rawget = rawget
@@ -287,6 +290,7 @@ local function start(opts, state)
   end
   io.stdout:write(summary.format(out, opts.dir))
   io.stdout:flush()
+  state.watch = watch.start(pg, driver)
   log.info("justavps dev is ready", { platform = out.platform_url,
     edge = out.edge_url,
     seconds = floor((core.now() - state.started) * 1000 + 0.5) / 1000 })
@@ -296,6 +300,9 @@ end
 
 -- Stops what start() started, newest first.
 local function stop(opts, state)
+  if state.watch then
+    state.watch.stop()
+  end
   if state.supervisor then
     state.supervisor:stop_all(opts.stop_timeout)
   end
