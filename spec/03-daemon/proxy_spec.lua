@@ -237,18 +237,27 @@ describe("daemon proxy", function()
     local probe = assert(core.tcp.listen{ port = 0, on_accept = function() end })
     local closed = probe:port()
     probe:close()
+    -- A port on another loopback address cannot be reached through the
+    -- proxy, so the 502 does not list it.
+    local elsewhere = assert(core.tcp.listen{ host = "127.0.0.2", port = 0,
+      on_accept = function(s) s:close() end })
+    local elsewhere_port = elsewhere:port()
+    core.sleep(2.5)
     local res, body = get(ports.public, "/_port/" .. closed .. "/")
+    elsewhere:close()
     assert.equal(502, res.status)
     local err = json.decode(body).error
     assert.equal("port_not_listening", err.code)
     assert.truthy(err.message:find(tostring(closed), 1, true))
     assert.equal(closed, err.port)
-    local listed = false
+    local listed, other = false, false
     for _, listening_port in ipairs(err.listening) do
       listed = listed or listening_port == app:port()
+      other = other or listening_port == elsewhere_port
     end
     assert.is_true(listed, "the backend's port is not among the listening")
-  end))
+    assert.is_false(other, "a port on 127.0.0.2 is listed")
+  end, 20))
 
   it("delivers SSE event by event", async(function()
     local res = assert(core.http.request{ host = "127.0.0.1",

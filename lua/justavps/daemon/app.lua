@@ -23,13 +23,22 @@ local _M = {}
 local error_response = proxy.error_response
 
 
--- Returns a 502 for a closed port, naming it and the ports that do listen,
--- so the user sees at once where the app really is.
+-- Addresses whose listeners accept the proxy's connections to 127.0.0.1.
+local REACHABLE = {
+  ["127.0.0.1"] = true, ["0.0.0.0"] = true, ["::"] = true,
+  ["::ffff:127.0.0.1"] = true,
+}
+
+
+-- Returns a 502 for a closed port, naming it and the ports that do listen
+-- where the proxy connects, so the user sees at once where the app
+-- really is. A port bound to another address, such as this daemon's own
+-- internal listener, would get the same 502 and is left out.
 local function port_not_listening(port)
   local listening = {}
   local seen = {}
   for _, entry in ipairs(ports.catalogue(2)) do
-    if not seen[entry.port] then
+    if REACHABLE[entry.address] and not seen[entry.port] then
       seen[entry.port] = true
       listening[#listening + 1] = entry.port
     end
