@@ -180,6 +180,22 @@ describe("daemon proxy", function()
     assert.equal("/_port/" .. app:port(), seen.prefix)
   end))
 
+  it("omits the prefix for a port host", async(function()
+    local port = app:port()
+    local res, body = get(ports.public, "/_port/" .. port .. "/a", {
+      ["X-Forwarded-Host"] = port .. "-box.example.test" })
+    assert.equal(200, res.status)
+    local seen = json.decode(body)
+    assert.equal("/a", seen.target)
+    assert.equal(json.null, seen.prefix)
+
+    -- Another port's host keeps it.
+    res, body = get(ports.public, "/_port/" .. port .. "/a", {
+      ["X-Forwarded-Host"] = "1" .. port .. "-box.example.test" })
+    assert.equal(200, res.status)
+    assert.equal("/_port/" .. port, json.decode(body).prefix)
+  end))
+
   it("forwards the numeric shortcut", async(function()
     local res, body = get(ports.public, "/" .. app:port() .. "/c/")
     assert.equal(200, res.status)

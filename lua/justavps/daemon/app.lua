@@ -18,9 +18,22 @@ local json = require("justavps.json")
 
 local ipairs = ipairs
 
+local smatch = string.match
+local tostring = tostring
+
 local _M = {}
 
 local error_response = proxy.error_response
+
+
+-- Returns true when the request reached the edge as PORT-SLUG.DOMAIN for
+-- this port. The edge then added the /_port/PORT prefix itself, and the
+-- app's public URL has none, so X-Forwarded-Prefix would mislead it. The
+-- broker sets X-Forwarded-Host to the host the edge received.
+local function via_port_host(req, port)
+  local host = req:header("X-Forwarded-Host")
+  return host ~= nil and smatch(host, "^(%d+)%-") == tostring(port)
+end
 
 
 -- Addresses whose listeners accept the proxy's connections to 127.0.0.1.
@@ -117,7 +130,7 @@ local function public(req)
   end
 
   local set = {}
-  if decision.prefix then
+  if decision.prefix and not via_port_host(req, decision.port) then
     set["X-Forwarded-Prefix"] = decision.prefix
   end
 
