@@ -118,7 +118,7 @@ describe("machines API", function()
 
   local function create(user, name)
     local status, body = decode(M.create(ctx(user, { body = {
-      name = name or "web box", region = "local", server_type = "small" } })))
+      name = name or "web box", region = "local", server_type = "local" } })))
     assert.equal(202, status)
     return body
   end
@@ -131,6 +131,31 @@ describe("machines API", function()
       assert.equal("local", m.provider)
       assert.is_nil(m.token)
       assert.is_nil(m.id)
+    end))
+
+    it("rejects a provider it cannot use", async(function()
+      local cases = {
+        { { provider = "nowhere", region = "x", server_type = "y" },
+          "unknown_provider", "provider" },
+        -- The spec's config gives hetzner no token.
+        { { provider = "hetzner", region = "fsn1", server_type = "cx22" },
+          "provider_not_configured", "hetzner" },
+        { { provider = "local", region = "mars", server_type = "local" },
+          "invalid_request", "region" },
+        { { provider = "local", region = "local", server_type = "huge" },
+          "invalid_request", "server_type" },
+      }
+      local before = db.one("SELECT count(*) AS n FROM machines").n
+      for _, case in ipairs(cases) do
+        local body = case[1]
+        body.name = "bad provider"
+        local status, reply = decode(M.create(ctx(alice, { body = body })))
+        assert.equal(400, status, case[2])
+        assert.equal(case[2], reply.error.code)
+        assert.truthy(reply.error.message:find(case[3], 1, true),
+          reply.error.message)
+      end
+      assert.equal(before, db.one("SELECT count(*) AS n FROM machines").n)
     end))
 
     it("writes row, event and job in one transaction", async(function()
@@ -521,7 +546,7 @@ describe("machines API", function()
 
     it("creates, shows and deletes a machine", async(function()
       local status, m = request("POST", "/api/v1/machines",
-        { name = "http box", region = "local", server_type = "small" })
+        { name = "http box", region = "local", server_type = "local" })
       assert.equal(202, status)
       assert.equal("server_creating", m.stage)
       status = request("GET", "/api/v1/machines/" .. m.slug)
@@ -549,7 +574,7 @@ describe("machines API", function()
 
     it("issues a share link and a ticket", async(function()
       local _, m = request("POST", "/api/v1/machines",
-        { name = "share box", region = "local", server_type = "small" })
+        { name = "share box", region = "local", server_type = "local" })
       local status, link = request("POST", "/api/v1/machines/" .. m.slug
         .. "/proxy-tokens", { port = 3000, ttl_s = 600 })
       assert.equal(201, status)

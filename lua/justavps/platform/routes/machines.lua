@@ -11,8 +11,11 @@ local log = require("justavps.log")
 local api_mod = require("justavps.platform.api")
 local machines = require("justavps.platform.machines")
 local state = require("justavps.platform.state")
+local providers = require("providers.init")
 
 local type = type
+local pairs = pairs
+local rawget = rawget
 local tonumber = tonumber
 local setmetatable = setmetatable
 local schar = string.char
@@ -115,6 +118,41 @@ local function read_limit(query, max)
 end
 
 
+-- Checks that fields.provider exists and is configured in this platform,
+-- and, for a provider with one fixed region and server type (such as
+-- local), that the request names them. Returns nil, or a status, headers,
+-- body error reply. What only the provider's API knows (a cloud region's
+-- capacity, say) is left to the provisioning worker.
+local function check_provider(fields)
+  local name = fields.provider
+  local module, err = providers.get(name)
+  if not module then
+    return api_mod.error(400, "unknown_provider", "provider: " .. err)
+  end
+  -- rawget: the validated record raises on a key it does not declare.
+  local conf = rawget(state.conf.provision.providers, name)
+  local driver_conf = {}
+  for k, v in pairs(conf or {}) do
+    driver_conf[k] = v
+  end
+  local driver, derr = conf and providers.new(name, driver_conf)
+  if not driver then
+    return api_mod.error(400, "provider_not_configured", "provider: "
+      .. name .. " is not configured on this platform"
+      .. (derr and (" (" .. derr .. ")") or ""))
+  end
+  if module.REGION and fields.region ~= module.REGION then
+    return api_mod.error(400, "invalid_request", "region: the " .. name
+      .. " provider has only the region " .. module.REGION)
+  end
+  if module.SERVER_TYPE and fields.server_type ~= module.SERVER_TYPE then
+    return api_mod.error(400, "invalid_request", "server_type: the " .. name
+      .. " provider has only the server type " .. module.SERVER_TYPE)
+  end
+  return nil
+end
+
+
 local function create(ctx)
   local body = ctx.body
   local fields = {
@@ -124,6 +162,10 @@ local function create(ctx)
     server_type = body.server_type,
     requested_by = ctx.user.id,
   }
+  local status, headers, reply = check_provider(fields)
+  if status then
+    return status, headers, reply
+  end
   local machine, err, code = machines.create(ctx.user.account_id, fields)
   if not machine then
     return _M.db_failure("machine create", err, code,
