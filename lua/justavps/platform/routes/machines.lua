@@ -135,7 +135,10 @@ local function check_provider(fields)
   for k, v in pairs(conf or {}) do
     driver_conf[k] = v
   end
-  local driver, derr = conf and providers.new(name, driver_conf)
+  local driver, derr
+  if conf then
+    driver, derr = providers.new(name, driver_conf)
+  end
   if not driver then
     return api_mod.error(400, "provider_not_configured", "provider: "
       .. name .. " is not configured on this platform"
