@@ -140,9 +140,11 @@ local function check_provider(fields)
     driver, derr = providers.new(name, driver_conf)
   end
   if not driver then
+    -- The reason may quote configuration values, so only the log has it.
+    log.warn("machine requested for an unconfigured provider",
+      { provider = name, error = derr })
     return api_mod.error(400, "provider_not_configured", "provider: "
-      .. name .. " is not configured on this platform"
-      .. (derr and (" (" .. derr .. ")") or ""))
+      .. name .. " is not configured on this platform")
   end
   if module.REGION and fields.region ~= module.REGION then
     return api_mod.error(400, "invalid_request", "region: the " .. name
