@@ -773,37 +773,38 @@ pending_append(jv_http_conn_t *c, const char *data, size_t len)
 static int
 scan_head(jv_http_conn_t *c, const char *data, size_t len)
 {
-  size_t i;
+  size_t i = 0;
 
   if (c->head_scanned) {
     return 0;
   }
 
-  for (i = 0; i < len; i++) {
-    char ch = data[i];
+  while (i < len) {
+    const char *nl = memchr(data + i, '\n', len - i);
+    size_t end = nl != NULL ? (size_t) (nl - data) : len;
 
-    if (ch == '\n') {
-      if (c->prev_byte != '\r') {
-        return -1;
-      }
-
-      /* Empty lines before the request line are skipped (RFC 9112
-       * section 2.2), so they must not count as the end of the head. */
-      if (c->head_content && ++c->crlf_run == 2) {
-        c->head_scanned = 1;
-        return 0;
-      }
-
-    } else if (ch != '\r') {
-      if ((ch == ' ' || ch == '\t') &&
-          (c->prev_byte == '\n' || c->prev_byte == 0)) {
-        return -1;
-      }
-      c->crlf_run = 0;
-      c->head_content = 1;
+    if (jv__http_scan_line_bytes(&c->prev_byte, &c->crlf_run, &c->head_content,
+                                 data + i, end - i) != 0) {
+      return -1;
     }
 
-    c->prev_byte = ch;
+    if (nl == NULL) {
+      break;
+    }
+
+    if (c->prev_byte != '\r') {
+      return -1;
+    }
+
+    /* Empty lines before the request line are skipped (RFC 9112
+     * section 2.2), so they must not count as the end of the head. */
+    if (c->head_content && ++c->crlf_run == 2) {
+      c->head_scanned = 1;
+      return 0;
+    }
+
+    c->prev_byte = '\n';
+    i = end + 1;
   }
 
   return 0;

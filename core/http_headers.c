@@ -149,3 +149,55 @@ jv__http_list_has_token(const char *v, size_t vlen, const char *token,
 
   return 0;
 }
+
+
+int
+jv__http_scan_line_bytes(char *prev_byte, unsigned *crlf_run, int *content,
+                         const char *s, size_t n)
+{
+  size_t k;
+
+  if (n == 0) {
+    return 0;
+  }
+
+  if (memchr(s, '\0', n) != NULL) {
+    /* A NUL byte also counts as the start of a line below, as in the
+     * byte-by-byte scan: check every byte. */
+    for (k = 0; k < n; k++) {
+      char ch = s[k];
+
+      if (ch != '\r') {
+        if ((ch == ' ' || ch == '\t') &&
+            (*prev_byte == '\n' || *prev_byte == 0)) {
+          return -1;
+        }
+        *crlf_run = 0;
+        if (content != NULL) {
+          *content = 1;
+        }
+      }
+      *prev_byte = ch;
+    }
+    return 0;
+  }
+
+  /* Without LF or NUL in s, only its first byte can follow a line start. */
+  if ((s[0] == ' ' || s[0] == '\t') &&
+      (*prev_byte == '\n' || *prev_byte == 0)) {
+    return -1;
+  }
+
+  for (k = 0; k < n; k++) {
+    if (s[k] != '\r') {
+      *crlf_run = 0;
+      if (content != NULL) {
+        *content = 1;
+      }
+      break;
+    }
+  }
+
+  *prev_byte = s[n - 1];
+  return 0;
+}

@@ -90,6 +90,14 @@ int jv__http_target_ok(const char *s, size_t len);
 int jv__http_list_has_token(const char *v, size_t vlen, const char *token,
                             size_t tlen);
 
+/* Scans n bytes of a message head that contain no LF, as the bare-LF and
+ * folded-line checks of the server and the client read them: returns -1
+ * when a line starts with a space or tab, and otherwise updates the byte
+ * before the next one, resets *crlf_run and sets *content (when not NULL)
+ * if a byte other than CR is among them. */
+int jv__http_scan_line_bytes(char *prev_byte, unsigned *crlf_run, int *content,
+                             const char *s, size_t n);
+
 /* Adds the HTTP client functions (http_client.c) to the core.http table
  * at table_index. */
 void jv__http_client_register(lua_State *L, int table_index);
