@@ -2272,24 +2272,30 @@ l_req_done(lua_State *L)
 /* RFC 9110 section 7.6.1 connection-specific fields, plus the legacy
  * Proxy-Connection and the proxy credentials, which are meant for this
  * hop. HOP_BY_HOP in lua/justavps/proxy.lua is the same list. */
-static const char *const hop_by_hop[] = {
-  "connection",
-  "keep-alive",
-  "proxy-connection",
-  "te",
-  "trailer",
-  "transfer-encoding",
-  "upgrade",
-  "proxy-authorization",
-  "proxy-authenticate",
+#define HOP(name)                                                              \
+  {                                                                            \
+    name, sizeof(name) - 1                                                     \
+  }
+
+static const struct {
+  const char *name;
+  size_t len;
+} hop_by_hop[] = {
+  HOP("connection"),
+  HOP("keep-alive"),
+  HOP("proxy-connection"),
+  HOP("te"),
+  HOP("trailer"),
+  HOP("transfer-encoding"),
+  HOP("upgrade"),
+  HOP("proxy-authorization"),
+  HOP("proxy-authenticate"),
 };
 
 
-static int
-name_is(const char *name, size_t len, const char *lower)
-{
-  return strlen(lower) == len && strncasecmp(name, lower, len) == 0;
-}
+/* Compares a header name with a lower-case string literal, in any case. */
+#define name_is(name, len, lower)                                              \
+  ((len) == sizeof(lower) - 1 && strncasecmp((name), (lower), (len)) == 0)
 
 
 /* Returns non-zero unless header i is hop-by-hop or named in the value of
@@ -2303,7 +2309,8 @@ is_end_to_end(const char *head, const jv_http_header_t *hdrs, unsigned n,
   unsigned j;
 
   for (j = 0; j < sizeof(hop_by_hop) / sizeof(hop_by_hop[0]); j++) {
-    if (name_is(name, len, hop_by_hop[j])) {
+    if (len == hop_by_hop[j].len &&
+        strncasecmp(name, hop_by_hop[j].name, len) == 0) {
       return 0;
     }
   }
