@@ -192,9 +192,9 @@ end
 
 -- Writes one batch and wakes each of its heartbeats with the result. A
 -- deadlock or serialization failure (a batch of another platform process
--- holding the same machines) is retried once. A batch that fails on its data,
--- such as a metric outside a CHECK, is written again one heartbeat at a
--- time, so only the heartbeat at fault fails.
+-- holding the same machines) is retried once. A batch that fails on its
+-- data, such as a metric outside a CHECK, is written again one heartbeat
+-- at a time, so only the heartbeat at fault fails.
 local function write(batch)
   local updated, err, code = run_statement(batch)
   if not updated and db.is_retryable(code) then
@@ -227,22 +227,22 @@ end
 -- being written, and marks those machines busy.
 local function take_batch(max_rows)
   local batch, rest = {}, {}
-  local taken = {}
+  local batch_machines = {}
   for i = 1, #queue do
     local entry = queue[i]
     local id = entry.machine_id
-    if #batch < max_rows and (taken[id] or not busy[id]) then
+    if #batch < max_rows and (batch_machines[id] or not busy[id]) then
       batch[#batch + 1] = entry
-      taken[id] = true
+      batch_machines[id] = true
     else
       rest[#rest + 1] = entry
     end
   end
   queue = rest
-  for id in pairs(taken) do
+  for id in pairs(batch_machines) do
     busy[id] = true
   end
-  return batch, taken
+  return batch, batch_machines
 end
 
 
@@ -255,7 +255,7 @@ local function run_writer()
   end
 
   while #queue > 0 do
-    local batch, taken = take_batch(conf.batch_max_rows)
+    local batch, batch_machines = take_batch(conf.batch_max_rows)
     if #batch == 0 then
       -- Every queued machine is in a batch in flight, and that batch's
       -- writer takes them when it finishes.
@@ -270,7 +270,7 @@ local function run_writer()
         end
       end
     end
-    for id in pairs(taken) do
+    for id in pairs(batch_machines) do
       busy[id] = nil
     end
   end
@@ -305,12 +305,6 @@ function _M.submit(entry)
     entry.waiter:wait()
   end
   return entry.ok, entry.err, entry.code
-end
-
-
--- Returns { queued =, writers = } for logs and specs.
-function _M.stats()
-  return { queued = #queue, writers = writers }
 end
 
 

@@ -367,8 +367,9 @@ end
 -- set. The caller owns the returned table. Failures are nil, message,
 -- code as from db.one, with "not_found" for no live machine.
 -- NOTE: after a token is changed in the database by hand, the old token
--- is accepted until its entry expires (heartbeat.machine_cache_ttl); the
--- new one works at once, through the second check.
+-- is accepted until its entry expires (heartbeat.machine_cache_ttl). The
+-- new one works at once, because auth_machine checks a failed signature
+-- again with opts.fresh.
 function _M.heartbeat_identity(slug, opts)
   local ttl, max_entries = identity_limits()
   local now = core.now()

@@ -29,7 +29,8 @@ local DEFAULT_CACHE_TTL = 5
 -- The newest OFFER_WINDOW releases as the offer last read them. rows is
 -- nil when nothing is cached. generation grows with every invalidation,
 -- so a read that started before a publish is not cached after it.
--- loading holds the waiters of heartbeats that wait for a read in flight.
+-- loading is the list of waiters of heartbeats that wait for a read in
+-- flight, or nil when no read is in flight.
 local offer_cache = { rows = nil, expires = 0, generation = 0,
   loading = nil }
 
@@ -100,8 +101,8 @@ end
 
 -- Empties the release list cache of the update offer, so the next
 -- heartbeat reads the list again. A publish in this process calls it.
--- NOTE: another platform process sees a publish only when its cached
--- list expires (heartbeat.release_cache_ttl).
+-- NOTE: another platform process offers a new release only after its
+-- cached list expires (heartbeat.release_cache_ttl).
 function _M.invalidate_cache()
   offer_cache.rows = nil
   offer_cache.expires = 0
@@ -176,8 +177,8 @@ end
 -- or the machine runs that release already. Only the newest included
 -- release is a candidate, so a machine that runs it is not offered an
 -- older one. A database failure is logged and gives no offer, so it
--- never fails the heartbeat. The release list comes from a cache that
--- lives heartbeat.release_cache_ttl seconds.
+-- never fails the heartbeat. The release list comes from a cache kept
+-- heartbeat.release_cache_ttl seconds.
 function _M.offer(machine, version)
   local rows, err, code = offer_releases()
   if not rows then
