@@ -4,7 +4,8 @@
 --
 -- decide(path, conf) returns one of
 --   { action = "proxy", port = N, path = "/rest", prefix = "/_port/N" }
---   { action = "pty" }
+--   { action = "pty" }, or with sessions = true (and session = ID) for
+--     /_pty/sessions[/ID]
 --   { action = "toolbox", path = "/files/..." }
 --   { action = "reject", status = 400|403, code = "...", message = "..." }
 -- where path is the request path without the query string.
@@ -151,10 +152,14 @@ function _M.decide(path, conf)
   end
 
   if first == "_pty" then
-    if #segs ~= 1 then
-      return reject(404, "not_found", "no such terminal path")
+    if #segs == 1 then
+      return { action = "pty" }
     end
-    return { action = "pty" }
+    -- /_pty/sessions lists the sessions, /_pty/sessions/ID is one.
+    if segs[2] == "sessions" and #segs <= 3 then
+      return { action = "pty", sessions = true, session = segs[3] }
+    end
+    return reject(404, "not_found", "no such terminal path")
   end
 
   if first == "_toolbox" then

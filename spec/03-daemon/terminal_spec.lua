@@ -503,6 +503,52 @@ describe("daemon terminal", function()
     b:bye()
   end, 30))
 
+  it("lists, shows and ends sessions", async(function()
+    local function call(method, path)
+      local res = assert(core.http.request({ method = method,
+        host = "127.0.0.1", port = d.port, path = path, timeout = WAIT }))
+      local body = res:read_body()
+      res:close()
+      return res.status, body ~= "" and json.decode(body) or nil, res
+    end
+
+    local c = attach(d)
+    local s = c:session()
+    local status, list = call("GET", "/_pty/sessions")
+    assert.equal(200, status)
+    local found
+    for _, entry in ipairs(list.sessions) do
+      if entry.id == s.id then
+        found = entry
+      end
+    end
+    assert.truthy(found, "the session is not listed")
+    assert.is_true(found.attached)
+    assert.is_number(found.pid)
+
+    local one_status, one = call("GET", "/_pty/sessions/" .. s.id)
+    assert.equal(200, one_status)
+    assert.equal(s.id, one.id)
+
+    assert.equal(405, (call("POST", "/_pty/sessions")))
+    assert.equal(404, (call("DELETE", "/_pty/sessions/" .. ("B"):rep(32))))
+    assert.equal(404, (call("GET", "/_pty/other")))
+
+    -- Ending it hangs up the shell; the client gets the exit and close.
+    assert.equal(204, (call("DELETE", "/_pty/sessions/" .. s.id)))
+    c:wait_control("exit")
+    c:wait_close()
+    local gone = false
+    for _ = 1, 100 do
+      if call("GET", "/_pty/sessions/" .. s.id) == 404 then
+        gone = true
+        break
+      end
+      core.sleep(0.1)
+    end
+    assert.is_true(gone, "the session was not freed")
+  end, 30))
+
   it("answers an unknown session with 404", async(function()
     local res = raw_upgrade(d, "/_pty?session=" .. ("A"):rep(32))
     assert.equal(404, res.status)

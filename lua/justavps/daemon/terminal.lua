@@ -274,8 +274,50 @@ local function serve(s, att, conn, ping_interval)
 end
 
 
--- Serves GET /_pty (decision.action "pty"). See docs/daemon-terminal.md.
-function _M.handle(req, _decision)
+local function json_reply(status, body)
+  return status, { ["Content-Type"] = "application/json",
+    ["Cache-Control"] = "no-store" }, json.encode(body) .. "\n"
+end
+
+
+-- Serves GET /_pty/sessions, and GET and DELETE /_pty/sessions/ID, which
+-- show and end sessions, for example those a dropped client left behind.
+local function handle_sessions(req, decision)
+  if decision.session == nil then
+    if req.method ~= "GET" then
+      return reject(req, 405, "method_not_allowed",
+        "/_pty/sessions takes GET", { Allow = "GET" })
+    end
+    local list = json.array()
+    for i, s in ipairs(session.list()) do
+      list[i] = session.describe(s)
+    end
+    return json_reply(200, { sessions = list })
+  end
+
+  local s = session.get(decision.session)
+  if not s then
+    return reject(req, 404, "session_not_found", "no terminal session "
+      .. "has this id; it has ended or expired")
+  end
+  if req.method == "GET" then
+    return json_reply(200, session.describe(s))
+  end
+  if req.method == "DELETE" then
+    session.close(s, "closed_by_request")
+    return 204, { ["Cache-Control"] = "no-store" }, ""
+  end
+  return reject(req, 405, "method_not_allowed",
+    "/_pty/sessions/ID takes GET or DELETE", { Allow = "GET, DELETE" })
+end
+
+
+-- Serves GET /_pty (decision.action "pty") and /_pty/sessions. See
+-- docs/daemon-terminal.md.
+function _M.handle(req, decision)
+  if decision.sessions then
+    return handle_sessions(req, decision)
+  end
   local conf = (state.conf and state.conf.terminal) or SETTINGS
   session.configure({
     buffer_size = conf.buffer_size,

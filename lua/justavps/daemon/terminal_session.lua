@@ -17,6 +17,7 @@ local ring = require("justavps.daemon.terminal_ring")
 local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
+local floor = math.floor
 local now = core.now
 local update_time = core.update_time
 local waiter = core.waiter
@@ -87,6 +88,37 @@ end
 
 function _M.count()
   return count
+end
+
+
+-- Returns what GET /_pty/sessions shows of session s.
+function _M.describe(s)
+  local t = clock()
+  return {
+    id = s.id,
+    pid = s.pid,
+    cols = s.cols,
+    rows = s.rows,
+    attached = s.attachment ~= nil,
+    exited = s.exited,
+    output_bytes = s.ring.finish,
+    idle_s = floor((t - s.active_at) * 10 + 0.5) / 10,
+    detached_s = (not s.attachment and s.detached_at)
+      and floor((t - s.detached_at) * 10 + 0.5) / 10 or nil,
+  }
+end
+
+
+-- Returns every session, oldest first by pid.
+function _M.list()
+  local out = {}
+  for _, s in pairs(sessions) do
+    out[#out + 1] = s
+  end
+  table.sort(out, function(a, b)
+    return a.pid < b.pid
+  end)
+  return out
 end
 
 
@@ -208,6 +240,13 @@ local function kill(s, reason)
       s.term:kill("SIGKILL")
     end
   end)
+end
+
+
+-- Ends session s as the reattach window would: the shell is hung up,
+-- and an attached client gets the exit frame and the close.
+function _M.close(s, reason)
+  kill(s, reason)
 end
 
 
