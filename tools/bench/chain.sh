@@ -10,7 +10,7 @@
 #
 #   tools/bench/chain.sh [--duration S] [--warmup S] [--reps N]
 #                        [--ws-seconds S] [--idle N] [--nonces N]
-#                        [--quick] [--keep]
+#                        [--quick] [--cost N] [--keep]
 #
 #   --duration S    seconds of each measured wrk run (default 10)
 #   --warmup S      seconds of the unmeasured wrk run before each one
@@ -23,6 +23,10 @@
 #                   (default 200000)
 #   --quick         --duration 3 --warmup 1 --reps 1 --ws-seconds 2
 #                   --idle 500 --nonces 20000
+#   --cost N        instead of the measurements above, count the work of
+#                   each hop for N requests: user-space instructions per
+#                   request under callgrind and system calls per request
+#                   under strace (needs valgrind and strace)
 #   --keep          keep the temporary directory with raw output and logs
 #
 # Needs wrk and nginx (tools/setup.sh --bench), luajit, taskset, curl, ss,
@@ -42,6 +46,7 @@ ws_seconds=5
 idle_count=2000
 nonce_count=200000
 keep=0
+cost=0
 build=${JV_BUILD_DIR:-build}
 server_cpu=0
 client_cpu=1
@@ -60,9 +65,10 @@ while [[ $# -gt 0 ]]; do
       duration=3; warmup=1; reps=1; ws_seconds=2; idle_count=500
       nonce_count=20000
       ;;
+    --cost) cost=$2; shift ;;
     --keep) keep=1 ;;
     -h | --help)
-      sed -n '2,34s/^# \{0,1\}//p' "$0"
+      sed -n '2,38s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     *)
@@ -73,7 +79,11 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-for tool in wrk nginx luajit taskset curl ss; do
+tools=(wrk nginx luajit taskset curl ss)
+if ((cost > 0)); then
+  tools+=(valgrind callgrind_control strace)
+fi
+for tool in "${tools[@]}"; do
   if ! command -v "$tool" >/dev/null; then
     echo "chain.sh: $tool not found; install it with tools/setup.sh --bench" >&2
     exit 1
@@ -426,7 +436,172 @@ start_daemon
 start_broker chain
 chain_broker_pid=$broker_pid
 start_edge
-start_nginx
+if ((cost == 0)); then
+  start_nginx
+fi
+
+# ---------------------------------------------------------------------------
+# Work per request (--cost)
+
+# cost_load mode port count [mode arguments]: sends count requests over 8
+# connections with tools/bench/chain_load.lua.
+cost_load() {
+  local mode=$1 port=$2 count=$3
+  shift 3
+  taskset -c "$client_cpu" luajit tools/bench/chain_load.lua "$build" \
+    "$mode" "$port" "$count" 8 "$host" "$@"
+}
+
+# cost_callgrind role: starts a second instance of role with the chain's
+# config under callgrind, instrumentation off. It warms the instance with
+# 400 requests and then counts the instructions of $cost more. Prints the
+# instructions per request.
+cost_callgrind() {
+  local role=$1 config listener env_extra=() vlog out vpid port ir
+  case $role in
+    daemon)
+      # The port watcher's scans would land in the counted window, more of
+      # them the slower the build: this instance scans once an hour.
+      config=$tmp/daemon-cost.json listener=public
+      sed '1s/^{/{ "ports_interval": 3600,/' "$tmp/daemon.json" >"$config"
+      ;;
+    broker) config=$tmp/broker-chain.json listener=main ;;
+    edge)
+      config=$tmp/edge.json listener=main
+      env_extra=("PGHOST=$PGHOST" "PGPORT=$PGPORT" "PGUSER=$PGUSER"
+        "PGDATABASE=$dbname" "JUSTAVPS_EDGE_JWT_SECRET=$jwt_secret")
+      ;;
+  esac
+  vlog=$tmp/callgrind-$role.log
+  out=$tmp/callgrind-$role.out
+  "${clean_env[@]}" "${env_extra[@]}" taskset -c "$server_cpu" valgrind \
+    --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
+    --callgrind-out-file="$out" "$build/justavps" "$role" \
+    --config "$config" --access-log=false 2>"$vlog" &
+  vpid=$!
+  started_pids+=("$vpid")
+
+  port=
+  for _ in $(seq 1 600); do
+    port=$(sed -n \
+      "s/.*msg=listening .*listener=$listener .*port=\([0-9]*\).*/\1/p" \
+      "$vlog" | head -n1)
+    [[ -n $port ]] && break
+    sleep 0.1
+  done
+  if [[ -z $port ]]; then
+    log "$role under callgrind did not start; its log:"
+    cat "$vlog" >&2
+    stop_process "$vpid"
+    return 1
+  fi
+
+  local args=()
+  case $role in
+    daemon) args=(plain "$port") ;;
+    broker)
+      args=(broker "$port" "$broker_secret" "$broker_id" "$slug"
+        "$daemon_port")
+      ;;
+    edge) args=(edge "$port" "Bearer $api_key") ;;
+  esac
+  cost_load "${args[0]}" "${args[1]}" 400 "${args[@]:2}" >/dev/null
+
+  callgrind_control -i on "$vpid" >/dev/null
+  cost_load "${args[0]}" "${args[1]}" "$cost" "${args[@]:2}" \
+    >"$tmp/callgrind-$role.load"
+  callgrind_control -i off "$vpid" >/dev/null
+  callgrind_control -d "$vpid" >/dev/null
+  stop_process "$vpid"
+  if ! grep -q "^done=$cost failed=0\$" "$tmp/callgrind-$role.load"; then
+    log "not every request to $role succeeded:" \
+      "$(cat "$tmp/callgrind-$role.load")"
+    return 1
+  fi
+  ir=$(cat "$out".* | awk '/^totals:/ { s += $2 } END { print s + 0 }')
+  awk -v i="$ir" -v n="$cost" 'BEGIN { printf "%.0f", i / n }'
+}
+
+# cost_strace: counts the system calls of the chain's edge, broker and
+# daemon (with their children) while $cost requests go through the edge,
+# and prints one Markdown row per process.
+cost_strace() {
+  local role pid spids=()
+  cost_load edge "$edge_port" 400 "Bearer $api_key" >/dev/null
+  for role in edge broker daemon; do
+    case $role in
+      edge) pid=$edge_pid ;;
+      broker) pid=$chain_broker_pid ;;
+      daemon) pid=$daemon_pid ;;
+    esac
+    strace -c -f -o "$tmp/strace-$role.txt" -p "$pid" 2>/dev/null &
+    spids+=($!)
+    started_pids+=($!)
+  done
+  sleep 1
+  cost_load edge "$edge_port" "$cost" "Bearer $api_key" \
+    >"$tmp/strace.load"
+  for pid in "${spids[@]}"; do
+    kill -INT "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  for role in edge broker daemon; do
+    awk -v n="$cost" -v role="$role" '
+      $NF ~ /^[a-z_0-9]+$/ && $NF != "total" && $4 ~ /^[0-9]+$/ {
+        calls[$NF] = $4
+      }
+      END {
+        io = calls["read"] + calls["recvfrom"] + calls["write"] \
+          + calls["writev"] + calls["sendto"]
+        other = 0
+        for (k in calls) {
+          if (k != "read" && k != "recvfrom" && k != "write" \
+              && k != "writev" && k != "sendto" && k != "epoll_wait") {
+            other += calls[k]
+          }
+        }
+        printf "| %s | %.2f | %.2f | %.2f | %.2f |\n", role, io / n,
+          (calls["write"] + calls["writev"] + calls["sendto"]) / n,
+          calls["epoll_wait"] / n, other / n
+      }' "$tmp/strace-$role.txt"
+  done
+}
+
+if ((cost > 0)); then
+  echo "# justavps proxy chain: work per request"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- justavps: built in $source_build" \
+    "($(sha256sum "$build/justavps" | cut -c1-12))"
+  echo "- $(valgrind --version), $(strace -V | head -n1)"
+  echo
+  echo "User-space instructions per request (callgrind Ir) of a second" \
+    "instance of each role with the chain's config, after 400 warm-up" \
+    "requests, over $cost GET / requests from tools/bench/chain_load.lua" \
+    "(8 keep-alive connections). The edge's requests carry the API key" \
+    "and go on to the chain's broker; the broker's are signed for the" \
+    "chain's daemon; the daemon's are plain. Kernel work is not counted."
+  echo
+  echo "| hop | instructions per request |"
+  echo "| --- | ---: |"
+  for role in edge broker daemon; do
+    log "callgrind: $role"
+    echo "| $role | $(cost_callgrind "$role") |"
+  done
+  echo
+  echo "System calls per request of the chain's processes (strace -c -f," \
+    "children included) over $cost requests through the edge." \
+    "\"I/O\" is read, recvfrom, write, writev and sendto; \"other\" is" \
+    "every call but those and epoll_wait (the daemon's port watcher" \
+    "runs here too)."
+  echo
+  echo "| process | I/O calls | of which writes | epoll_wait | other |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  log "strace"
+  cost_strace
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------
 # Machine
