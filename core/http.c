@@ -163,6 +163,9 @@ static struct {
 
 static int worker_ref = LUA_NOREF;
 
+/* The request metatable's address, for jv__check_udata. */
+static const void *req_mt;
+
 static void conn_read_cb(jv_stream_t *s, ssize_t nread, const char *data);
 static void conn_close(jv_http_conn_t *c);
 static void conn_next_request(jv_http_conn_t *c);
@@ -1473,7 +1476,7 @@ conn_resume_reader(jv_http_conn_t *c, int err)
 static jv_http_conn_t *
 check_req(lua_State *L)
 {
-  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+  jv_http_req_box_t *box = jv__check_udata(L, 1, JV_HTTP_REQUEST_MT, &req_mt);
 
   if (box->conn == NULL) {
     luaL_error(L, "request is over: its response was sent or its "
@@ -1512,7 +1515,7 @@ push_url_part(lua_State *L, jv_http_conn_t *c, int part)
 static int
 l_req_index(lua_State *L)
 {
-  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+  jv_http_req_box_t *box = jv__check_udata(L, 1, JV_HTTP_REQUEST_MT, &req_mt);
   const char *key = luaL_checkstring(L, 2);
   jv_http_conn_t *c = box->conn;
 
@@ -2211,7 +2214,7 @@ l_req_head_sent(lua_State *L)
 static int
 l_req_done(lua_State *L)
 {
-  jv_http_req_box_t *box = luaL_checkudata(L, 1, JV_HTTP_REQUEST_MT);
+  jv_http_req_box_t *box = jv__check_udata(L, 1, JV_HTTP_REQUEST_MT, &req_mt);
   jv_http_conn_t *c = box->conn;
   int ok = lua_toboolean(L, 2);
 
@@ -2662,7 +2665,8 @@ static jv_http_conn_t *
 build_relay_head(lua_State *L, int req_index, int status, const char *head,
                  const jv_http_header_t *hdrs, unsigned n)
 {
-  jv_http_req_box_t *box = luaL_checkudata(L, req_index, JV_HTTP_REQUEST_MT);
+  jv_http_req_box_t *box =
+      jv__check_udata(L, req_index, JV_HTTP_REQUEST_MT, &req_mt);
   jv_http_conn_t *c = box->conn;
   int has_length = 0, has_date = 0;
   int bodyless = (status < 200 || status == 204 || status == 304);

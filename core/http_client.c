@@ -421,7 +421,9 @@ scan_reset(jv_http_response_t *res)
 static jv_http_response_t *
 check_response(lua_State *L, int idx)
 {
-  return luaL_checkudata(L, idx, JV_HTTP_RESPONSE_MT);
+  static const void *response_mt;
+
+  return jv__check_udata(L, idx, JV_HTTP_RESPONSE_MT, &response_mt);
 }
 
 

@@ -57,6 +57,35 @@ int jv__http_relay_head(lua_State *L, int req_index, int status,
                         const char *head, const jv_http_header_t *hdrs,
                         unsigned n);
 
+/* Returns the userdata at idx when its metatable is the one registered
+ * as tname, and raises as luaL_checkudata does otherwise. *mt keeps the
+ * metatable's address after the first call, so that later calls compare
+ * one pointer instead of looking tname up in the registry. The process
+ * runs one Lua state, whose registered metatables live until it closes. */
+static inline void *
+jv__check_udata(lua_State *L, int idx, const char *tname, const void **mt)
+{
+  void *p = lua_touserdata(L, idx);
+
+  if (p != NULL && *mt != NULL && lua_getmetatable(L, idx)) {
+    const void *got = lua_topointer(L, -1);
+
+    lua_pop(L, 1);
+    if (got == *mt) {
+      return p;
+    }
+  }
+
+  p = luaL_checkudata(L, idx, tname);
+  if (*mt == NULL) {
+    luaL_getmetatable(L, tname);
+    *mt = lua_topointer(L, -1);
+    lua_pop(L, 1);
+  }
+
+  return p;
+}
+
 /* Source of a Lua __index for a userdata: called with a methods table and
  * a C function (object, key) for the other keys, it returns the __index
  * function. */

@@ -64,6 +64,40 @@ struct jv_sock_s {
 static void sock_read_cb(jv_stream_t *s, ssize_t nread, const char *data);
 
 
+/* Returns the userdata at idx when its metatable is the one registered
+ * as tname, and raises as luaL_checkudata does otherwise. *mt keeps the
+ * metatable's address after the first call, so that later calls compare
+ * one pointer instead of looking tname up in the registry. The process
+ * runs one Lua state, whose registered metatables live until it closes. */
+static inline void *
+check_udata(lua_State *L, int idx, const char *tname, const void **mt)
+{
+  void *p = lua_touserdata(L, idx);
+
+  if (p != NULL && *mt != NULL && lua_getmetatable(L, idx)) {
+    const void *got = lua_topointer(L, -1);
+
+    lua_pop(L, 1);
+    if (got == *mt) {
+      return p;
+    }
+  }
+
+  p = luaL_checkudata(L, idx, tname);
+  if (*mt == NULL) {
+    luaL_getmetatable(L, tname);
+    *mt = lua_topointer(L, -1);
+    lua_pop(L, 1);
+  }
+
+  return p;
+}
+
+
+/* The socket metatable's address, for check_udata. */
+static const void *sock_mt;
+
+
 jv_stream_t *
 jv__sock_stream(jv_sock_t *sock)
 {
@@ -296,7 +330,7 @@ jv__sock_push(lua_State *L, jv_stream_t *s)
 jv_sock_t *
 jv__sock_check(lua_State *L, int idx, int allow_closed)
 {
-  jv_sock_box_t *box = luaL_checkudata(L, idx, JV_SOCK_MT);
+  jv_sock_box_t *box = check_udata(L, idx, JV_SOCK_MT, &sock_mt);
 
   if (box->sock == NULL || (!allow_closed && box->sock->closed)) {
     luaL_error(L, "attempt to use a closed socket");
@@ -766,7 +800,7 @@ l_sock_shutdown(lua_State *L)
 static int
 l_sock_close(lua_State *L)
 {
-  jv_sock_box_t *box = luaL_checkudata(L, 1, JV_SOCK_MT);
+  jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
 
   if (box->sock != NULL) {
     sock_close(box->sock);
@@ -779,7 +813,7 @@ l_sock_close(lua_State *L)
 static int
 l_sock_closed(lua_State *L)
 {
-  jv_sock_box_t *box = luaL_checkudata(L, 1, JV_SOCK_MT);
+  jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
 
   lua_pushboolean(L, box->sock == NULL || box->sock->closed);
   return 1;
@@ -858,7 +892,7 @@ l_sock_queued(lua_State *L)
 static int
 l_sock_gc(lua_State *L)
 {
-  jv_sock_box_t *box = luaL_checkudata(L, 1, JV_SOCK_MT);
+  jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
   jv_sock_t *sock = box->sock;
 
   if (sock == NULL) {
@@ -884,7 +918,7 @@ l_sock_gc(lua_State *L)
 static int
 l_sock_tostring(lua_State *L)
 {
-  jv_sock_box_t *box = luaL_checkudata(L, 1, JV_SOCK_MT);
+  jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
 
   lua_pushfstring(L, "justavps.sock (%p%s)", (void *) box->sock,
                   box->sock == NULL || box->sock->closed ? ", closed" : "");
