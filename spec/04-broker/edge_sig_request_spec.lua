@@ -1,7 +1,7 @@
 -- edge_sig.parse_request, which the broker runs on each request, against
 -- edge_sig.parse on the same heads, through a real server request so that
 -- req:header_count is covered too. Also checks the nonces sign draws in
--- batches.
+-- batches and edge_sig's HMAC-SHA256 against OpenSSL's.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
 local raw = require("support.rawhttp")
@@ -126,5 +126,27 @@ describe("edge_sig.sign nonces", function()
       assert.is_nil(seen[nonce])
       seen[nonce] = true
     end
+  end)
+end)
+
+
+describe("edge_sig.hmac_sha256", function()
+  it("matches OpenSSL for keys of every length", function()
+    local crypto = core.crypto
+    for _, length in ipairs({ 1, 16, 32, 63, 64, 65, 100, 200 }) do
+      local secret = assert(crypto.random_bytes(length))
+      for _, size in ipairs({ 0, 1, 55, 56, 64, 200, 1000 }) do
+        local text = assert(crypto.random_bytes(size + 1)):sub(2)
+        assert.equal(crypto.hmac_sha256(secret, text),
+          edge_sig.hmac_sha256(secret, text),
+          "key of " .. length .. " bytes, text of " .. size)
+      end
+    end
+  end)
+
+  it("matches the RFC 4231 test case 2", function()
+    local mac = edge_sig.hmac_sha256("Jefe", "what do ya want for nothing?")
+    assert.equal("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+      core.crypto.hex_encode(mac))
   end)
 end)
