@@ -131,6 +131,7 @@ describe("heartbeat group commit", function()
       add_machine("batch-gone", "services_ready")
       add_machine("batch-down", "services_ready")
       add_machine("batch-cold", "services_ready")
+      add_machine("batch-behind", "server_created")
       db:close()
 
       -- PostgreSQL listens on 127.0.0.1 at the port of the socket.
@@ -304,6 +305,25 @@ describe("heartbeat group commit", function()
       .. "JOIN machines m ON m.id = e.machine_id WHERE m.slug = $1",
       { "batch-stage" })
     assert.equal(2, after[1].n)
+  end, 60))
+
+  it("plans stage moves from the locked row", async(function()
+    -- No stage in the report: the batch path, and the lookup cache keeps
+    -- server_created.
+    assert.equal(200, (heartbeat("batch-behind", { version = "2.6.0" })))
+    -- Moved on behind this process's cache, as another process would.
+    query("UPDATE machines SET stage = 'cloud_init_done' WHERE slug = $1",
+      { "batch-behind" })
+
+    assert.equal(200, (heartbeat("batch-behind", steady("2.6.1"))))
+    local machine = query("SELECT stage::text AS stage FROM machines "
+      .. "WHERE slug = $1", { "batch-behind" })[1]
+    assert.equal("services_ready", machine.stage)
+    local events = query("SELECT e.stage::text AS stage FROM machine_events "
+      .. "e JOIN machines m ON m.id = e.machine_id WHERE m.slug = $1 "
+      .. "ORDER BY e.id", { "batch-behind" })
+    assert.equal(1, #events)
+    assert.equal("services_ready", events[1].stage)
   end, 60))
 
   it("fails only the heartbeat with a bad signature", async(function()

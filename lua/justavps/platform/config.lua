@@ -34,7 +34,7 @@ _M.schema = config.schema({ fields = {
       { batch_writers = { type = "integer", default = 2,
         between = { 1, 64 },
         description = "batch writes in flight at once, each on its own "
-          .. "pool connection; keep below database.pool_size" } },
+          .. "pool connection; at most database.pool_size - 1 are used" } },
       { machine_cache_ttl = { type = "duration", default = 300,
         between = { 0, 86400 },
         description = "seconds a machine's id, stage and token stay "

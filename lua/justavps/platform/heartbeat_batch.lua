@@ -33,6 +33,8 @@ local format = string.format
 local sgsub = string.gsub
 local concat = table.concat
 local huge = math.huge
+local max = math.max
+local min = math.min
 
 local _M = {}
 
@@ -72,6 +74,18 @@ local collecting = nil
 local function settings()
   local conf = state.conf
   return conf and conf.heartbeat or DEFAULTS
+end
+
+
+-- Returns the batch writes allowed in flight: heartbeat.batch_writers,
+-- but at most database.pool_size - 1, so that batch writes never hold
+-- the whole pool while lookups and stage changes wait for it.
+local function writer_limit(conf)
+  local pool_size = state.conf and state.conf.database.pool_size
+  if pool_size then
+    return max(1, min(conf.batch_writers, pool_size - 1))
+  end
+  return conf.batch_writers
 end
 
 
@@ -296,7 +310,7 @@ function _M.submit(entry)
   if collecting and #queue >= conf.batch_max_rows then
     collecting:wake(true)
   end
-  if writers < conf.batch_writers and not collecting then
+  if writers < writer_limit(conf) and not collecting then
     writers = writers + 1
     core.spawn(run_writer)
   end
