@@ -15,7 +15,7 @@ local function lookup_failed(slug, err, code)
     log.warn("heartbeat for an unknown machine", { slug = slug })
     return false, 401, "unknown_machine", "unknown machine or bad signature"
   end
-  if code == "database_unavailable" then
+  if code == "database_unavailable" or code == "timeout" then
     return false, 503, "database_unavailable",
       "the database is unavailable; retry later"
   end
