@@ -497,7 +497,10 @@ describe("machines API", function()
         local env = helpers.child_env({ PGHOST = settings.PGHOST,
           PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
           PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0",
-          JUSTAVPS_PLATFORM_PROXY_JWT_SECRET = SECRET })
+          JUSTAVPS_PLATFORM_PROXY_JWT_SECRET = SECRET,
+          -- The API is under test here: a worker would start real local
+          -- daemons for every machine these specs create, and leave them.
+          JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" })
         p = assert(core.proc.spawn{ file = BIN, args = { "platform",
           "--access-log=false", "--drain-timeout=1" }, env = env,
           stdout = "null", stderr = "pipe" })

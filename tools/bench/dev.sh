@@ -80,6 +80,10 @@ cleanup() {
   if ((keep)); then
     echo "kept $tmp" >&2
   else
+    # The cluster may live under /tmp behind the DIR/pg symlink.
+    if [[ -L $tmp/dev/pg ]]; then
+      rm -rf "$(readlink -f "$tmp/dev/pg")"
+    fi
     rm -rf "$tmp"
   fi
 }
