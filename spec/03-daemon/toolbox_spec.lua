@@ -701,6 +701,10 @@ describe("daemon toolbox", function()
           'echo before; while [ ! -e "$1" ]; do sleep 0.05; done; echo after; sleep 300',
           "sh", flag } })
       assert.equal(201, res.status)
+      -- A failed check below must not leave the loop running forever.
+      finally(function()
+        core.proc.kill(-p.pgid, "SIGKILL")
+      end)
       assert.is_true(th.eventually(10, function() return log_text(p.id) == "before\n" end))
 
       assert.equal(0, D.stop())
