@@ -15,6 +15,7 @@
 #include <openssl/ssl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 enum {
@@ -669,6 +670,36 @@ jv_stream_start_tls(jv_stream_t *s, SSL_CTX *ctx, int is_server,
 failed:
   ERR_clear_error();
   return JV_ETLS;
+}
+
+
+int
+jv_stream_peer_spoke(jv_stream_t *s)
+{
+  uv_os_fd_t fd;
+  char c;
+  ssize_t n;
+
+  if (s->flags & STREAM_FD) {
+    return 0;
+  }
+  if (s->ssl != NULL && SSL_pending(s->ssl) > 0) {
+    return 1;
+  }
+  if (uv_fileno(&s->uv.handle, &fd) != 0) {
+    return 1;
+  }
+
+  do {
+    n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+
+  if (n < 0) {
+    return errno != EAGAIN && errno != EWOULDBLOCK;
+  }
+  /* 0 is an end of stream; more is data nobody asked for yet, such as a
+   * 408 or a TLS close_notify sent before the close. */
+  return 1;
 }
 
 

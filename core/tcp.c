@@ -820,6 +820,22 @@ l_sock_closed(lua_State *L)
 }
 
 
+/* sock:reusable(): true while an idle connection can carry another
+ * request: it is open, no read failed or ended, nothing unread is buffered,
+ * and the kernel holds no end of stream, reset or bytes from the peer. */
+static int
+l_sock_reusable(lua_State *L)
+{
+  jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
+  jv_sock_t *sock = box->sock;
+
+  lua_pushboolean(L, sock != NULL && !sock->closed && sock->stream != NULL &&
+                         sock->read_error == 0 && sock->len == 0 &&
+                         !jv_stream_peer_spoke(sock->stream));
+  return 1;
+}
+
+
 /* sock:settimeout(seconds): applies to each later read, write and connect;
  * 0 or nil waits forever. */
 static int
@@ -1352,21 +1368,16 @@ jv__open_tcp(lua_State *L)
   static const luaL_Reg funcs[] = { { "socket", l_tcp_socket },
                                     { "listen", l_tcp_listen },
                                     { NULL, NULL } };
-  static const luaL_Reg sock_methods[] = { { "read", l_sock_read },
-                                           { "readn", l_sock_readn },
-                                           { "readuntil", l_sock_readuntil },
-                                           { "write", l_sock_write },
-                                           { "flush", l_sock_flush },
-                                           { "shutdown", l_sock_shutdown },
-                                           { "close", l_sock_close },
-                                           { "closed", l_sock_closed },
-                                           { "settimeout", l_sock_settimeout },
-                                           { "peername", l_sock_peername },
-                                           { "sockname", l_sock_sockname },
-                                           { "buffered", l_sock_buffered },
-                                           { "queued", l_sock_queued },
-                                           { "connect", l_sock_connect },
-                                           { NULL, NULL } };
+  static const luaL_Reg sock_methods[] = {
+    { "read", l_sock_read },           { "readn", l_sock_readn },
+    { "readuntil", l_sock_readuntil }, { "write", l_sock_write },
+    { "flush", l_sock_flush },         { "shutdown", l_sock_shutdown },
+    { "close", l_sock_close },         { "closed", l_sock_closed },
+    { "reusable", l_sock_reusable },   { "settimeout", l_sock_settimeout },
+    { "peername", l_sock_peername },   { "sockname", l_sock_sockname },
+    { "buffered", l_sock_buffered },   { "queued", l_sock_queued },
+    { "connect", l_sock_connect },     { NULL, NULL }
+  };
   static const luaL_Reg listener_methods[] = {
     { "address", l_listener_address },
     { "port", l_listener_port },

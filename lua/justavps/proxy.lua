@@ -93,7 +93,9 @@ local function pool_take(host, port, tls, server_name)
     local sock, put_at = socks[n], at[n]
     socks[n], at[n] = nil, nil
     n = n - 1
-    if not sock:closed() and now - put_at < POOL_IDLE_SECONDS then
+    -- reusable() sees a close or reset the upstream sent while the
+    -- socket was idle, which closed() does not.
+    if now - put_at < POOL_IDLE_SECONDS and sock:reusable() then
       return sock
     end
     sock:close()
@@ -372,8 +374,10 @@ function _M.forward(req, opts)
     opts.target, opts.set_headers, opts.drop_headers)
 
   local body_reader
+  local body_started = false
   if mode ~= "none" then
     body_reader = function()
+      body_started = true
       local data, err = req:read()
       if data == nil and err then
         error("client body: " .. tostring(err))
@@ -382,8 +386,10 @@ function _M.forward(req, opts)
     end
   end
 
-  -- A pooled socket may have been closed by the upstream while idle; a
-  -- request without a body is safe to send again on a fresh connection.
+  -- A pooled socket may still have been closed by the upstream just
+  -- before it was used. The request is sent again on a fresh connection
+  -- unless part of the client's body was already read, which cannot be
+  -- read again.
   local is_head = req.method == "HEAD"
   local res, err, code
   local pooled = pool_take(host, port, opts.tls, opts.server_name)
@@ -391,7 +397,7 @@ function _M.forward(req, opts)
     res, err, code = exchange(pooled, host, port, head, mode, length,
       body_reader, is_head, request_close, timeout)
   end
-  if not pooled or (not res and mode == "none") then
+  if not pooled or (not res and not body_started) then
     res, err, code = exchange(nil, host, port, head, mode, length,
       body_reader, is_head, request_close, timeout, opts.tls,
       opts.server_name)

@@ -566,6 +566,25 @@ describe("justavps dev walkthrough", function()
       return s == 200
     end)
     assert.truthy(ok, "the chain did not recover")
+
+    -- A request with a body right after an upstream restart: the edge's
+    -- and the broker's pooled connections to the old processes are dead.
+    for _, role in ipairs({ "broker" }) do
+      local pid_file = dir .. "/run/" .. role .. ".pid"
+      local old_pid = tonumber(read_file(pid_file))
+      -- Warm the pools first.
+      assert.equal(200, (curl(machine_url(slug, app_port),
+        { key = stack.api_key })))
+      assert(core.proc.kill(old_pid, "SIGTERM"))
+      assert.truthy(eventually(20, function()
+        local pid = tonumber(read_file(pid_file) or "")
+        return pid ~= old_pid and listening("127.0.0.1", ports.broker)
+      end), role .. " was not restarted")
+      local status, _, body = curl(machine_url(slug, nil, "/_toolbox/exec"),
+        { method = "POST", key = stack.api_key,
+          json = { cmd = "true" } })
+      assert.equal(200, status, body)
+    end
   end, 90))
 
   it("restarts a stopped daemon and database", async(function()
