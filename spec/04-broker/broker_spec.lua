@@ -354,6 +354,8 @@ describe("broker", function()
         ["X-Real-IP"] = "203.0.113.66",
         ["X-Forwarded-Proto"] = "gopher",
         ["X-Forwarded-Host"] = "evil.example",
+        ["Forwarded"] = "for=6.6.6.6;proto=http",
+        ["X-Forwarded-Prefix"] = "/evil",
       } })
       assert.equal(200, res.status)
       local h = seen.headers
@@ -361,6 +363,8 @@ describe("broker", function()
       assert.equal("198.51.100.7", h["x-real-ip"])
       assert.equal("https", h["x-forwarded-proto"])
       assert.equal("app-1.example.test", h["x-forwarded-host"])
+      assert.is_nil(h["forwarded"])
+      assert.is_nil(h["x-forwarded-prefix"])
     end))
   end)
 

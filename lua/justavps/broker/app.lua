@@ -28,15 +28,21 @@ local type = type
 local floor = math.floor
 local max = math.max
 local abs = math.abs
+local pairs = pairs
 
 local _M = {}
 
 local error_response = proxy.error_response
 
--- Headers never forwarded to a machine: the eight signature headers.
--- The proxy drops hop-by-hop headers and those named in Connection
--- itself, and set_headers below replaces X-Real-IP and X-Forwarded-*.
-local DROP = edge_sig.HEADER_SET
+-- Headers never forwarded to a machine: the eight signature headers, and
+-- the client's own Forwarded and X-Forwarded-Prefix, which would tell the
+-- app a client address or path prefix no proxy vouched for. The proxy
+-- drops hop-by-hop headers and those named in Connection itself, and
+-- set_headers below replaces X-Real-IP and the other X-Forwarded-*.
+local DROP = { forwarded = true, ["x-forwarded-prefix"] = true }
+for name in pairs(edge_sig.HEADER_SET) do
+  DROP[name] = true
+end
 
 
 -- Decisions of target_policy.allowed by target IP and port, for the
