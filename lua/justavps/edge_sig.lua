@@ -22,11 +22,6 @@ local floor = math.floor
 local slower = string.lower
 local sfind = string.find
 local ssub = string.sub
-local sbyte = string.byte
-local schar = string.char
-local srep = string.rep
-local concat = table.concat
-local bxor = require("bit").bxor
 
 local crypto = core.crypto
 
@@ -147,52 +142,10 @@ function _M.string_to_sign(f)
 end
 
 
--- HMAC-SHA256 (RFC 2104) over crypto.sha256, with the padded keys of each
--- secret computed once. OpenSSL's HMAC() sets up a MAC context on every
--- call, which cost more than the two hashes on the edge and the broker.
-local SHA256_BLOCK = 64
-local MAX_PADDED_SECRETS = 64
-local padded = {}
-local padded_count = 0
-
-
-local function key_pads(secret)
-  local pads = padded[secret]
-  if pads then
-    return pads[1], pads[2]
-  end
-
-  local key = secret
-  if #key > SHA256_BLOCK then
-    key = crypto.sha256(key)
-  end
-  key = key .. srep("\0", SHA256_BLOCK - #key)
-  local inner, outer = {}, {}
-  for i = 1, SHA256_BLOCK do
-    local byte = sbyte(key, i)
-    inner[i] = schar(bxor(byte, 0x36))
-    outer[i] = schar(bxor(byte, 0x5c))
-  end
-
-  if padded_count >= MAX_PADDED_SECRETS then
-    padded, padded_count = {}, 0
-  end
-  pads = { concat(inner), concat(outer) }
-  padded[secret] = pads
-  padded_count = padded_count + 1
-  return pads[1], pads[2]
-end
-
-
 -- Returns the raw 32-byte HMAC-SHA256 of text under secret, or nil when
--- hashing failed.
+-- OpenSSL failed. crypto.hmac_sha256 keeps a keyed context per secret.
 function _M.hmac_sha256(secret, text)
-  local inner, outer = key_pads(secret)
-  local digest = crypto.sha256(inner .. text)
-  if not digest then
-    return nil
-  end
-  return crypto.sha256(outer .. digest)
+  return (crypto.hmac_sha256(secret, text))
 end
 
 

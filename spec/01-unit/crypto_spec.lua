@@ -49,6 +49,31 @@ describe("crypto.hmac_sha256", function()
     end)
   end
 
+  -- crypto.hmac_sha256 keeps keyed contexts for up to 16 keys of at most
+  -- 256 bytes; these cases cross both limits.
+  it("stays right as its key cache turns over", function()
+    local first = fixture.cases[1]
+    local key = unhex(first.key_hex)
+    local data = unhex(first.data_hex)
+    for round = 1, 3 do
+      for i = 1, 40 do
+        crypto.hmac_sha256(("k"):rep(i) .. round, "filler")
+      end
+      assert.equal(first.expected_hex, hex(crypto.hmac_sha256(key, data)))
+    end
+  end)
+
+  it("hashes keys longer than a block first", function()
+    -- RFC 2104: a key longer than the 64-byte block is replaced by its
+    -- hash, so both must give the same MAC. The 300-byte key also takes
+    -- the uncached path.
+    for _, length in ipairs({ 65, 200, 256, 257, 300 }) do
+      local long = ("x"):rep(length)
+      assert.equal(hex(crypto.hmac_sha256(crypto.sha256(long), "msg")),
+        hex(crypto.hmac_sha256(long, "msg")), "key of " .. length)
+    end
+  end)
+
   it("accepts an empty key and message", function()
     -- python3: hmac.new(b"", b"", "sha256").hexdigest()
     assert.equal("b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad",

@@ -131,19 +131,6 @@ end)
 
 
 describe("edge_sig.hmac_sha256", function()
-  it("matches OpenSSL for keys of every length", function()
-    local crypto = core.crypto
-    for _, length in ipairs({ 1, 16, 32, 63, 64, 65, 100, 200 }) do
-      local secret = assert(crypto.random_bytes(length))
-      for _, size in ipairs({ 0, 1, 55, 56, 64, 200, 1000 }) do
-        local text = assert(crypto.random_bytes(size + 1)):sub(2)
-        assert.equal(crypto.hmac_sha256(secret, text),
-          edge_sig.hmac_sha256(secret, text),
-          "key of " .. length .. " bytes, text of " .. size)
-      end
-    end
-  end)
-
   it("matches the RFC 4231 test case 2", function()
     local mac = edge_sig.hmac_sha256("Jefe", "what do ya want for nothing?")
     assert.equal("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
