@@ -330,6 +330,9 @@ local function forward_upgrade(req, opts)
     local up = res:socket()
     req:send_head(101, out)
     local down = req:hijack()
+    -- TODO: the pipe copies bytes and sends no WebSocket pings of its own,
+    -- so an idle app WebSocket relies on its endpoints' pings to get past
+    -- other proxies that cut idle connections.
     core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout })
     down:close()
     up:close()
