@@ -10,6 +10,15 @@
  * PIPE_HIGH_WATER bytes queued, the pipe stops reading from the sending
  * side until the queue drains: memory stays bounded and TCP flow control
  * slows the sender down.
+ *
+ * With ws_ping_interval the pipe carries a WebSocket and keeps it alive:
+ * it follows the frame boundaries in each direction (headers only, the
+ * payload is skipped by length), and after that many seconds without a
+ * byte either way it sends an empty ping to each side whose stream is
+ * between frames, masked toward b (the server) as a client must. The
+ * pongs pass through to the other endpoint, where RFC 6455 allows an
+ * unsolicited pong. Nothing is sent in a direction once a close frame
+ * went that way.
  */
 #include "internal.h"
 #include "ws_pipe.h"
@@ -21,6 +30,15 @@
 
 typedef struct jv_pipe_s jv_pipe_t;
 
+/* Frame boundaries of the bytes read from one side. */
+typedef struct {
+  unsigned char head[14]; /* the frame header read so far */
+  unsigned head_len;
+  unsigned head_need; /* its full length, once the second byte is known */
+  uint64_t remaining; /* payload bytes of the current frame still to come */
+  int closed;         /* a close frame went this way */
+} jv_ws_track_t;
+
 typedef struct {
   jv_pipe_t *pipe;
   int index; /* 0 for a, 1 for b */
@@ -28,15 +46,18 @@ typedef struct {
   jv_stream_t *stream;
   int sock_ref; /* anchors the socket userdata */
   int reading;
-  int eof;        /* reading from this side has finished */
-  uint64_t bytes; /* bytes read here and written to the other */
+  int eof;             /* reading from this side has finished */
+  uint64_t bytes;      /* bytes read here and written to the other */
+  jv_ws_track_t track; /* frames read here, with ws_ping_interval */
 } jv_pipe_side_t;
 
 struct jv_pipe_s {
   jv_pipe_side_t side[2];
   uv_timer_t timer;       /* idle timeout; frees the pipe on close */
   uint64_t idle_ms;       /* 0 when there is no idle timeout */
+  uint64_t ping_ms;       /* 0 when the pipe sends no WebSocket pings */
   uint64_t last_activity; /* loop time of the last byte read */
+  uint64_t last_ping;     /* loop time of the last ping sent */
   int ref;                /* parked coroutine */
   int starting;           /* l_pipe is still setting up */
   int done;
@@ -198,6 +219,88 @@ side_eof(jv_pipe_side_t *side)
 }
 
 
+/* Follows the frame headers in n bytes read from one side. */
+static void
+ws_track(jv_ws_track_t *t, const unsigned char *p, size_t n)
+{
+  while (n > 0) {
+    if (t->remaining > 0) {
+      uint64_t k = n < t->remaining ? n : t->remaining;
+
+      t->remaining -= k;
+      p += k;
+      n -= (size_t) k;
+      continue;
+    }
+
+    t->head[t->head_len++] = *p++;
+    n--;
+
+    if (t->head_len == 2) {
+      unsigned len7 = t->head[1] & 0x7f;
+
+      t->head_need = 2 +
+                     (len7 == 126   ? 2
+                      : len7 == 127 ? 8
+                                    : 0) +
+                     ((t->head[1] & 0x80) ? 4 : 0);
+    }
+
+    if (t->head_len >= 2 && t->head_len == t->head_need) {
+      uint64_t len = t->head[1] & 0x7f;
+      unsigned i;
+
+      if (len == 126) {
+        len = ((uint64_t) t->head[2] << 8) | t->head[3];
+      } else if (len == 127) {
+        len = 0;
+        for (i = 2; i < 10; i++) {
+          len = (len << 8) | t->head[i];
+        }
+      }
+      if ((t->head[0] & 0x0f) == 0x8) {
+        t->closed = 1;
+      }
+      t->remaining = len;
+      t->head_len = 0;
+      t->head_need = 0;
+    }
+  }
+}
+
+
+/* Sends an empty ping to side unless its stream is inside a frame or a
+ * close went to it. feeder is the side whose bytes go to side. */
+static void
+ws_ping(jv_pipe_t *pipe, jv_pipe_side_t *side, jv_pipe_side_t *feeder)
+{
+  unsigned char frame[6] = { 0x89, 0x00 };
+  size_t len = 2;
+  uv_buf_t buf;
+  int rc;
+
+  if (feeder->track.closed || feeder->track.head_len != 0 ||
+      feeder->track.remaining != 0) {
+    return;
+  }
+
+  /* A frame to the server must be masked, with an unpredictable key. */
+  if (side->index == 1) {
+    frame[1] = 0x80;
+    if (uv_random(NULL, NULL, frame + 2, 4, 0, NULL) != 0) {
+      return;
+    }
+    len = 6;
+  }
+
+  buf = uv_buf_init((char *) frame, (unsigned int) len);
+  rc = jv_stream_write(side->stream, &buf, 1);
+  if (rc != 0) {
+    pipe_finish(pipe, rc, write_where[side->index]);
+  }
+}
+
+
 /* Writes bytes read from side to the other side, pausing side while the
  * other's queue is above the high-water mark. Returns 0 or an error code
  * (the pipe has then finished). */
@@ -208,6 +311,10 @@ side_forward(jv_pipe_side_t *side, const char *data, size_t len)
   jv_pipe_side_t *other = &pipe->side[1 - side->index];
   uv_buf_t buf;
   int rc;
+
+  if (pipe->ping_ms > 0) {
+    ws_track(&side->track, (const unsigned char *) data, len);
+  }
 
   buf = uv_buf_init((char *) data, (unsigned int) len);
   rc = jv_stream_write(other->stream, &buf, 1);
@@ -271,21 +378,63 @@ pipe_drain_cb(jv_stream_t *s)
 }
 
 
-/* Ends the pipe once no byte has been read for idle_ms. Reads only record
- * their time, so the timer is re-armed here, not on every read. */
+/* Returns the milliseconds until the timer must next run: the idle
+ * deadline, or the next ping once ping_ms passed without a byte and
+ * since the last ping; 0 when neither applies. */
+static uint64_t
+pipe_timer_due(jv_pipe_t *pipe, uint64_t now)
+{
+  uint64_t due = 0, at;
+
+  if (pipe->idle_ms > 0) {
+    at = pipe->last_activity + pipe->idle_ms;
+    due = at > now ? at - now : 1;
+  }
+  if (pipe->ping_ms > 0) {
+    at = pipe->last_activity > pipe->last_ping ? pipe->last_activity
+                                               : pipe->last_ping;
+    at += pipe->ping_ms;
+    at = at > now ? at - now : 1;
+    if (due == 0 || at < due) {
+      due = at;
+    }
+  }
+  return due;
+}
+
+
+/* Ends the pipe once no byte has been read for idle_ms, and sends the
+ * WebSocket pings. Reads only record their time, so the timer is
+ * re-armed here, not on every read. */
 static void
 pipe_timer_cb(uv_timer_t *timer)
 {
   jv_pipe_t *pipe = timer->data;
   uint64_t now = jv__now_ms();
   uint64_t idle = now - pipe->last_activity;
+  uint64_t due;
 
-  if (idle >= pipe->idle_ms) {
+  if (pipe->idle_ms > 0 && idle >= pipe->idle_ms) {
     pipe_finish(pipe, JV_ETIMEOUT, "waiting for bytes in either direction");
     return;
   }
 
-  uv_timer_start(timer, pipe_timer_cb, pipe->idle_ms - idle, 0);
+  if (pipe->ping_ms > 0 && idle >= pipe->ping_ms &&
+      now - pipe->last_ping >= pipe->ping_ms) {
+    pipe->last_ping = now;
+    ws_ping(pipe, &pipe->side[0], &pipe->side[1]);
+    if (!pipe->done) {
+      ws_ping(pipe, &pipe->side[1], &pipe->side[0]);
+    }
+    if (pipe->done) {
+      return;
+    }
+  }
+
+  due = pipe_timer_due(pipe, now);
+  if (due > 0) {
+    uv_timer_start(timer, pipe_timer_cb, due, 0);
+  }
 }
 
 
@@ -369,7 +518,7 @@ l_pipe(lua_State *L)
 {
   jv_pipe_t *pipe;
   const char *busy;
-  double idle = 0;
+  double idle = 0, ping = 0;
   int i, rc;
 
   /* A socket piped to itself would read its own output. */
@@ -384,6 +533,10 @@ l_pipe(lua_State *L)
     idle = luaL_optnumber(L, -1, 0);
     lua_pop(L, 1);
     luaL_argcheck(L, idle >= 0, 3, "idle_timeout must be >= 0");
+    lua_getfield(L, 3, "ws_ping_interval");
+    ping = luaL_optnumber(L, -1, 0);
+    lua_pop(L, 1);
+    luaL_argcheck(L, ping >= 0, 3, "ws_ping_interval must be >= 0");
   }
 
   /* Park first: it raises outside a scheduler coroutine, and nothing has
@@ -412,9 +565,12 @@ l_pipe(lua_State *L)
   pipe->timer.data = pipe;
   pipe->last_activity = jv__now_ms();
   pipe->idle_ms = (uint64_t) (idle * 1000);
+  pipe->ping_ms = (uint64_t) (ping * 1000);
+  pipe->last_ping = pipe->last_activity;
 
-  if (pipe->idle_ms > 0) {
-    uv_timer_start(&pipe->timer, pipe_timer_cb, pipe->idle_ms, 0);
+  if (pipe->idle_ms > 0 || pipe->ping_ms > 0) {
+    uv_timer_start(&pipe->timer, pipe_timer_cb,
+                   pipe_timer_due(pipe, pipe->last_activity), 0);
   }
 
   for (i = 0; i < 2 && !pipe->done; i++) {

@@ -51,6 +51,10 @@ local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
 local POOL_IDLE_SECONDS = 30
 
+-- Seconds a proxied WebSocket may stay silent before this hop pings both
+-- ends. Common load balancers cut idle connections after 60 s.
+local WS_PING_INTERVAL = 25
+
 
 -- A TLS upstream gets its own pool per context and server name, so a
 -- connection verified for one name is never reused for another.
@@ -330,10 +334,10 @@ local function forward_upgrade(req, opts)
     local up = res:socket()
     req:send_head(101, out)
     local down = req:hijack()
-    -- TODO: the pipe copies bytes and sends no WebSocket pings of its own,
-    -- so an idle app WebSocket relies on its endpoints' pings to get past
-    -- other proxies that cut idle connections.
-    core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout })
+    -- Pings from this hop keep an idle WebSocket open through other
+    -- proxies and load balancers that cut idle connections.
+    core.pipe(down, up, { idle_timeout = opts.pipe_idle_timeout,
+      ws_ping_interval = opts.ws_ping_interval or WS_PING_INTERVAL })
     down:close()
     up:close()
     return
@@ -357,6 +361,9 @@ end
 --                    to answer a failed connect in the caller's words
 --   pipe_idle_timeout  seconds without a byte either way after which an
 --                    upgraded connection is closed (nil: no limit)
+--   ws_ping_interval seconds without a byte either way after which a
+--                    WebSocket gets a ping toward each end (default
+--                    WS_PING_INTERVAL; 0 sends none)
 --   tls, server_name a core.tls client context and the name its
 --                    certificate must carry, for a TLS upstream
 -- Returns status, headers, body for the handler to return when the
