@@ -166,7 +166,7 @@ int jv_stream_is_closing(jv_stream_t *s);
  * streams, always). */
 int jv_stream_is_ready(jv_stream_t *s);
 
-/* Returns 1 when the kernel already holds an end of stream, a reset or
+/* Returns 1 when the kernel already has an end of stream, a reset or
  * unread bytes from the peer of an idle TCP stream, else 0. Peeks with
  * MSG_PEEK and consumes nothing. For fd streams returns 0. */
 int jv_stream_peer_spoke(jv_stream_t *s);

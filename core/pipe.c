@@ -11,14 +11,13 @@
  * side until the queue drains: memory stays bounded and TCP flow control
  * slows the sender down.
  *
- * With ws_ping_interval the pipe carries a WebSocket and keeps it alive:
- * it follows the frame boundaries in each direction (headers only, the
- * payload is skipped by length), and after that many seconds without a
- * byte either way it sends an empty ping to each side whose stream is
- * between frames, masked toward b (the server) as a client must. The
- * pongs pass through to the other endpoint, where RFC 6455 allows an
- * unsolicited pong. Nothing is sent in a direction once a close frame
- * went that way.
+ * With ws_ping_interval the pipe carries a WebSocket and keeps it alive.
+ * It follows the frame boundaries in each direction by reading the headers
+ * and skipping each payload by its length. After that many seconds without
+ * a byte either way, it sends an empty ping to each side whose stream is
+ * between frames, masked toward b (the server) as a client must. The pongs
+ * pass through to the other endpoint, where RFC 6455 allows an unsolicited
+ * pong. Nothing is sent in a direction once a close frame went that way.
  */
 #include "internal.h"
 #include "ws_pipe.h"

@@ -697,7 +697,7 @@ jv_stream_peer_spoke(jv_stream_t *s)
   if (n < 0) {
     return errno != EAGAIN && errno != EWOULDBLOCK;
   }
-  /* 0 is an end of stream; more is data nobody asked for yet, such as a
+  /* 0 is an end of stream. More is data no request asked for, such as a
    * 408 or a TLS close_notify sent before the close. */
   return 1;
 }

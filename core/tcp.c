@@ -822,7 +822,7 @@ l_sock_closed(lua_State *L)
 
 /* sock:reusable(): true while an idle connection can carry another
  * request: it is open, no read failed or ended, nothing unread is buffered,
- * and the kernel holds no end of stream, reset or bytes from the peer. */
+ * and the kernel has no end of stream, reset or bytes from the peer. */
 static int
 l_sock_reusable(lua_State *L)
 {

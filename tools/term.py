@@ -62,6 +62,7 @@ async def run(args, interactive):
     headers = {}
     if args.key:
         headers["Authorization"] = "Bearer " + args.key
+
     # Names under .localhost are loopback (RFC 6761), as curl and browsers
     # treat them, but the C library's resolver may not know them.
     target = urllib.parse.urlsplit(args.url)
@@ -72,6 +73,7 @@ async def run(args, interactive):
         connect = {"host": "127.0.0.1", "port": target.port or default_port}
         if context is not None:
             connect["server_hostname"] = target.hostname
+
     code = 1
     async with websockets.connect(args.url, ssl=context,
                                   extra_headers=headers, max_size=None,

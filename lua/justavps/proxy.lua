@@ -97,7 +97,7 @@ local function pool_take(host, port, tls, server_name)
     local sock, put_at = socks[n], at[n]
     socks[n], at[n] = nil, nil
     n = n - 1
-    -- reusable() sees a close or reset the upstream sent while the
+    -- reusable() detects a close or reset the upstream sent while the
     -- socket was idle, which closed() does not.
     if now - put_at < POOL_IDLE_SECONDS and sock:reusable() then
       return sock

@@ -109,6 +109,15 @@ describe("justavps executable", function()
     assert.matches("%-%-drain%-timeout", out)
   end)
 
+  it("rejects a dev port out of range", function()
+    for _, option in ipairs({ "--platform-port", "--edge-port",
+        "--broker-port" }) do
+      local status, _, err = run("dev", option, "0")
+      assert.equal(2, status)
+      assert.matches("^justavps: " .. option:gsub("%-", "%%-"), err)
+    end
+  end)
+
   it("rejects a serve port out of range", function()
     local status, _, err = run("serve", "--port", "70000")
     assert.equal(2, status)

@@ -9,7 +9,7 @@ local async = helpers.async
 local INTERVAL = 0.3
 
 
--- Returns two connected sockets: the one a client holds and the one the
+-- Returns two connected sockets: the client's end and the end the
 -- listener accepted.
 local function socket_pair()
   local accepted

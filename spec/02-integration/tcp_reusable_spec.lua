@@ -1,6 +1,6 @@
 -- sock:reusable(), the check the proxy's upstream pool makes before it
--- sends a request on an idle connection: a peer that closed, reset or
--- sent bytes nobody asked for makes a connection unusable.
+-- sends a request on an idle connection. A peer that closed, reset or
+-- sent bytes no request asked for makes a connection unusable.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
 

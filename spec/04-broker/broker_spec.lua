@@ -113,8 +113,8 @@ describe("broker", function()
       local body = string.rep("b", 300 * 1024)
       local f = bp.fields(backend_port, { method = "POST", target = "/up" })
       local res, _, seen = bp.send(port, f, { body = body })
-      -- This test once failed with a 500 that did not reproduce; the
-      -- broker's log says why if it happens again.
+      -- This test once failed with a 500 that did not reproduce, so the
+      -- failure message includes the broker's log.
       assert.equal(200, res.status, table.concat(broker.lines, "\n"))
       assert.equal("POST", seen.method)
       assert.equal(#body, seen.body_bytes)

@@ -1,8 +1,8 @@
 -- GET /api/v1/regions and /server-types of a real platform process whose
 -- catalog provider is the Hetzner driver, pointed at tools/fake_hetzner.lua
--- on loopback: the lists match what the API returns, a second call within
--- cache_ttl does not reach the provider, and a provider that fails gives
--- 502 provider_unavailable.
+-- on loopback. The lists match the API's, a second call within cache_ttl
+-- does not reach the provider, and a failing provider gives 502
+-- provider_unavailable.
 local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
@@ -139,7 +139,7 @@ describe("platform catalog", function()
     local port = start_platform(hetzner_env(TOKEN, 300))
     local headers = session(port)
 
-    -- The fake's own answer, read directly with the token.
+    -- The fake's own reply, read directly with the token.
     local _, locations = request(fake:port(), "GET", "/v1/locations",
       { Authorization = "Bearer " .. TOKEN })
     local expected = {}

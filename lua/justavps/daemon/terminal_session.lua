@@ -36,9 +36,10 @@ local FRAME_SIZE = 64 * 1024
 -- closes a PTY that a background job keeps open.
 local EXIT_DRAIN = 2
 
--- Longest time between checks for sessions past their reattach window or
--- idle limit. A shorter limit is checked at a quarter of its length, so an
--- expiry comes at most a quarter late (and never more than this).
+-- Maximum seconds between checks for sessions past their reattach window
+-- or idle limit. A shorter limit is checked at a quarter of its length, so
+-- an expiry comes at most a quarter of the limit late, and never later
+-- than this.
 local MAX_SWEEP_INTERVAL = 10
 local MIN_SWEEP_INTERVAL = 0.25
 

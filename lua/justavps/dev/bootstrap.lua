@@ -134,7 +134,7 @@ function Client:revoke_other_keys(key, keep_id)
     log.warn("cannot list the demo API keys", { status = status })
     return
   end
-  -- The list holds unrevoked keys only.
+  -- The list contains unrevoked keys only.
   for _, item in ipairs(body.api_keys or {}) do
     if item.name == _M.KEY_NAME and item.id ~= keep_id then
       local revoked = self:call("DELETE", "/api/v1/api-keys/" .. item.id,

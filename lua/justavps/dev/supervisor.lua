@@ -99,17 +99,19 @@ function Supervisor:watch(child)
     log.err("role exited; restarting it", { role = child.name,
       status = status, signal = signal, restart_in = delay,
       log = child.log_file })
-    core.sleep(delay)
-    if self.stopping then
-      return
-    end
-    delay = min(delay * 2, MAX_DELAY)
-    local ok, err = self:spawn(child)
-    if not ok then
-      log.err("restart failed", { role = child.name, error = err })
-      child.started_at = core.now()
-      child.process = { wait = function() return nil end }
-    end
+    -- A failed spawn is retried with the same growing delay.
+    repeat
+      core.sleep(delay)
+      if self.stopping then
+        return
+      end
+      delay = min(delay * 2, MAX_DELAY)
+      local ok, err = self:spawn(child)
+      if not ok then
+        log.err("restart failed", { role = child.name, error = err,
+          retry_in = delay })
+      end
+    until ok
   end
 end
 
@@ -172,7 +174,7 @@ function Supervisor:stop_all(timeout)
   for i = #self.children, 1, -1 do
     local child = self.children[i]
     local p = child.process
-    if p and p.kill and not p:exited() then
+    if p and not p:exited() then
       p:kill("SIGTERM", true)
       local status = p:wait(timeout)
       if status == nil then

@@ -26,7 +26,7 @@ local function get_driver(catalog)
   if driver and driver_provider == catalog.provider then
     return driver
   end
-  -- provider_config holds strings only, so numbers and booleans are
+  -- provider_config contains strings only, so numbers and booleans are
   -- converted by the types of the driver's own schema.
   local conf = catalog.provider_config
   local module = providers.get(catalog.provider)

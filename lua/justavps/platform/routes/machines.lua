@@ -121,8 +121,8 @@ end
 -- Checks that fields.provider exists and is configured in this platform,
 -- and, for a provider with one fixed region and server type (such as
 -- local), that the request names them. Returns nil, or a status, headers,
--- body error reply. What only the provider's API knows (a cloud region's
--- capacity, say) is left to the provisioning worker.
+-- body error reply. Checks that need the provider's API, such as a cloud
+-- region's capacity, are left to the provisioning worker.
 local function check_provider(fields)
   local name = fields.provider
   local module, err = providers.get(name)
