@@ -502,6 +502,77 @@ describe("edge", function()
       assert.equal(403, res.status)
       assert.equal("missing_scope", body.error.code)
     end))
+
+    -- Sends GET target with the Authorization value (nil for none) on the
+    -- kept-alive sock. Returns the status and the decoded JSON body.
+    local function keepalive_get(sock, target, authorization)
+      local head = "GET " .. target .. " HTTP/1.1\r\nHost: " .. HOST .. "\r\n"
+      if authorization then
+        head = head .. "Authorization: " .. authorization .. "\r\n"
+      end
+      assert(sock:write(head .. "\r\n"))
+      local response = assert(sock:readuntil("\r\n\r\n"))
+      local status = tonumber(response:match("^HTTP/1%.1 (%d+) "))
+      local length = tonumber(
+        response:match("\r\n[Cc]ontent%-[Ll]ength: *(%d+)"))
+      assert.is_not_nil(length, "response without Content-Length")
+      local body = length > 0 and assert(sock:readn(length)) or ""
+      return status, body ~= "" and json.decode(body) or nil
+    end
+
+    it("is checked again when it changes on a connection", async(function()
+      local sock = assert(core.tcp.connect("127.0.0.1", edge_port))
+      sock:settimeout(15)
+      local status, body = keepalive_get(sock, "/k", bearer(keys.proxy))
+      assert.equal(200, status)
+      assert.is_nil(body.headers["authorization"])
+
+      status, body = keepalive_get(sock, "/k", bearer(keys.other))
+      assert.equal(401, status)
+      assert.equal("invalid_api_key", body.error.code)
+
+      status, body = keepalive_get(sock, "/k", bearer(keys.read))
+      assert.equal(403, status)
+      assert.equal("missing_scope", body.error.code)
+
+      status, body = keepalive_get(sock, "/k",
+        "Bearer sk_live_" .. string.rep("A", 42))
+      assert.equal(401, status)
+      assert.equal("invalid_api_key", body.error.code)
+
+      status, body = keepalive_get(sock, "/k")
+      assert.equal(401, status)
+      assert.equal("unauthorized", body.error.code)
+
+      status = keepalive_get(sock, "/k", bearer(keys.proxy))
+      assert.equal(200, status)
+      sock:close()
+    end))
+
+    it("stops working once revoked", async(function()
+      local k = assert(apikey.generate())
+      assert(db:query("INSERT INTO api_keys (account_id, name, prefix, "
+        .. "hash, scopes) SELECT account_id, 'revoked later', $1, $2, "
+        .. "'{proxy}'::text[] FROM machines WHERE id = $3",
+        { k.prefix, k.hash, ids.machine }))
+      secrets[#secrets + 1] = k.key
+      local sock = assert(core.tcp.connect("127.0.0.1", edge_port))
+      sock:settimeout(15)
+      assert.equal(200, keepalive_get(sock, "/k", bearer(k.key)))
+      assert.equal(200, get("/k", { Authorization = bearer(k.key) }).status)
+
+      assert(db:query("UPDATE api_keys SET revoked_at = now() "
+        .. "WHERE hash = $1", { k.hash }))
+      -- The edge caches the key's lookup for credential_ttl (1 s).
+      core.sleep(1.5)
+      local status, body = keepalive_get(sock, "/k", bearer(k.key))
+      assert.equal(401, status)
+      assert.equal("invalid_api_key", body.error.code)
+      local res, _, fresh = get("/k", { Authorization = bearer(k.key) })
+      assert.equal(401, res.status)
+      assert.equal("invalid_api_key", fresh.error.code)
+      sock:close()
+    end))
   end)
 
   describe("a machine ticket", function()

@@ -189,10 +189,10 @@ local function verify_token(token, slug)
 end
 
 
--- Looks up an API key. Returns { account_id, scopes } or false for an
--- unknown or revoked key, or nil, message on a failed lookup.
-local function find_api_key(key)
-  local key_hash = apikey.hash(key)
+-- Looks up an API key by its hash. Returns { account_id, scopes } or
+-- false for an unknown or revoked key, or nil, message on a failed lookup.
+-- state.api_keys keeps each result for cache.credential_ttl seconds.
+local function find_api_key(key_hash)
   local cached = state.api_keys:get(key_hash)
   if cached ~= nil then
     return cached
@@ -302,9 +302,54 @@ local function plain_bearer_key(value)
 end
 
 
+-- Hashes of the API keys in Authorization values that carried a
+-- well-formed key, by the whole value. A value always maps to the same
+-- hash, so an entry can never be stale: whether the key is valid is
+-- still looked up in state.api_keys, with its TTL, on every request. The
+-- map keeps at most KEY_HASHES_MAX values and is emptied when full, so that
+-- values a client makes up cost memory only up to that bound.
+local KEY_HASHES_MAX = 1024
+local key_hashes = {}
+local key_hash_count = 0
+
+
+-- Returns the SHA-256 hex of the API key that the Authorization value
+-- carries, false when the value has the API key form ("Bearer sk_live_")
+-- but no well-formed key, or nil when it is not an API key header.
+function _M.api_key_hash(authorization)
+  if authorization == nil then
+    return nil
+  end
+  local hash = key_hashes[authorization]
+  if hash ~= nil then
+    return hash
+  end
+  if not _M.is_api_key_header(authorization) then
+    return nil
+  end
+  local key = plain_bearer_key(authorization)
+  if not key then
+    local _, parsed = apikey.parse(authorization)
+    key = parsed
+  end
+  if not key then
+    return false
+  end
+  hash = apikey.hash(key)
+  if key_hash_count >= KEY_HASHES_MAX then
+    key_hashes = {}
+    key_hash_count = 0
+  end
+  key_hashes[authorization] = hash
+  key_hash_count = key_hash_count + 1
+  return hash
+end
+
+
 -- Builds the policy input for one request and asks the policy. ctx:
 -- host (from hosts.parse), machine (from lookup), target (what the
--- daemon receives), creds (from split_query), scheme, is_websocket.
+-- daemon receives), creds (from split_query), scheme, is_websocket,
+-- api_key_hash (api_key_hash of the Authorization value).
 -- Returns the decision, or nil, status, code, message when a database
 -- check failed. Sets ctx.query_claims and ctx.cookie_claims.
 function _M.evaluate(req, ctx)
@@ -320,17 +365,12 @@ function _M.evaluate(req, ctx)
   }
   input.class = policy.classify(input.target, input.method, input.host_kind)
 
-  local authorization = req:header("authorization")
-  if _M.is_api_key_header(authorization) then
-    local key = plain_bearer_key(authorization)
-    if not key then
-      local _, parsed = apikey.parse(authorization)
-      key = parsed
-    end
-    if not key then
+  local key_hash = ctx.api_key_hash
+  if key_hash ~= nil then
+    if not key_hash then
       input.api_key_error = "invalid_api_key"
     else
-      local found, err = find_api_key(key)
+      local found, err = find_api_key(key_hash)
       if found == nil then
         return backend_failure("api_key", err, req)
       end

@@ -185,8 +185,8 @@ end
 -- Returns the set of request headers never forwarded: any X-JustAVPS-*
 -- header, Cookie (replaced by its filtered copy), and Authorization when
 -- it carries a JustAVPS API key.
-local function dropped_headers(req)
-  local api_key = access.is_api_key_header(req:header("authorization"))
+local function dropped_headers(req, ctx)
+  local api_key = ctx.api_key_hash ~= nil
   if not req:has_header_prefix(SIGNATURE_PREFIX) then
     return api_key and DROP_WITH_AUTHORIZATION or DROP
   end
@@ -212,7 +212,7 @@ end
 local function forward(req, ctx)
   local conf = state.conf
   local client_ip = req:peer()
-  local drop = dropped_headers(req)
+  local drop = dropped_headers(req, ctx)
   local cookie = access.filter_cookies(ctx.cookie_lines)
 
   for _, broker in ipairs(brokers.order()) do
@@ -362,6 +362,7 @@ function _M.handle(req)
     ctx.target = ctx.public_target
   end
   ctx.cookie_lines = cookie_lines(req)
+  ctx.api_key_hash = access.api_key_hash(req:header("authorization"))
 
   local decision, status, dcode, message = access.evaluate(req, ctx)
   if not decision then
