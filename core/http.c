@@ -1634,6 +1634,55 @@ l_req_has_header_prefix(lua_State *L)
 }
 
 
+/* req:header_values(names): for each name of the list made by
+ * core.http.header_names, in order, the value of the field when exactly
+ * one field has that name (in any case), false when several do, or nil
+ * when none does. One call and one pass over the head in place of a
+ * req:header_count per name. */
+static int
+l_req_header_values(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+  jv_http_names_t *names = jv__http_to_names(L, 2);
+  int first[JV_HTTP_NAMES_MAX];
+  unsigned char seen[JV_HTTP_NAMES_MAX];
+  unsigned i;
+
+  if (names == NULL) {
+    return luaL_argerror(L, 2, "list from core.http.header_names expected");
+  }
+
+  memset(seen, 0, names->n);
+  for (i = 0; i < c->nhdrs; i++) {
+    int k = jv__http_names_find(names, c->head + c->hdrs[i].name_off,
+                                c->hdrs[i].name_len);
+
+    if (k >= 0 && seen[k] < 2) {
+      if (seen[k]++ == 0) {
+        first[k] = (int) i;
+      }
+    }
+  }
+
+  luaL_checkstack(L, (int) names->n, "too many header names");
+  for (i = 0; i < names->n; i++) {
+    if (seen[i] == 0) {
+      lua_pushnil(L);
+
+    } else if (seen[i] > 1) {
+      lua_pushboolean(L, 0);
+
+    } else {
+      const jv_http_header_t *h = &c->hdrs[first[i]];
+
+      lua_pushlstring(L, c->head + h->value_off, h->value_len);
+    }
+  }
+
+  return (int) names->n;
+}
+
+
 static int
 l_req_headers(lua_State *L)
 {
@@ -2357,7 +2406,7 @@ table_has_name(lua_State *L, int t, const char *name, size_t len)
  * forward_head call so that each received field is checked with string
  * compares instead of a walk over the Lua table. The strings stay valid
  * while the tables are on the stack. */
-#define FORWARD_MAX_NAMES 64
+#define FORWARD_MAX_NAMES JV_HTTP_NAMES_MAX
 
 typedef struct {
   const char *name;
@@ -2390,16 +2439,20 @@ name_set_add_table(lua_State *L, int t, jv_name_set_t *set)
 }
 
 
-/* Returns non-zero when name is in the set or, after an overflow, a key of
- * one of the tables at drop_index and set_index (0 for none). */
+/* Returns non-zero when name is in the set or, after an overflow, in
+ * drop_names or a key of one of the tables at drop_index and set_index (0
+ * for none). */
 static int
-name_set_has(lua_State *L, const jv_name_set_t *set, int drop_index,
-             int set_index, const char *name, size_t len)
+name_set_has(lua_State *L, const jv_name_set_t *set,
+             const jv_http_names_t *drop_names, int drop_index, int set_index,
+             const char *name, size_t len)
 {
   unsigned i;
 
   if (set->overflow) {
-    return (drop_index != 0 && table_has_name(L, drop_index, name, len)) ||
+    return (drop_names != NULL &&
+            jv__http_names_find(drop_names, name, len) >= 0) ||
+           (drop_index != 0 && table_has_name(L, drop_index, name, len)) ||
            (set_index != 0 && table_has_name(L, set_index, name, len));
   }
 
@@ -2517,7 +2570,8 @@ add_default_host(lua_State *L, jv_http_conn_t *c, const char *host, size_t hlen,
  * the request's own head without Lua tables. It keeps the method, uses
  * target (default req.target) and copies the header fields as received,
  * minus hop-by-hop ones, those named in Connection, those in drop_headers
- * (a set of names) and those that set_headers names. Then it adds
+ * (a set of names, or a list from core.http.header_names) and those that
+ * set_headers names. Then it adds
  * set_headers (name = value, an array of values, or false for none),
  * Host (host:port) when no header gives one, and the body framing.
  * Names compare in any case, and copied fields keep their order and the
@@ -2537,6 +2591,7 @@ l_req_forward_head(lua_State *L)
   int set_index = 0, drop_index = 0;
   int has_host = 0, has_length = 0, request_close = 0;
   jv_name_set_t skip;
+  jv_http_names_t *drop_names = NULL;
   unsigned i;
 
   skip.n = 0;
@@ -2561,8 +2616,11 @@ l_req_forward_head(lua_State *L)
   }
 
   if (!lua_isnoneornil(L, 6)) {
-    luaL_checktype(L, 6, LUA_TTABLE);
-    drop_index = 6;
+    drop_names = jv__http_to_names(L, 6);
+    if (drop_names == NULL) {
+      luaL_checktype(L, 6, LUA_TTABLE);
+      drop_index = 6;
+    }
   }
 
   /* The server accepts no transfer coding but chunked, and llhttp rejects
@@ -2581,6 +2639,14 @@ l_req_forward_head(lua_State *L)
 
   if (drop_index != 0) {
     name_set_add_table(L, drop_index, &skip);
+
+  } else if (drop_names != NULL) {
+    /* JV_HTTP_NAMES_MAX equals FORWARD_MAX_NAMES, so the names fit. */
+    for (i = 0; i < drop_names->n; i++) {
+      skip.names[i].name = drop_names->bytes + drop_names->off[i];
+      skip.names[i].len = drop_names->len[i];
+    }
+    skip.n = drop_names->n;
   }
   if (set_index != 0 && !skip.overflow) {
     name_set_add_table(L, set_index, &skip);
@@ -2598,7 +2664,8 @@ l_req_forward_head(lua_State *L)
     const char *name = c->head + h->name_off;
 
     if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i) ||
-        name_set_has(L, &skip, drop_index, set_index, name, h->name_len)) {
+        name_set_has(L, &skip, drop_names, drop_index, set_index, name,
+                     h->name_len)) {
       continue;
     }
 
@@ -3209,6 +3276,7 @@ jv__open_http(lua_State *L)
     { "header_list", l_req_header_list },
     { "header_count", l_req_header_count },
     { "has_header_prefix", l_req_has_header_prefix },
+    { "header_values", l_req_header_values },
     { "peer", l_req_peer },
     { "read", l_req_read },
     { "respond", l_req_respond },
@@ -3269,5 +3337,6 @@ jv__open_http(lua_State *L)
   lua_newtable(L);
   luaL_setfuncs(L, funcs, 0);
   jv__http_client_register(L, lua_gettop(L));
+  jv__http_names_register(L, lua_gettop(L));
   return 1;
 }

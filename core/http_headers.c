@@ -201,3 +201,175 @@ jv__http_scan_line_bytes(char *prev_byte, unsigned *crlf_run, int *content,
   *prev_byte = s[n - 1];
   return 0;
 }
+
+
+/* ---- header name lists (core.http.header_names) ---- */
+
+#define JV_HTTP_NAMES_MT "justavps.http_header_names"
+
+/* The metatable's address, for jv__check_udata. */
+static const void *names_mt;
+
+
+jv_http_names_t *
+jv__http_to_names(lua_State *L, int idx)
+{
+  void *p = lua_touserdata(L, idx);
+  const void *got;
+
+  if (p == NULL || names_mt == NULL || !lua_getmetatable(L, idx)) {
+    return NULL;
+  }
+
+  got = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  return got == names_mt ? p : NULL;
+}
+
+
+int
+jv__http_names_find(const jv_http_names_t *names, const char *name,
+                    size_t len)
+{
+  unsigned i;
+
+  for (i = 0; i < names->n; i++) {
+    if (names->len[i] == len &&
+        strncasecmp(names->bytes + names->off[i], name, len) == 0) {
+      return (int) i;
+    }
+  }
+
+  return -1;
+}
+
+
+/*
+ * core.http.header_names(list): an immutable list of header field names,
+ * stored in lower case, for req:header_values and the drop_headers of
+ * req:forward_head. Made once (at module load), it spares those calls a
+ * walk over a Lua table per request. Raises on an invalid or repeated
+ * name, or more than JV_HTTP_NAMES_MAX names.
+ */
+static int
+l_header_names(lua_State *L)
+{
+  jv_http_names_t *names;
+  size_t total = 0, len;
+  int n, i;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = (int) lua_objlen(L, 1);
+  luaL_argcheck(L, n <= JV_HTTP_NAMES_MAX, 1, "too many names");
+
+  for (i = 1; i <= n; i++) {
+    const char *name;
+    size_t k;
+
+    lua_rawgeti(L, 1, i);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      return luaL_error(L, "header_names: entry %d must be a string", i);
+    }
+    name = lua_tolstring(L, -1, &len);
+    if (len == 0 || len > JV_HTTP_NAME_MAX) {
+      return luaL_error(L, "header_names: entry %d must be a header name "
+                           "of 1 to %d bytes", i, JV_HTTP_NAME_MAX);
+    }
+    for (k = 0; k < len; k++) {
+      unsigned char ch = (unsigned char) name[k];
+
+      if (ch <= ' ' || ch >= 0x7f || ch == ':') {
+        return luaL_error(L, "header_names: invalid header name '%s'",
+                          name);
+      }
+    }
+    total += len;
+    lua_pop(L, 1);
+  }
+
+  names = lua_newuserdata(L, sizeof(*names) + total);
+  names->n = 0;
+  total = 0;
+
+  for (i = 1; i <= n; i++) {
+    const char *name;
+    size_t k;
+
+    lua_rawgeti(L, 1, i);
+    name = lua_tolstring(L, -1, &len);
+    if (jv__http_names_find(names, name, len) >= 0) {
+      return luaL_error(L, "header_names: '%s' is listed twice", name);
+    }
+    for (k = 0; k < len; k++) {
+      char ch = name[k];
+
+      names->bytes[total + k] =
+          (ch >= 'A' && ch <= 'Z') ? (char) (ch + 32) : ch;
+    }
+    names->off[names->n] = (uint16_t) total;
+    names->len[names->n] = (uint16_t) len;
+    names->n++;
+    total += len;
+    lua_pop(L, 1);
+  }
+
+  luaL_getmetatable(L, JV_HTTP_NAMES_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+
+static jv_http_names_t *
+check_names(lua_State *L)
+{
+  return jv__check_udata(L, 1, JV_HTTP_NAMES_MT, &names_mt);
+}
+
+
+/* names:has(name): true when name is in the list, compared without case. */
+static int
+l_names_has(lua_State *L)
+{
+  jv_http_names_t *names = check_names(L);
+  size_t len;
+  const char *name = luaL_checklstring(L, 2, &len);
+
+  lua_pushboolean(L, jv__http_names_find(names, name, len) >= 0);
+  return 1;
+}
+
+
+/* names:list(): the names in order, in lower case. */
+static int
+l_names_list(lua_State *L)
+{
+  jv_http_names_t *names = check_names(L);
+  unsigned i;
+
+  lua_createtable(L, (int) names->n, 0);
+  for (i = 0; i < names->n; i++) {
+    lua_pushlstring(L, names->bytes + names->off[i], names->len[i]);
+    lua_rawseti(L, -2, (int) i + 1);
+  }
+
+  return 1;
+}
+
+
+void
+jv__http_names_register(lua_State *L, int table_index)
+{
+  static const luaL_Reg methods[] = { { "has", l_names_has },
+                                      { "list", l_names_list },
+                                      { NULL, NULL } };
+
+  luaL_newmetatable(L, JV_HTTP_NAMES_MT);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  names_mt = lua_topointer(L, -1);
+  lua_pop(L, 1);
+
+  lua_pushcfunction(L, l_header_names);
+  lua_setfield(L, table_index, "header_names");
+}

@@ -131,4 +131,27 @@ int jv__http_scan_line_bytes(char *prev_byte, unsigned *crlf_run, int *content,
  * at table_index. */
 void jv__http_client_register(lua_State *L, int table_index);
 
+/* A fixed list of header field names in lower case, made by
+ * core.http.header_names: name i is len[i] bytes at bytes + off[i]. */
+#define JV_HTTP_NAMES_MAX 64
+#define JV_HTTP_NAME_MAX  256
+
+typedef struct {
+  unsigned n;
+  uint16_t off[JV_HTTP_NAMES_MAX];
+  uint16_t len[JV_HTTP_NAMES_MAX];
+  char bytes[];
+} jv_http_names_t;
+
+/* Returns the name list at idx, or NULL when the value there is not one. */
+jv_http_names_t *jv__http_to_names(lua_State *L, int idx);
+
+/* Returns the index of name (compared without case) in names, or -1. */
+int jv__http_names_find(const jv_http_names_t *names, const char *name,
+                        size_t len);
+
+/* Sets core.http.header_names in the table at table_index and registers
+ * the metatable of name lists. */
+void jv__http_names_register(lua_State *L, int table_index);
+
 #endif /* JV_HTTP_INTERNAL_H */

@@ -60,9 +60,16 @@ local MAX_IP_LENGTH = 45
 local MAX_TIMESTAMP_DIGITS = 12
 
 
--- Returns true for an IPv4 literal in dotted decimal without leading
--- zeros, or an IPv6 literal without a zone id.
-local function is_ip_literal(s)
+-- Results of check_ip_literal by string. The broker checks two addresses
+-- per request, mostly the same few, and cidr.parse costs more than a
+-- lookup. The map keeps at most IP_CHECKS_MAX strings and is emptied
+-- when full.
+local IP_CHECKS_MAX = 4096
+local ip_checks = {}
+local ip_check_count = 0
+
+
+local function check_ip_literal(s)
   if #s == 0 or #s > MAX_IP_LENGTH then
     return false
   end
@@ -78,6 +85,23 @@ local function is_ip_literal(s)
     return false
   end
   return cidr.parse(s) ~= nil
+end
+
+
+-- Returns true for an IPv4 literal in dotted decimal without leading
+-- zeros, or an IPv6 literal without a zone id.
+local function is_ip_literal(s)
+  local ok = ip_checks[s]
+  if ok == nil then
+    ok = check_ip_literal(s)
+    if ip_check_count >= IP_CHECKS_MAX then
+      ip_checks = {}
+      ip_check_count = 0
+    end
+    ip_checks[s] = ok
+    ip_check_count = ip_check_count + 1
+  end
+  return ok
 end
 
 _M.is_ip_literal = is_ip_literal
@@ -263,17 +287,34 @@ function _M.parse(list)
 end
 
 
+-- The eight header names in signing order, then Host, for
+-- req:header_values.
+local REQUEST_NAMES
+do
+  local list = {}
+  for i, h in ipairs(_M.HEADERS) do
+    list[i] = h.name
+  end
+  list[#list + 1] = "Host"
+  REQUEST_NAMES = core.http.header_names(list)
+end
+local HOST_INDEX = #_M.HEADERS + 1
+
+
 -- Reads the eight headers and Host from the server request req as parse
--- reads them from a header list, with the same results, but looks each
--- name up in the parsed head instead of building the list.
+-- reads them from a header list, with the same results, but looks the
+-- names up in the parsed head in one call instead of building the list.
 function _M.parse_request(req)
+  -- header_values gives nil for a missing header and false for one sent
+  -- more than once.
+  local values = { req:header_values(REQUEST_NAMES) }
   local f = {}
-  for _, h in ipairs(_M.HEADERS) do
-    local count, v = req:header_count(h.name)
-    if count == 0 then
+  for i, h in ipairs(_M.HEADERS) do
+    local v = values[i]
+    if v == nil then
       return nil, "missing_header", "missing header " .. h.name
     end
-    if count > 1 then
+    if v == false then
       return nil, "invalid_header", "header " .. h.name
         .. " was sent more than once"
     end
@@ -284,11 +325,11 @@ function _M.parse_request(req)
     f[h.field] = v
   end
 
-  local count, host = req:header_count("host")
-  if count == 0 or host == "" then
+  local host = values[HOST_INDEX]
+  if host == nil or host == "" then
     return nil, "missing_header", "missing header Host"
   end
-  if count > 1 then
+  if host == false then
     return nil, "invalid_header", "header Host was sent more than once"
   end
   f.host = slower(host)

@@ -170,9 +170,16 @@ end
 
 -- Copies end-to-end headers from list (pairs {name, value}), dropping
 -- hop-by-hop ones, those named in Connection and those in drop (a set of
--- lower-case names).
+-- lower-case names, or a list from core.http.header_names).
 function _M.end_to_end(list, drop)
   local named = connection_tokens(list)
+  if type(drop) == "userdata" then
+    local set = {}
+    for _, name in ipairs(drop:list()) do
+      set[name] = true
+    end
+    drop = set
+  end
   local headers = {}
   for _, h in ipairs(list) do
     local lname = slower(h[1])
@@ -355,7 +362,8 @@ end
 --   target           request-target to send (default req.target)
 --   set_headers      table of headers to add or replace (name = value, or
 --                    false to remove)
---   drop_headers     set of lower-case request header names to drop
+--   drop_headers     set of lower-case request header names to drop, or
+--                    a list from core.http.header_names
 --   timeout          seconds for connect and for each read or write
 --   on_unreachable   function(code, err) returning status, headers, body,
 --                    to answer a failed connect in the caller's words

@@ -260,3 +260,113 @@ describe("req:forward_head name sets", function()
       end))
   end
 end)
+
+
+describe("core.http.header_names", function()
+  it("keeps names in lower case and order", function()
+    local names = core.http.header_names({ "X-One", "two", "Three-3" })
+    assert.same({ "x-one", "two", "three-3" }, names:list())
+    assert.is_true(names:has("X-ONE"))
+    assert.is_true(names:has("three-3"))
+    assert.is_false(names:has("x-on"))
+    assert.is_false(names:has("four"))
+  end)
+
+  it("rejects invalid lists", function()
+    local cases = {
+      { "an empty name", { "" } },
+      { "a colon", { "x:y" } },
+      { "a space", { "x y" } },
+      { "a non-string", { 1 } },
+      { "a name listed twice", { "X-A", "x-a" } },
+    }
+    for _, case in ipairs(cases) do
+      assert.has_error(function()
+        core.http.header_names(case[2])
+      end, nil, case[1])
+    end
+    local many = {}
+    for i = 1, 65 do
+      many[i] = "x-" .. i
+    end
+    assert.has_error(function()
+      core.http.header_names(many)
+    end)
+  end)
+end)
+
+
+describe("req:header_values and forward_head with a name list", function()
+  -- Runs fn(req) in a server's handler for request and returns what fn
+  -- returned, as a table.
+  local function with_request(request, fn)
+    local results
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        results = { fn(req) }
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write(request))
+    assert(raw.read_response(sock))
+    sock:close()
+    srv:close()
+    return results
+  end
+
+  local REQUEST = "GET / HTTP/1.1\r\nHost: app\r\nX-Once: 1\r\n"
+    .. "x-twice: a\r\nX-Twice: b\r\nX-Empty: \r\nX-Drop: 1\r\n\r\n"
+
+  it("returns one value, false or nil per name", async(function()
+    local names = core.http.header_names({ "x-once", "X-Twice", "x-none",
+      "x-empty", "host" })
+    local got = with_request(REQUEST, function(req)
+      return req:header_values(names)
+    end)
+    assert.equal("1", got[1])
+    assert.is_false(got[2])
+    assert.is_nil(got[3])
+    assert.equal("", got[4])
+    assert.equal("app", got[5])
+  end))
+
+  it("rejects a table in place of a list", async(function()
+    local got = with_request(REQUEST, function(req)
+      return pcall(req.header_values, req, { "x-once" })
+    end)
+    assert.is_false(got[1])
+    assert.truthy(tostring(got[2]):find("header_names", 1, true))
+  end))
+
+  it("drops the listed names in forward_head", async(function()
+    local drop = core.http.header_names({ "x-drop", "X-TWICE" })
+    local got = with_request(REQUEST, function(req)
+      return req:forward_head("127.0.0.1", 8080, nil,
+        { ["X-Set"] = "new" }, drop)
+    end)
+    local head = got[1]
+    assert.truthy(head:find("\r\nX-Once: 1\r\n", 1, true))
+    assert.truthy(head:find("\r\nHost: app\r\n", 1, true))
+    assert.truthy(head:find("\r\nX-Set: new\r\n", 1, true))
+    assert.falsy(head:lower():find("x-drop", 1, true))
+    assert.falsy(head:lower():find("x-twice", 1, true))
+  end))
+
+  it("drops the listed names when set_headers overflows", async(function()
+    local drop = core.http.header_names({ "x-drop" })
+    local set = {}
+    for i = 1, 100 do
+      set["X-Set-" .. i] = "new"
+    end
+    local got = with_request(REQUEST, function(req)
+      return req:forward_head("127.0.0.1", 8080, nil, set, drop)
+    end)
+    local head = got[1]
+    assert.truthy(head:find("\r\nX-Once: 1\r\n", 1, true))
+    assert.truthy(head:find("\r\nX-Set-100: new\r\n", 1, true))
+    assert.falsy(head:lower():find("x-drop", 1, true))
+  end))
+end)

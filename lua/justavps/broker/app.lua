@@ -39,9 +39,13 @@ local error_response = proxy.error_response
 -- app a client address or path prefix no proxy vouched for. The proxy
 -- drops hop-by-hop headers and those named in Connection itself, and
 -- set_headers below replaces X-Real-IP and the other X-Forwarded-*.
-local DROP = { forwarded = true, ["x-forwarded-prefix"] = true }
-for name in pairs(edge_sig.HEADER_SET) do
-  DROP[name] = true
+local DROP
+do
+  local names = { "forwarded", "x-forwarded-prefix" }
+  for name in pairs(edge_sig.HEADER_SET) do
+    names[#names + 1] = name
+  end
+  DROP = core.http.header_names(names)
 end
 
 
