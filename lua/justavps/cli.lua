@@ -378,7 +378,27 @@ function _M.run(role, opts)
   core.log.set_role(role.name)
   core.log.set_level(opts.log_level or "info")
 
+  -- JUSTAVPS_JIT_PROFILE="MODE:FILE" samples the role with LuaJIT's
+  -- profiler (jit.p, MODE as in `luajit -jp=MODE`) and writes the report
+  -- to FILE when the role returns. For benchmarks, not for production.
+  local profile = os.getenv("JUSTAVPS_JIT_PROFILE")
+  local jit_p
+  if profile and profile ~= "" then
+    local mode, file = profile:match("^([^:]*):(.+)$")
+    local found
+    found, jit_p = pcall(require, "jit.p")
+    if found then
+      jit_p.start(mode or "", file or profile)
+    else
+      jit_p = nil
+      log.warn("JUSTAVPS_JIT_PROFILE set but jit.p is not installed")
+    end
+  end
+
   local ok, result = xpcall(role.run, traceback, opts)
+  if jit_p then
+    jit_p.stop()
+  end
   if not ok then
     log.alert("role failed", { role = role.name, error = result })
     log.flush()

@@ -87,6 +87,26 @@ describe("justavps executable", function()
     assert.matches("msg=hello", err, 1, true)
   end)
 
+  it("writes a LuaJIT profile when JUSTAVPS_JIT_PROFILE names a file",
+    function()
+      local path = os.tmpname()
+      os.remove(path)
+      local p = assert(io.popen("JUSTAVPS_JIT_PROFILE=" .. shell_quote("f:"
+        .. path) .. " " .. shell_quote(BIN) .. " hello --exit-status 3"
+        .. " 2>/dev/null; echo \"exit=$?\""))
+      local out = p:read("*a")
+      p:close()
+      assert.matches("exit=3", out, 1, true)
+      local f = io.open(path)
+      assert.is_truthy(f, "no profile written to " .. path)
+      local report = f:read("*a")
+      f:close()
+      os.remove(path)
+      -- A role this short may finish between two samples.
+      assert.is_truthy(report:find("%d+%%") or report:find("No samples"),
+        report)
+    end)
+
   it("accepts --name=value and --name value", function()
     local status, _, err = run("hello", "--name=ada", "--count", "2",
       "--interval", "10ms")

@@ -103,11 +103,12 @@ if [[ ! -r $pg_log ]]; then
 fi
 
 # The platform's heartbeat settings (JUSTAVPS_PLATFORM_HEARTBEAT_*) pass
-# through from this script's environment, so runs can compare them.
+# through from this script's environment, so runs can compare them, and
+# so does JUSTAVPS_JIT_PROFILE (LuaJIT's profiler, see lua/justavps/cli.lua).
 platform_env=()
 while IFS= read -r setting; do
   platform_env+=("$setting")
-done < <(env | grep '^JUSTAVPS_PLATFORM_HEARTBEAT_' || true)
+done < <(env | grep -E '^JUSTAVPS_(PLATFORM_HEARTBEAT_|JIT_PROFILE=)' || true)
 
 tmp=$(mktemp -d /tmp/justavps-platform-bench.XXXXXX)
 started_pids=()
