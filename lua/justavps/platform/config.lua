@@ -27,11 +27,11 @@ _M.schema = config.schema({ fields = {
         between = { 1, 10000 },
         description = "most steady-state heartbeats written by one "
           .. "statement" } },
-      { batch_delay = { type = "duration", default = 0.002,
+      { batch_delay = { type = "duration", default = 0.0005,
         between = { 0, 1 },
         description = "seconds a batch collects heartbeats before its "
           .. "write starts, unless it fills first; 0 writes at once" } },
-      { batch_writers = { type = "integer", default = 2,
+      { batch_writers = { type = "integer", default = 4,
         between = { 1, 64 },
         description = "batch writes in flight at once, each on its own "
           .. "pool connection; at most database.pool_size - 1 are used" } },

@@ -40,8 +40,8 @@ local _M = {}
 
 -- Settings used when the platform config sets none (specs that load this
 -- module without a platform).
-local DEFAULTS = { batch_max_rows = 256, batch_delay = 0.002,
-  batch_writers = 2 }
+local DEFAULTS = { batch_max_rows = 256, batch_delay = 0.0005,
+  batch_writers = 4 }
 
 -- Columns of machine_metrics that a heartbeat fills, in the order of
 -- entry.metrics; the first four are real, the next four bigint.
