@@ -9,16 +9,13 @@ local helpers = require("support.helpers")
 local async = helpers.async
 local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
-local PASSWORD = "correct horse battery"
 local ALL_SCOPES = { "read", "write", "delete", "exec", "proxy" }
 local NO_SUCH_ID = "00000000-0000-4000-8000-000000000000"
 
-
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
+local as_session = platform.as_session
+local as_key = platform.as_key
 
 
 local function without(list, removed)
@@ -33,22 +30,12 @@ end
 
 
 describe("platform API keys", function()
-  local settings = pg_settings()
-  local dbname, p, port
+  local db, p
   -- The dashboard sessions of two accounts: { cookie, csrf }.
   local owner, stranger
 
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
-
   local function sql(query, params)
-    local c = connect(dbname)
-    local rows = assert(c:query(query, params))
-    c:close()
-    return rows
+    return db:sql(query, params)
   end
 
   local function counts()
@@ -61,81 +48,21 @@ describe("platform API keys", function()
   end
 
   local function request(method, path, headers, body)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = port, path = path, headers = headers, body = body, timeout = 20 })
-    local res_headers = res:headers()
-    local text = res:read_body()
-    res:close()
-    local decoded = text ~= "" and json.decode(text) or nil
-    return res.status, decoded or text, res_headers
+    return p:request(method, path, headers, body)
   end
 
   local function signup(email)
-    local status, body, headers = request("POST", "/api/v1/auth/signup",
-      { ["Content-Type"] = "application/json" },
-      json.encode({ email = email, password = PASSWORD }))
-    assert.equal(201, status)
-    local token = headers["set-cookie"]:match("^__justavps_session=([^;]+)")
-    return { cookie = "__justavps_session=" .. token, csrf = body.csrf_token,
-      account_id = body.account.id }
-  end
-
-  -- Headers of a cookie write for a session.
-  local function as_session(s)
-    return { Cookie = s.cookie, ["X-CSRF-Token"] = s.csrf,
-      ["Content-Type"] = "application/json" }
-  end
-
-  local function as_key(key)
-    return { Authorization = "Bearer " .. key,
-      ["Content-Type"] = "application/json" }
+    return p:signup(email)
   end
 
   local function create_key(s, name, scopes)
-    local status, body = request("POST", "/api/v1/api-keys", as_session(s),
-      json.encode({ name = name, scopes = scopes }))
-    assert.equal(201, status, json.encode(body))
-    return body
+    return p:create_key(s, name, scopes)
   end
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      p = assert(core.proc.spawn{ file = BIN,
-        args = { "platform", "--access-log=false" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
-
+      db = platform.database()
+      p = platform.start(db)
       owner = signup("owner@example.com")
       stranger = signup("stranger@example.com")
     end, 90)
@@ -144,12 +71,11 @@ describe("platform API keys", function()
   teardown(function()
     helpers.run(function()
       if p then
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if db then
+        db:drop()
+      end
     end, 60)
   end)
 

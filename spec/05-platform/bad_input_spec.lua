@@ -7,17 +7,13 @@
 -- and with a malformed Authorization header. Every rejection
 -- must leave the row count of every table unchanged, and no error body
 -- may carry SQL, a stack trace, a Lua source path or the API key.
-local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 
 local async = helpers.async
-local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
-local PASSWORD = "correct horse battery"
 local MACHINE_SLUG = "bad-input-1"
 local MACHINE_TOKEN = "machine-token-0123456789abcdef0123456789"
 local NO_SUCH_ID = "00000000-0000-0000-0000-000000000000"
@@ -59,24 +55,9 @@ local function malformed_authorizations(key)
 end
 
 
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
-
-
--- Signs a machine call from the wire contract: v1= + hex
--- HMAC-SHA256(token, "JUSTAVPS-MACHINE-V1\nMETHOD\ntarget\nts\nnonce\n"
--- .. hex(sha256(body))).
+-- The machine signature of a call, from the wire contract.
 local function machine_headers(method, target, body)
-  local ts = tostring(os.time())
-  local nonce = crypto.random_token(24)
-  local s = table.concat({ "JUSTAVPS-MACHINE-V1", method, target, ts, nonce,
-    crypto.hex_encode(crypto.sha256(body)) }, "\n")
-  return {
-    ["X-JustAVPS-Machine-Timestamp"] = ts,
-    ["X-JustAVPS-Machine-Nonce"] = nonce,
-    ["X-JustAVPS-Machine-Signature"] = "v1="
-      .. crypto.hex_encode(crypto.hmac_sha256(MACHINE_TOKEN, s)),
-  }
+  return platform.sign_machine(MACHINE_TOKEN, method, target, body)
 end
 
 
@@ -151,20 +132,10 @@ end
 
 
 describe("platform bad input", function()
-  local settings = pg_settings()
-  local dbname, p, port, doc, api_key
-
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
+  local db, p, doc, api_key
 
   local function sql(query, params)
-    local c = connect(dbname)
-    local rows = assert(c:query(query, params))
-    c:close()
-    return rows
+    return db:sql(query, params)
   end
 
   -- Returns the row count of every table of the public schema, by name.
@@ -183,12 +154,9 @@ describe("platform bad input", function()
 
   -- Sends a request; returns status, the body text and the decoded body.
   local function request(method, path, headers, body)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = port, path = path, headers = headers, body = body, timeout = 20 })
-    local text = res:read_body()
-    res:close()
+    local status, text = p:raw(method, path, headers, body)
     local decoded = text ~= "" and json.decode(text) or nil
-    return res.status, text, decoded
+    return status, text, decoded
   end
 
   -- Headers that authenticate op for body: the all-scope API key for a
@@ -236,70 +204,19 @@ describe("platform bad input", function()
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      env.JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_IP_LIMIT = "100000"
-      p = assert(core.proc.spawn{ file = BIN,
-        args = { "platform", "--access-log=false" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
+      db = platform.database()
+      p = platform.start(db, { env = {
+        JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_IP_LIMIT = "100000" } })
 
       -- The session from signup creates the all-scope key.
-      local res = assert(core.http.request{ method = "POST",
-        host = "127.0.0.1", port = port, path = "/api/v1/auth/signup",
-        headers = { ["Content-Type"] = "application/json" },
-        body = json.encode({ email = "bad-input@example.com",
-          password = PASSWORD }), timeout = 20 })
-      local set_cookie = res:headers()["set-cookie"]
-      local signup_text = res:read_body()
-      res:close()
-      assert.equal(201, res.status, signup_text)
-      local signed_up = json.decode(signup_text)
-      if type(set_cookie) == "table" then
-        set_cookie = set_cookie[1]
-      end
-      local cookie = set_cookie:match("^(__justavps_session=[^;]+)")
-      assert.is_string(cookie, set_cookie)
-      local kstatus, ktext, key = request("POST", "/api/v1/api-keys",
-        { Cookie = cookie, ["X-CSRF-Token"] = signed_up.csrf_token,
-          ["Content-Type"] = "application/json" },
-        json.encode({ name = "every scope", scopes = ALL_SCOPES }))
-      assert.equal(201, kstatus, ktext)
+      local signed_up = p:signup("bad-input@example.com")
+      local key = p:create_key(signed_up, "every scope", ALL_SCOPES)
       assert.same(ALL_SCOPES, key.scopes)
       api_key = key.key
 
       sql("INSERT INTO machines (slug, account_id, name, provider, region, "
         .. "server_type, stage, token) VALUES ($1, $2, $3, $4, $5, $6, $7, "
-        .. "$8)", { MACHINE_SLUG, signed_up.account.id, "bad input",
+        .. "$8)", { MACHINE_SLUG, signed_up.account_id, "bad input",
           "local", "local", "local", "server_created", MACHINE_TOKEN })
 
       local dstatus, dtext, decoded = request("GET", "/api/v1/openapi.json")
@@ -311,12 +228,11 @@ describe("platform bad input", function()
   teardown(function()
     helpers.run(function()
       if p then
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if db then
+        db:drop()
+      end
     end, 60)
   end)
 

@@ -1,121 +1,49 @@
 -- The platform API process against a fresh database: the OpenAPI document,
 -- unknown routes and methods, and machine-signed heartbeats signed here
 -- independently from the wire contract.
-local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 
 local async = helpers.async
-local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
 local TOKEN = "machine-token-0123456789abcdef0123456789"
 
-
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
-
-
-local settings = pg_settings()
-
-
-local function connect(dbname)
-  return assert(core.pg.connect({ host = settings.PGHOST,
-    port = settings.PGPORT, user = settings.PGUSER,
-    dbname = dbname or settings.PGDATABASE }, { timeout = 30 }))
-end
-
-
--- Signs a machine call by hand from the wire contract: v1= + hex
--- HMAC-SHA256(token, "JUSTAVPS-MACHINE-V1\nMETHOD\ntarget\nts\nnonce\n"
--- .. hex(sha256(body))).
-local function sign(token, method, target, body, ts, nonce)
-  ts = ts or os.time()
-  nonce = nonce or crypto.random_token(24)
-  local s = table.concat({ "JUSTAVPS-MACHINE-V1", method, target,
-    tostring(ts), nonce, crypto.hex_encode(crypto.sha256(body)) }, "\n")
-  return {
-    ["X-JustAVPS-Machine-Timestamp"] = tostring(ts),
-    ["X-JustAVPS-Machine-Nonce"] = nonce,
-    ["X-JustAVPS-Machine-Signature"] = "v1="
-      .. crypto.hex_encode(crypto.hmac_sha256(token, s)),
-    ["Content-Type"] = "application/json",
-  }
-end
+-- Signs a machine call by hand from the wire contract.
+local sign = platform.sign_machine
 
 
 describe("platform API", function()
-  local dbname, p, port
+  local database, p
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
-      local db = connect(dbname)
-      local acct = assert(db:query("INSERT INTO accounts (name) VALUES ($1) "
-        .. "RETURNING id", { "spec" }))
-      assert(db:query("INSERT INTO machines (slug, account_id, name, "
+      database = platform.database()
+      local acct = database:sql("INSERT INTO accounts (name) VALUES ($1) "
+        .. "RETURNING id", { "spec" })
+      database:sql("INSERT INTO machines (slug, account_id, name, "
         .. "provider, region, server_type, stage, token) VALUES ($1, $2, "
         .. "$3, $4, $5, $6, $7, $8)", { "hb-1", acct[1].id, "hb",
-        "local", "local", "local", "server_created", TOKEN }))
-      db:close()
-
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      p = assert(core.proc.spawn{ file = BIN,
-        args = { "platform", "--access-log=false" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
+        "local", "local", "local", "server_created", TOKEN })
+      p = platform.start(database)
     end, 90)
   end)
 
   teardown(function()
     helpers.run(function()
       if p then
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if database then
+        database:drop()
+      end
     end, 60)
   end)
 
   local function request(method, path, headers, body)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = port, path = path, headers = headers, body = body, timeout = 10 })
-    local text = res:read_body()
-    res:close()
-    return res.status, text ~= "" and json.decode(text) or nil
+    local status, text = p:raw(method, path, headers, body)
+    return status, text ~= "" and json.decode(text) or nil
   end
 
   local function heartbeat(slug, body_table, headers_fn)
@@ -160,7 +88,7 @@ describe("platform API", function()
         available = 400 } } })
     assert.equal(200, status)
 
-    local db = connect(dbname)
+    local db = database:connect()
     local m = assert(db:query("SELECT stage::text AS stage, version, "
       .. "ports::text AS ports, last_seen_at IS NOT NULL AS seen "
       .. "FROM machines WHERE slug = $1", { "hb-1" }))[1]
@@ -219,7 +147,7 @@ describe("platform API", function()
   end
 
   it("records a cloud-init failure with its log", async(function()
-    local db = connect(dbname)
+    local db = database:connect()
     local acct = assert(db:query("SELECT id FROM accounts LIMIT 1"))[1]
     assert(db:query("INSERT INTO machines (slug, account_id, name, "
       .. "provider, region, server_type, stage, token) VALUES ($1, $2, "
@@ -246,7 +174,7 @@ describe("platform API", function()
       { type = "not-an-outcome" },
     } })
     assert.equal(200, status)
-    local db = connect(dbname)
+    local db = database:connect()
     local rows = assert(db:query("SELECT e.detail::text AS detail FROM "
       .. "machine_events e JOIN machines m ON m.id = e.machine_id "
       .. "WHERE m.slug = $1 AND e.detail->>'kind' = 'update'", { "hb-1" }))

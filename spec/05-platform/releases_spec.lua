@@ -1,105 +1,39 @@
 -- Daemon releases against a real platform process and a fresh database:
 -- publish and list, the operator and scope checks, input validation, and
 -- the update offer of heartbeats signed here from the wire contract.
-local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 
 local async = helpers.async
-local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
-local PASSWORD = "correct horse battery"
 local TOKEN = "machine-token-0123456789abcdef0123456789"
 local SHA = ("ab"):rep(32)
 
 
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
-
-
--- Signs a machine call from the wire contract: v1= + hex
--- HMAC-SHA256(token, "JUSTAVPS-MACHINE-V1\nMETHOD\ntarget\nts\nnonce\n"
--- .. hex(sha256(body))).
-local function sign(token, method, target, body)
-  local ts = os.time()
-  local nonce = crypto.random_token(24)
-  local s = table.concat({ "JUSTAVPS-MACHINE-V1", method, target,
-    tostring(ts), nonce, crypto.hex_encode(crypto.sha256(body)) }, "\n")
-  return {
-    ["X-JustAVPS-Machine-Timestamp"] = tostring(ts),
-    ["X-JustAVPS-Machine-Nonce"] = nonce,
-    ["X-JustAVPS-Machine-Signature"] = "v1="
-      .. crypto.hex_encode(crypto.hmac_sha256(token, s)),
-    ["Content-Type"] = "application/json",
-  }
-end
+local sign = platform.sign_machine
 
 
 describe("platform releases", function()
-  local settings = pg_settings()
-  local dbname, p, port
+  local db, p
   local operator, stranger
   local operator_key, operator_read_key, stranger_key
 
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
-
   local function sql(query, params)
-    local c = connect(dbname)
-    local rows = assert(c:query(query, params))
-    c:close()
-    return rows
+    return db:sql(query, params)
   end
 
   local function request(method, path, headers, body)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = port, path = path, headers = headers, body = body, timeout = 20 })
-    local text = res:read_body()
-    res:close()
-    local decoded = text ~= "" and json.decode(text) or nil
-    return res.status, decoded or text
-  end
-
-  local function signup(email)
-    local status, body, _ = request("POST", "/api/v1/auth/signup",
-      { ["Content-Type"] = "application/json" },
-      json.encode({ email = email, password = PASSWORD }))
-    assert.equal(201, status)
-    return body
-  end
-
-  local function login(email)
-    local res = assert(core.http.request{ method = "POST", host = "127.0.0.1",
-      port = port, path = "/api/v1/auth/login",
-      headers = { ["Content-Type"] = "application/json" },
-      body = json.encode({ email = email, password = PASSWORD }), timeout = 20 })
-    local headers = res:headers()
-    local body = json.decode(res:read_body())
-    res:close()
-    local token = headers["set-cookie"]:match("^__justavps_session=([^;]+)")
-    return { cookie = "__justavps_session=" .. token, csrf = body.csrf_token }
+    local status, decoded = p:request(method, path, headers, body)
+    return status, decoded
   end
 
   local function create_key(email, scopes)
-    local s = login(email)
-    local status, body = request("POST", "/api/v1/api-keys",
-      { Cookie = s.cookie, ["X-CSRF-Token"] = s.csrf,
-        ["Content-Type"] = "application/json" },
-      json.encode({ name = "releases", scopes = scopes }))
-    assert.equal(201, status, json.encode(body))
-    return body.key
+    return p:create_key(p:login(email), "releases", scopes).key
   end
 
-  local function as_key(key)
-    return { Authorization = "Bearer " .. key,
-      ["Content-Type"] = "application/json" }
-  end
+  local as_key = platform.as_key
 
   local function publish(key, release)
     return request("POST", "/api/v1/releases", as_key(key), json.encode(release))
@@ -113,19 +47,7 @@ describe("platform releases", function()
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
+      db = platform.database()
       local acct = sql("INSERT INTO accounts (name) VALUES ($1) RETURNING id",
         { "fleet" })[1].id
       for _, slug in ipairs({ "rel-1", "rel-2" }) do
@@ -134,32 +56,10 @@ describe("platform releases", function()
           .. "'local', 'services_ready', $4)", { slug, acct, slug, TOKEN })
       end
 
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      env.JUSTAVPS_PLATFORM_RELEASES_OPERATORS = "Ops@Example.com"
-      p = assert(core.proc.spawn{ file = BIN,
-        args = { "platform", "--access-log=false" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
-
-      operator = signup("ops@example.com")
-      stranger = signup("stranger@example.com")
+      p = platform.start(db, { env = {
+        JUSTAVPS_PLATFORM_RELEASES_OPERATORS = "Ops@Example.com" } })
+      operator = p:signup("ops@example.com").body
+      stranger = p:signup("stranger@example.com").body
       operator_key = create_key("ops@example.com", { "read", "write" })
       operator_read_key = create_key("ops@example.com", { "read" })
       stranger_key = create_key("stranger@example.com", { "read", "write" })
@@ -171,12 +71,11 @@ describe("platform releases", function()
   teardown(function()
     helpers.run(function()
       if p then
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if db then
+        db:drop()
+      end
     end, 60)
   end)
 
