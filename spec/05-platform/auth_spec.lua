@@ -11,10 +11,9 @@ local rate_limit = require("policies.rate_limit")
 local async = helpers.async
 local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
-local PASSWORD = "correct horse battery"
+local PASSWORD = platform.PASSWORD
 local EMAIL_LIMIT = 5
 
 
@@ -74,10 +73,6 @@ describe("rate_limit policy", function()
     end)
   end)
 end)
-
-
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
 
 
 local function hex_sha256(s)
@@ -198,22 +193,12 @@ end
 
 
 describe("platform auth routes", function()
-  local settings = pg_settings()
-  local dbname, github, github_seen, env
+  local db, github, github_seen, base_env
   local processes = {}
   local port
 
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
-
   local function sql(query, params)
-    local c = connect(dbname)
-    local rows = assert(c:query(query, params))
-    c:close()
-    return rows
+    return db:sql(query, params)
   end
 
   local function counts()
@@ -223,67 +208,36 @@ describe("platform auth routes", function()
       .. "(SELECT count(*) FROM api_keys) AS api_keys")[1]
   end
 
-  -- Starts a platform process with extra environment; returns its port.
+  -- Starts a platform process with the spec's settings and extra ones;
+  -- returns its port.
   local function start_platform(extra)
-    local child_env = {}
-    for k, v in pairs(env) do
-      child_env[k] = v
+    local env = {}
+    for k, v in pairs(base_env) do
+      env[k] = v
     end
     for k, v in pairs(extra or {}) do
-      child_env[k] = v
+      env[k] = v
     end
-    local p = assert(core.proc.spawn{ file = BIN,
-      args = { "platform", "--access-log=false" }, env = child_env,
-      stdout = "null", stderr = "pipe" })
+    local p = platform.start(db, { env = env })
     processes[#processes + 1] = p
-    local found
-    local ready = core.waiter()
-    core.spawn(function()
-      while true do
-        local line = p.stderr:readuntil("\n", 1024 * 1024)
-        if not line then
-          break
-        end
-        local n = line:match("msg=listening .*port=(%d+)")
-        if n and not found then
-          found = tonumber(n)
-          ready:wake()
-        end
-      end
-    end)
-    if not found then
-      ready:wait(20)
-    end
-    assert(found, "platform did not start")
-    return found
+    return p.port
   end
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
+      db = platform.database()
       github, github_seen = start_fake_github("spec-client", "spec-secret")
       local github_url = "http://127.0.0.1:" .. github:port()
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      env.JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_EMAIL_LIMIT = tostring(EMAIL_LIMIT)
-      env.JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_EMAIL_WINDOW = "3600"
-      env.JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_IP_LIMIT = "100000"
-      env.JUSTAVPS_PLATFORM_AUTH_GITHUB_CLIENT_ID = "spec-client"
-      env.JUSTAVPS_PLATFORM_AUTH_GITHUB_CLIENT_SECRET = "spec-secret"
-      env.JUSTAVPS_PLATFORM_AUTH_GITHUB_WEB_URL = github_url
-      env.JUSTAVPS_PLATFORM_AUTH_GITHUB_API_URL = github_url .. "/"
-      env.JUSTAVPS_PLATFORM_AUTH_GITHUB_AFTER_LOGIN_URL = "/dashboard"
+      base_env = {
+        JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_EMAIL_LIMIT = tostring(EMAIL_LIMIT),
+        JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_EMAIL_WINDOW = "3600",
+        JUSTAVPS_PLATFORM_AUTH_LOGIN_RATE_IP_LIMIT = "100000",
+        JUSTAVPS_PLATFORM_AUTH_GITHUB_CLIENT_ID = "spec-client",
+        JUSTAVPS_PLATFORM_AUTH_GITHUB_CLIENT_SECRET = "spec-secret",
+        JUSTAVPS_PLATFORM_AUTH_GITHUB_WEB_URL = github_url,
+        JUSTAVPS_PLATFORM_AUTH_GITHUB_API_URL = github_url .. "/",
+        JUSTAVPS_PLATFORM_AUTH_GITHUB_AFTER_LOGIN_URL = "/dashboard",
+      }
       port = start_platform()
     end, 90)
   end)
@@ -291,29 +245,22 @@ describe("platform auth routes", function()
   teardown(function()
     helpers.run(function()
       for _, p in ipairs(processes) do
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
       if github then
         github:close()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if db then
+        db:drop()
+      end
     end, 60)
   end)
 
   -- Sends a request; returns status, decoded body (or the raw text when
   -- it is not JSON) and the response headers.
   local function request(method, path, headers, body, to_port)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = to_port or port, path = path, headers = headers, body = body,
-      timeout = 20 })
-    local res_headers = res:headers()
-    local text = res:read_body()
-    res:close()
-    local decoded = text ~= "" and json.decode(text) or nil
-    return res.status, decoded or text, res_headers
+    return platform.request_port(to_port or port, method, path, headers,
+      body)
   end
 
   local function post_json(path, value, headers, to_port)

@@ -11,16 +11,10 @@ local helpers = require("support.helpers")
 local async = helpers.async
 local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
-local PASSWORD = "correct horse battery"
 local WEBHOOK_SECRET = "whsec_test_secret"
 local SECRET_KEY = "sk_test_fake_0123456789"
-
-
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
 
 
 local function read_fixture(name)
@@ -85,68 +79,27 @@ end
 
 
 describe("platform billing", function()
-  local settings = pg_settings()
-  local dbname, env, stripe_server, stripe_seen
+  local db, stripe_server, stripe_seen
   local processes = {}
   local port, bare_port
   local owner
 
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
-
   local function sql(query, params)
-    local c = connect(dbname)
-    local rows = assert(c:query(query, params))
-    c:close()
-    return rows
+    return db:sql(query, params)
   end
 
+  -- Sends a request to the platform on on_port (default: the one with
+  -- Stripe configured).
   local function request(method, path, headers, body, on_port)
-    local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-      port = on_port or port, path = path, headers = headers, body = body,
-      timeout = 20 })
-    local res_headers = res:headers()
-    local text = res:read_body()
-    res:close()
-    local decoded = text ~= "" and json.decode(text) or nil
-    return res.status, decoded or text, res_headers
+    return platform.request_port(on_port or port, method, path, headers,
+      body)
   end
 
+  -- Starts a platform with the extra environment and returns its port.
   local function start_platform(extra)
-    local child_env = {}
-    for k, v in pairs(env) do
-      child_env[k] = v
-    end
-    for k, v in pairs(extra or {}) do
-      child_env[k] = v
-    end
-    local p = assert(core.proc.spawn{ file = BIN,
-      args = { "platform", "--access-log=false" }, env = child_env,
-      stdout = "null", stderr = "pipe" })
+    local p = platform.start(db, { env = extra })
     processes[#processes + 1] = p
-    local found
-    local ready = core.waiter()
-    core.spawn(function()
-      while true do
-        local line = p.stderr:readuntil("\n", 1024 * 1024)
-        if not line then
-          break
-        end
-        local n = line:match("msg=listening .*port=(%d+)")
-        if n and not found then
-          found = tonumber(n)
-          ready:wake()
-        end
-      end
-    end)
-    if not found then
-      ready:wait(20)
-    end
-    assert(found, "platform did not start")
-    return found
+    return p.port
   end
 
   local function webhook(payload, header, on_port)
@@ -162,19 +115,7 @@ describe("platform billing", function()
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0" })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
+      db = platform.database()
       stripe_server, stripe_seen = start_fake_stripe()
       port = start_platform({
         JUSTAVPS_PLATFORM_STRIPE_BASE_URL = "http://127.0.0.1:" .. stripe_server:port(),
@@ -186,28 +127,21 @@ describe("platform billing", function()
       })
       bare_port = start_platform()
 
-      local status, body, headers = request("POST", "/api/v1/auth/signup",
-        { ["Content-Type"] = "application/json" },
-        json.encode({ email = "payer@example.com", password = PASSWORD }))
-      assert.equal(201, status)
-      local token = headers["set-cookie"]:match("^__justavps_session=([^;]+)")
-      owner = { cookie = "__justavps_session=" .. token, csrf = body.csrf_token,
-        account_id = body.account.id }
+      owner = processes[1]:signup("payer@example.com")
     end, 90)
   end)
 
   teardown(function()
     helpers.run(function()
       for _, p in ipairs(processes) do
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
       if stripe_server then
         stripe_server:close()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if db then
+        db:drop()
+      end
     end, 60)
   end)
 

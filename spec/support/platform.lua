@@ -152,11 +152,11 @@ function Platform:stop()
 end
 
 
--- Sends one request. Returns the status, the body text and the response
--- headers.
-function Platform:raw(method, path, headers, body)
+-- Sends one request to 127.0.0.1:port. Returns the status, the body text
+-- and the response headers.
+function _M.raw_port(port, method, path, headers, body)
   local res = assert(core.http.request{ method = method, host = "127.0.0.1",
-    port = self.port, path = path, headers = headers, body = body,
+    port = port, path = path, headers = headers, body = body,
     timeout = 20 })
   local res_headers = res:headers()
   local text = res:read_body()
@@ -165,12 +165,24 @@ function Platform:raw(method, path, headers, body)
 end
 
 
--- Sends one request. Returns the status, the body decoded from JSON (the
--- raw text when it is not JSON or empty) and the response headers.
-function Platform:request(method, path, headers, body)
-  local status, text, res_headers = self:raw(method, path, headers, body)
+-- As raw_port, with the body decoded from JSON (the raw text when it is
+-- not JSON or empty).
+function _M.request_port(port, method, path, headers, body)
+  local status, text, res_headers = _M.raw_port(port, method, path, headers,
+    body)
   local decoded = text ~= "" and json.decode(text) or nil
   return status, decoded or text, res_headers
+end
+
+
+-- raw_port and request_port on this platform's port.
+function Platform:raw(method, path, headers, body)
+  return _M.raw_port(self.port, method, path, headers, body)
+end
+
+
+function Platform:request(method, path, headers, body)
+  return _M.request_port(self.port, method, path, headers, body)
 end
 
 
