@@ -6,13 +6,11 @@
 local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
-local spec_pg = require("support.pg")
+local platform = require("support.platform")
 local fake_hetzner = require("tools.fake_hetzner")
 
 local async = helpers.async
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
 local TOKEN = "catalog-spec-token"
 
 
@@ -39,49 +37,18 @@ end
 
 
 describe("platform catalog", function()
-  local settings = spec_pg.settings()
-  local dbname, env, fake
+  local db, fake
   local processes = {}
-
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
 
   -- Starts a platform with the catalog settings in extra; returns its port.
   local function start_platform(extra)
-    local child_env = {}
-    for k, v in pairs(env) do
-      child_env[k] = v
-    end
+    local env = { JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" }
     for k, v in pairs(extra) do
-      child_env[k] = v
+      env[k] = v
     end
-    local p = assert(core.proc.spawn({ file = BIN,
-      args = { "platform", "--access-log=false" }, env = child_env,
-      stdout = "null", stderr = "pipe" }))
+    local p = platform.start(db, { env = env })
     processes[#processes + 1] = p
-    local port
-    local ready = core.waiter()
-    core.spawn(function()
-      while true do
-        local line = p.stderr:readuntil("\n", 1024 * 1024)
-        if not line then
-          break
-        end
-        local n = line:match("msg=listening .*port=(%d+)")
-        if n and not port then
-          port = tonumber(n)
-          ready:wake()
-        end
-      end
-    end)
-    if not port then
-      ready:wait(20)
-    end
-    assert(port, "platform did not start")
-    return port
+    return p.port
   end
 
   -- Signs a new user up on port; returns the session Cookie header.
@@ -89,25 +56,14 @@ describe("platform catalog", function()
     local email = "catalog-" .. math.random(1, 1e9) .. "@example.test"
     local status, _, res = request(port, "POST", "/api/v1/auth/signup",
       { ["Content-Type"] = "application/json" },
-      json.encode({ email = email, password = "correct horse battery" }))
+      json.encode({ email = email, password = platform.PASSWORD }))
     assert.equal(201, status)
     return { Cookie = res:header("Set-Cookie"):match("^([^;]+)") }
   end
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-      env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0",
-        JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" })
-      local m = assert(core.proc.spawn({ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" }))
-      assert.equal(0, m:wait(60))
+      db = platform.database()
       fake = assert(fake_hetzner.start({ token = TOKEN }))
     end, 60)
   end)
@@ -115,13 +71,14 @@ describe("platform catalog", function()
   teardown(function()
     helpers.run(function()
       for _, p in ipairs(processes) do
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
-      fake:close()
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if fake then
+        fake:close()
+      end
+      if db then
+        db:drop()
+      end
     end, 30)
   end)
 

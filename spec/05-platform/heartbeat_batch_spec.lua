@@ -7,12 +7,9 @@ local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 local spec_pg = require("support.pg")
+local platform = require("support.platform")
 
 local async = helpers.async
-local crypto = core.crypto
-
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
 
 local TOKEN = "batch-token-0123456789abcdef0123456789ab"
 -- Machines batch-01 .. batch-MACHINES start at services_ready.
@@ -21,28 +18,9 @@ local MACHINES = 8
 local settings = spec_pg.settings()
 
 
-local function connect(dbname)
-  return assert(core.pg.connect({ host = settings.PGHOST,
-    port = settings.PGPORT, user = settings.PGUSER,
-    dbname = dbname or settings.PGDATABASE }, { timeout = 30 }))
-end
-
-
--- Signs a machine call from the wire contract: v1= + hex
--- HMAC-SHA256(token, "JUSTAVPS-MACHINE-V1\nMETHOD\ntarget\nts\nnonce\n"
--- .. hex(sha256(body))).
+-- Machine signatures from the wire contract.
 local function sign(token, path, body)
-  local ts = tostring(os.time())
-  local nonce = crypto.random_token(24)
-  local s = table.concat({ "JUSTAVPS-MACHINE-V1", "POST", path, ts, nonce,
-    crypto.hex_encode(crypto.sha256(body)) }, "\n")
-  return {
-    ["X-JustAVPS-Machine-Timestamp"] = ts,
-    ["X-JustAVPS-Machine-Nonce"] = nonce,
-    ["X-JustAVPS-Machine-Signature"] = "v1="
-      .. crypto.hex_encode(crypto.hmac_sha256(token, s)),
-    ["Content-Type"] = "application/json",
-  }
+  return platform.sign_machine(token, "POST", path, body)
 end
 
 
@@ -98,24 +76,12 @@ end
 
 
 describe("heartbeat group commit", function()
-  local dbname, p, port, relay
+  local database, p, relay
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
-      local db = connect(dbname)
+      database = platform.database()
+      local db = database:connect()
       local acct = assert(db:query("INSERT INTO accounts (name) VALUES ($1) "
         .. "RETURNING id", { "spec" }))[1].id
       local function add_machine(slug, stage)
@@ -136,48 +102,25 @@ describe("heartbeat group commit", function()
 
       -- PostgreSQL listens on 127.0.0.1 at the port of the socket.
       relay = start_relay(tonumber(settings.PGPORT))
-      env.PGHOST = "127.0.0.1"
-      env.PGPORT = tostring(relay.port)
-      env.JUSTAVPS_PLATFORM_LISTEN_PORT = "0"
-      env.JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false"
       -- A long collect time, so that a burst lands in few batches.
-      env.JUSTAVPS_PLATFORM_HEARTBEAT_BATCH_DELAY = "0.05"
-      p = assert(core.proc.spawn{ file = BIN,
-        args = { "platform", "--access-log=false" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
+      p = platform.start(database, { env = {
+        PGHOST = "127.0.0.1", PGPORT = tostring(relay.port),
+        JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false",
+        JUSTAVPS_PLATFORM_HEARTBEAT_BATCH_DELAY = "0.05" } })
     end, 90)
   end)
 
   teardown(function()
     helpers.run(function()
       if p then
-        p:kill("SIGTERM")
-        p:wait(10)
+        p:stop()
       end
       if relay then
         relay.cut()
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if database then
+        database:drop()
+      end
     end, 60)
   end)
 
@@ -186,13 +129,9 @@ describe("heartbeat group commit", function()
   local function heartbeat(slug, body_table, token)
     local path = "/api/v1/machines/" .. slug .. "/heartbeat"
     local body = json.encode(body_table)
-    local res = assert(core.http.request{ method = "POST",
-      host = "127.0.0.1", port = port, path = path,
-      headers = sign(token or TOKEN, path, body), body = body,
-      timeout = 20 })
-    local text = res:read_body()
-    res:close()
-    return res.status, text ~= "" and json.decode(text) or nil
+    local status, text = p:raw("POST", path, sign(token or TOKEN, path, body),
+      body)
+    return status, text ~= "" and json.decode(text) or nil
   end
 
   -- Sends every heartbeat of calls ({ slug, body, token }) at once and
@@ -223,7 +162,7 @@ describe("heartbeat group commit", function()
   end
 
   local function query(sql, params)
-    local db = connect(dbname)
+    local db = database:connect()
     local rows = assert(db:query(sql, params))
     db:close()
     return rows
@@ -264,7 +203,7 @@ describe("heartbeat group commit", function()
   end, 60))
 
   it("records a stage change inside a burst", async(function()
-    local listener = connect(dbname)
+    local listener = database:connect()
     assert(listener:listen("machine_events"))
 
     local calls = {}
