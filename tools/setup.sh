@@ -20,6 +20,8 @@ packages=(
   # The dev walkthrough and its end-to-end spec: jq reads stack.json, and
   # a Python WebSocket client opens the terminal.
   jq python3-websockets
+  # The Hetzner fake is checked against Hetzner's own CLI.
+  hcloud-cli
 )
 
 for arg in "$@"; do
