@@ -16,24 +16,8 @@ local apikey = require("justavps.auth.apikey")
 
 local async = helpers.async
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
-
-
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
-
-
-local settings = pg_settings()
-
-
-local function user_auth_wired()
-  if not package.searchpath("justavps.platform.auth_user", package.path) then
-    return false
-  end
-  local ok, app = pcall(require, "justavps.platform.app")
-  return ok and app.api.auth.user ~= nil
-end
+local platform = require("support.platform")
+local settings = require("support.pg").settings()
 
 
 -- Parses SSE text into frames { id =, data = } and a count of comments.
@@ -117,15 +101,9 @@ end
 
 
 describe("machine events", function()
-  local dbname, conninfo, account, user, machine_id
+  local database, conninfo, account, user, machine_id
   local routes = {}
   local writer
-
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
 
   -- Inserts an event from a connection of its own; returns its id.
   local function insert_event(stage, id_of_machine)
@@ -137,27 +115,15 @@ describe("machine events", function()
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_events_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
+      database = platform.database()
       conninfo = string.format("host=%s port=%s user=%s dbname=%s",
-        settings.PGHOST, settings.PGPORT, settings.PGUSER, dbname)
+        settings.PGHOST, settings.PGPORT, settings.PGUSER, database.name)
       state.set_config(assert(config.validate(platform_config.schema, {
         database = { url = conninfo },
         events = { ping_interval = 1 },
       })))
       db.setup(state.conf.database)
-      writer = connect(dbname)
+      writer = database:connect()
 
       account = assert(db.one("INSERT INTO accounts (name) VALUES ('ev') "
         .. "RETURNING id")).id
@@ -183,9 +149,7 @@ describe("machine events", function()
       events_hub.get():close()
       writer:close()
       db.close()
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      database:drop()
     end, 60)
   end)
 
@@ -322,42 +286,12 @@ describe("machine events", function()
   end, 20))
 
   describe("over HTTP", function()
-    if not user_auth_wired() then
-      pending("needs the user auth kind (justavps.platform.auth_user) "
-        .. "registered in justavps.platform.app")
-      return
-    end
-
     local procs, ports, key = {}, {}, nil
 
     local function start_platform()
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0" })
-      local p = assert(core.proc.spawn{ file = BIN, args = { "platform",
-        "--access-log=false", "--drain-timeout=1" }, env = env,
-        stdout = "null", stderr = "pipe" })
-      local ready = core.waiter()
-      local port
-      core.spawn(function()
-        while true do
-          local line = p.stderr:readuntil("\n", 1024 * 1024)
-          if not line then
-            break
-          end
-          local n = line:match("msg=listening .*port=(%d+)")
-          if n and not port then
-            port = tonumber(n)
-            ready:wake()
-          end
-        end
-      end)
-      if not port then
-        ready:wait(20)
-      end
-      assert(port, "platform did not start")
+      local p = platform.start(database, { args = { "--drain-timeout=1" } })
       procs[#procs + 1] = p
-      return port
+      return p.port
     end
 
     setup(function()
@@ -378,8 +312,7 @@ describe("machine events", function()
     teardown(function()
       helpers.run(function()
         for _, p in ipairs(procs) do
-          p:kill("SIGTERM")
-          p:wait(10)
+          p:stop()
         end
       end, 30)
     end)

@@ -18,8 +18,7 @@ local apikey = require("justavps.auth.apikey")
 local async = helpers.async
 local crypto = core.crypto
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
+local platform = require("support.platform")
 
 local SECRET = "spec-proxy-secret-0123456789abcdef0123456789"
 local SHARE_MAX_TTL = 7200
@@ -28,22 +27,7 @@ local M = machine_routes.handlers
 local A = access.handlers
 
 
-local spec_pg = require("support.pg")
-local pg_settings = spec_pg.settings
-
-
-local settings = pg_settings()
-
-
--- True when the app authenticates "user" routes; until then the HTTP
--- cases are pending.
-local function user_auth_wired()
-  if not package.searchpath("justavps.platform.auth_user", package.path) then
-    return false
-  end
-  local ok, app = pcall(require, "justavps.platform.app")
-  return ok and app.api.auth.user ~= nil
-end
+local settings = require("support.pg").settings()
 
 
 local function decode(status, headers, body)
@@ -55,14 +39,8 @@ end
 
 
 describe("machines API", function()
-  local dbname, conninfo
+  local database, conninfo
   local alice, bob
-
-  local function connect(name)
-    return assert(core.pg.connect({ host = settings.PGHOST,
-      port = settings.PGPORT, user = settings.PGUSER,
-      dbname = name or settings.PGDATABASE }, { timeout = 30 }))
-  end
 
   local function add_user(name)
     local acct = assert(db.one("INSERT INTO accounts (name) VALUES ($1) "
@@ -75,21 +53,9 @@ describe("machines API", function()
 
   setup(function()
     helpers.run(function()
-      dbname = string.format("justavps_machines_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      local env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
+      database = platform.database()
       conninfo = string.format("host=%s port=%s user=%s dbname=%s",
-        settings.PGHOST, settings.PGPORT, settings.PGUSER, dbname)
+        settings.PGHOST, settings.PGPORT, settings.PGUSER, database.name)
       state.set_config(assert(config.validate(platform_config.schema, {
         database = { url = conninfo },
         domain = "example.test",
@@ -104,9 +70,9 @@ describe("machines API", function()
   teardown(function()
     helpers.run(function()
       db.close()
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if database then
+        database:drop()
+      end
     end, 60)
   end)
 
@@ -474,14 +440,7 @@ describe("machines API", function()
   end)
 
   describe("over HTTP", function()
-    local wired = user_auth_wired()
     local p, port, key
-
-    if not wired then
-      pending("needs the user auth kind (justavps.platform.auth_user) "
-        .. "registered in justavps.platform.app")
-      return
-    end
 
     setup(function()
       helpers.run(function()
@@ -494,42 +453,20 @@ describe("machines API", function()
           .. "ARRAY['read', 'write', 'delete', 'exec'])", { alice.account_id,
           alice.id, key:sub(1, prefix_length), generated.hash }))
 
-        local env = helpers.child_env({ PGHOST = settings.PGHOST,
-          PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-          PGDATABASE = dbname, JUSTAVPS_PLATFORM_LISTEN_PORT = "0",
-          JUSTAVPS_PLATFORM_PROXY_JWT_SECRET = SECRET,
-          -- The API is under test here: a worker would start real local
-          -- daemons for every machine these specs create, and leave them.
-          JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" })
-        p = assert(core.proc.spawn{ file = BIN, args = { "platform",
-          "--access-log=false", "--drain-timeout=1" }, env = env,
-          stdout = "null", stderr = "pipe" })
-        local ready = core.waiter()
-        core.spawn(function()
-          while true do
-            local line = p.stderr:readuntil("\n", 1024 * 1024)
-            if not line then
-              break
-            end
-            local n = line:match("msg=listening .*port=(%d+)")
-            if n and not port then
-              port = tonumber(n)
-              ready:wake()
-            end
-          end
-        end)
-        if not port then
-          ready:wait(20)
-        end
-        assert(port, "platform did not start")
+        p = platform.start(database, { args = { "--drain-timeout=1" },
+          env = { JUSTAVPS_PLATFORM_PROXY_JWT_SECRET = SECRET,
+            -- The API is under test here: a worker would start real
+            -- local daemons for every machine these specs create, and
+            -- leave them.
+            JUSTAVPS_PLATFORM_PROVISION_ENABLED = "false" } })
+        port = p.port
       end, 60)
     end)
 
     teardown(function()
       helpers.run(function()
         if p then
-          p:kill("SIGTERM")
-          p:wait(10)
+          p:stop()
         end
       end, 30)
     end)
