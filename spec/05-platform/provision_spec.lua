@@ -8,23 +8,15 @@ local local_provider = require("providers.local")
 
 local async = helpers.async
 
-local BIN = os.getenv("JUSTAVPS_TEST_BIN")
-  or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
-
-
-local spec_pg = require("support.pg")
-local shell = spec_pg.shell
-local pg_settings = spec_pg.settings
-
-
-local settings = pg_settings()
+local platform = require("support.platform")
+local shell = require("support.pg").shell
 
 math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16))
 -- A random slice of the loopback pool and random ports, so that runs in
 -- other checkouts on this host rarely meet the same addresses.
 local LOCAL = {
   root_dir = nil,
-  binary = BIN,
+  binary = platform.BIN,
   address_first = math.random(20, 230),
   address_count = 20,
   public_port = math.random(20000, 29999),
@@ -32,13 +24,6 @@ local LOCAL = {
   stop_timeout = 5,
 }
 LOCAL.internal_port = LOCAL.public_port + 10000
-
-
-local function connect(dbname)
-  return assert(core.pg.connect({ host = settings.PGHOST,
-    port = settings.PGPORT, user = settings.PGUSER,
-    dbname = dbname or settings.PGDATABASE }, { timeout = 30 }))
-end
 
 
 local function wait_for(fn, what, seconds)
@@ -66,7 +51,7 @@ end
 
 
 describe("provisioning", function()
-  local dbname, env, account_id, root
+  local database, account_id, root
   local platforms = {}
   local config_count = 0
 
@@ -74,20 +59,8 @@ describe("provisioning", function()
     root = shell("mktemp -d /tmp/justavps-provision-spec.XXXXXX"):match("%S+")
     LOCAL.root_dir = root
     helpers.run(function()
-      dbname = string.format("justavps_spec_%d_%06d", os.time(),
-        math.random(0, 999999))
-      local c = connect()
-      assert(c:query('CREATE DATABASE "' .. dbname .. '"'))
-      c:close()
-
-      env = helpers.child_env({ PGHOST = settings.PGHOST,
-        PGPORT = settings.PGPORT, PGUSER = settings.PGUSER,
-        PGDATABASE = dbname })
-      local m = assert(core.proc.spawn{ file = BIN, args = { "migrate" },
-        env = env, stdout = "null", stderr = "null" })
-      assert.equal(0, m:wait(60))
-
-      local db = connect(dbname)
+      database = platform.database()
+      local db = database:connect()
       account_id = assert(db:query("INSERT INTO accounts (name) VALUES ($1) "
         .. "RETURNING id", { "provision-spec" }))[1].id
       db:close()
@@ -107,9 +80,9 @@ describe("provisioning", function()
       for _, slug in ipairs(driver:list_machines()) do
         driver:delete_server(slug)
       end
-      local c = connect()
-      c:query('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
-      c:close()
+      if database then
+        database:drop()
+      end
     end, 90)
     shell("rm -rf " .. root)
   end)
@@ -141,29 +114,7 @@ describe("provisioning", function()
       provision = provision }))
     f:close()
 
-    local p = { lines = {} }
-    p.proc = assert(core.proc.spawn{ file = BIN,
-      args = { "platform", "--config", path, "--access-log=false" },
-      env = env, stdout = "null", stderr = "pipe" })
-    local ready = core.waiter()
-    core.spawn(function()
-      while true do
-        local line = p.proc.stderr:readuntil("\n", 1024 * 1024)
-        if not line then
-          break
-        end
-        p.lines[#p.lines + 1] = line
-        local n = line:match("msg=listening .*port=(%d+)")
-        if n and not p.port then
-          p.port = tonumber(n)
-          ready:wake()
-        end
-      end
-    end)
-    if not p.port then
-      ready:wait(20)
-    end
-    assert(p.port, "platform did not start:\n" .. table.concat(p.lines, "\n"))
+    local p = platform.start(database, { args = { "--config", path } })
     platforms[#platforms + 1] = p
     return p
   end
@@ -176,7 +127,7 @@ describe("provisioning", function()
   -- Inserts a local machine with its first event and provision job, as
   -- POST /api/v1/machines does. Returns the machine id.
   local function insert_machine(slug)
-    local db = connect(dbname)
+    local db = database:connect()
     local id = assert(db:query("INSERT INTO machines (slug, account_id, "
       .. "name, provider, region, server_type, token) VALUES ($1, $2, $3, "
       .. "'local', 'local', 'local', $4) RETURNING id", { slug, account_id,
@@ -192,7 +143,7 @@ describe("provisioning", function()
   -- Moves a machine to deleting and queues its delete job, as
   -- DELETE /api/v1/machines/{slug} does.
   local function request_delete(id)
-    local db = connect(dbname)
+    local db = database:connect()
     assert(db:query("UPDATE machines SET stage = 'deleting' WHERE id = $1",
       { id }))
     assert(db:query("INSERT INTO machine_events (machine_id, stage) "
@@ -203,7 +154,7 @@ describe("provisioning", function()
   end
 
   local function machine_row(id)
-    local db = connect(dbname)
+    local db = database:connect()
     local row = assert(db:query("SELECT stage::text AS stage, "
       .. "provider_server_id, host(ip) AS ip, last_seen_at IS NOT NULL "
       .. "AS seen FROM machines WHERE id = $1", { id }))[1]
@@ -212,7 +163,7 @@ describe("provisioning", function()
   end
 
   local function job_row(id, kind)
-    local db = connect(dbname)
+    local db = database:connect()
     local row = assert(db:query("SELECT state, attempts, last_error "
       .. "FROM jobs WHERE machine_id = $1 AND kind = $2", { id, kind }))[1]
     db:close()
@@ -226,7 +177,7 @@ describe("provisioning", function()
       return machine_row(id).stage == stage
     end, "stage " .. stage, seconds)
     if not ok then
-      local db = connect(dbname)
+      local db = database:connect()
       local jobs = assert(db:query("SELECT kind, state, attempts, "
         .. "last_error FROM jobs WHERE machine_id = $1", { id }))
       db:close()
@@ -242,7 +193,7 @@ describe("provisioning", function()
   end
 
   local function event_details(id, stage)
-    local db = connect(dbname)
+    local db = database:connect()
     local rows = assert(db:query("SELECT detail::text AS detail FROM "
       .. "machine_events WHERE machine_id = $1 AND stage = $2 ORDER BY id",
       { id, stage }))
@@ -387,7 +338,7 @@ describe("provisioning", function()
 
   it("fails a machine the provider rejects", async(function()
     local p = start_platform()
-    local db = connect(dbname)
+    local db = database:connect()
     local id = assert(db:query("INSERT INTO machines (slug, account_id, "
       .. "name, provider, region, server_type, token) VALUES ($1, $2, $3, "
       .. "'local', 'mars', 'local', $4) RETURNING id", { "prov-mars",

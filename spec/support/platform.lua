@@ -96,9 +96,9 @@ Platform.__index = Platform
 
 
 -- Starts `justavps platform --access-log=false` on db with a free port.
--- opts.env: more environment entries; opts.args: more arguments;
--- opts.lines: called with each line the platform logs. Waits up to 20 s
--- for its "listening" line and returns the platform (port, proc).
+-- opts.env: more environment entries; opts.args: more arguments. Waits up
+-- to 20 s for its "listening" line and returns the platform: port, proc
+-- and lines, every line it has logged so far.
 function _M.start(db, opts)
   opts = opts or {}
   local env = db:env(opts.env)
@@ -111,7 +111,7 @@ function _M.start(db, opts)
 
   local proc = assert(core.proc.spawn{ file = _M.BIN, args = args,
     env = env, stdout = "null", stderr = "pipe" })
-  local self = setmetatable({ proc = proc, db = db }, Platform)
+  local self = setmetatable({ proc = proc, db = db, lines = {} }, Platform)
   local ready = core.waiter()
   core.spawn(function()
     while true do
@@ -119,9 +119,7 @@ function _M.start(db, opts)
       if not line then
         break
       end
-      if opts.lines then
-        opts.lines(line)
-      end
+      self.lines[#self.lines + 1] = line
       local n = line:match("msg=listening .*port=(%d+)")
       if n and not self.port then
         self.port = tonumber(n)
@@ -136,7 +134,8 @@ function _M.start(db, opts)
   if not self.port then
     proc:kill("SIGKILL")
     proc:wait(5)
-    error("the platform did not start", 2)
+    error("the platform did not start; its log:\n"
+      .. table.concat(self.lines, "\n"), 2)
   end
   return self
 end
