@@ -2536,6 +2536,51 @@ add_set_headers(lua_State *L, jv_http_conn_t *c, int set_index,
 }
 
 
+/* Checks the extra_headers string of forward_head: complete lines of the
+ * form "Name: value\r\n" with a valid name and no CR, LF or NUL in the
+ * value. Raises on a malformed line or on a name that the framing rules
+ * of forward_head own (Host, Content-Length and the hop-by-hop names). */
+static void
+check_header_lines(lua_State *L, const char *s, size_t len)
+{
+  size_t pos = 0;
+
+  while (pos < len) {
+    const char *line = s + pos;
+    const char *colon = memchr(line, ':', len - pos);
+    const char *end;
+    size_t nlen, j;
+
+    if (colon == NULL || !header_name_ok(line, (size_t) (colon - line))) {
+      luaL_error(L, "extra_headers: invalid header name at byte %d",
+                 (int) pos + 1);
+    }
+    nlen = (size_t) (colon - line);
+
+    if (name_is(line, nlen, "host") || name_is(line, nlen, "content-length")) {
+      luaL_error(L, "extra_headers: %s cannot be given here; use "
+                    "set_headers", nlen == 4 ? "Host" : "Content-Length");
+    }
+    for (j = 0; j < sizeof(hop_by_hop) / sizeof(hop_by_hop[0]); j++) {
+      if (nlen == hop_by_hop[j].len &&
+          strncasecmp(line, hop_by_hop[j].name, nlen) == 0) {
+        luaL_error(L, "extra_headers: hop-by-hop header %s cannot be given",
+                   hop_by_hop[j].name);
+      }
+    }
+
+    end = memchr(colon, '\n', len - (size_t) (colon - s));
+    if (end == NULL || end[-1] != '\r' ||
+        !jv__http_value_ok(colon + 1, (size_t) (end - 1 - (colon + 1)))) {
+      luaL_error(L, "extra_headers: the line at byte %d must end with CRLF "
+                    "and carry no CR, LF or NUL in its value", (int) pos + 1);
+    }
+
+    pos = (size_t) (end + 1 - s);
+  }
+}
+
+
 /* Appends "Host: " with host, bracketed when it is an IPv6 literal, and
  * the port unless it is 80. */
 static void
@@ -2565,7 +2610,8 @@ add_default_host(lua_State *L, jv_http_conn_t *c, const char *host, size_t hlen,
 
 
 /*
- * req:forward_head(host, port [, target [, set_headers [, drop_headers]]]):
+ * req:forward_head(host, port [, target [, set_headers [, drop_headers
+ *                  [, extra_headers]]]]):
  * builds the HTTP/1.1 head that forwards this request to host:port, from
  * the request's own head without Lua tables. It keeps the method, uses
  * target (default req.target) and copies the header fields as received,
@@ -2573,6 +2619,8 @@ add_default_host(lua_State *L, jv_http_conn_t *c, const char *host, size_t hlen,
  * (a set of names, or a list from core.http.header_names) and those that
  * set_headers names. Then it adds
  * set_headers (name = value, an array of values, or false for none),
+ * extra_headers (a string of complete "Name: value\r\n" lines, checked and
+ * copied as they are; the caller drops received fields of those names),
  * Host (host:port) when no header gives one, and the body framing.
  * Names compare in any case, and copied fields keep their order and the
  * case of their names. Returns the head, the body mode ("none", "length"
@@ -2688,6 +2736,14 @@ l_req_forward_head(lua_State *L)
   if (set_index != 0) {
     add_set_headers(L, c, set_index, mode[0] == 'l', &has_host, &has_length,
                     &request_close);
+  }
+
+  if (!lua_isnoneornil(L, 7)) {
+    size_t xlen;
+    const char *extra = luaL_checklstring(L, 7, &xlen);
+
+    check_header_lines(L, extra, xlen);
+    out_add(L, c, extra, xlen);
   }
 
   if (!has_host) {

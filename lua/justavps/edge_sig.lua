@@ -196,7 +196,7 @@ local function next_nonce()
   if nonce_pos + NONCE_LENGTH - 1 > #nonce_pool then
     local pool, err = crypto.random_token(NONCE_LENGTH * NONCE_BATCH)
     if not pool then
-      error("edge_sig.sign: no random nonce: " .. tostring(err), 3)
+      error("edge_sig.sign: no random nonce: " .. tostring(err), 4)
     end
     nonce_pool = pool
     nonce_pos = 1
@@ -204,6 +204,25 @@ local function next_nonce()
   local nonce = ssub(nonce_pool, nonce_pos, nonce_pos + NONCE_LENGTH - 1)
   nonce_pos = nonce_pos + NONCE_LENGTH
   return nonce
+end
+
+
+-- Signs fields under secret. Returns the timestamp, the nonce and the
+-- target port as strings, and the raw MAC.
+local function sign_fields(secret, fields)
+  local timestamp = tostring(fields.timestamp or floor(core.time()))
+  local nonce = fields.nonce or next_nonce()
+  local port = tostring(fields.target_port)
+  local text = _M.PREFIX .. "\n" .. fields.method .. "\n"
+    .. slower(fields.host) .. "\n" .. fields.target .. "\n"
+    .. fields.target_ip .. "\n" .. port .. "\n" .. fields.slug .. "\n"
+    .. fields.client_ip .. "\n" .. timestamp .. "\n" .. nonce .. "\n"
+    .. fields.broker_id
+  local mac = _M.hmac_sha256(secret, text)
+  if not mac then
+    error("edge_sig: HMAC-SHA256 failed", 3)
+  end
+  return timestamp, nonce, port, mac
 end
 
 
@@ -215,19 +234,7 @@ function _M.sign(secret, fields)
   if type(secret) ~= "string" or secret == "" then
     error("edge_sig.sign: secret must be a non-empty string", 2)
   end
-  local timestamp = tostring(fields.timestamp or floor(core.time()))
-  local nonce = fields.nonce or next_nonce()
-  local port = tostring(fields.target_port)
-  local text = _M.PREFIX .. "\n" .. fields.method .. "\n"
-    .. slower(fields.host) .. "\n" .. fields.target .. "\n"
-    .. fields.target_ip .. "\n" .. port .. "\n" .. fields.slug .. "\n"
-    .. fields.client_ip .. "\n" .. timestamp .. "\n" .. nonce .. "\n"
-    .. fields.broker_id
-  local mac = _M.hmac_sha256(secret, text)
-  if not mac then
-    error("edge_sig: HMAC-SHA256 failed", 2)
-  end
-
+  local timestamp, nonce, port, mac = sign_fields(secret, fields)
   return {
     ["X-JustAVPS-Target-IP"] = fields.target_ip,
     ["X-JustAVPS-Target-Port"] = port,
@@ -238,6 +245,26 @@ function _M.sign(secret, fields)
     ["X-JustAVPS-Broker"] = fields.broker_id,
     ["X-JustAVPS-Signature"] = "v1=" .. crypto.hex_encode(mac),
   }
+end
+
+
+-- Signs like sign, and returns the eight headers in signing order as one
+-- string of "Name: value\r\n" lines, the extra_headers of
+-- req:forward_head. One string costs less to build and to copy into the
+-- forwarded head than a table of eight entries.
+function _M.sign_lines(secret, fields)
+  if type(secret) ~= "string" or secret == "" then
+    error("edge_sig.sign_lines: secret must be a non-empty string", 2)
+  end
+  local timestamp, nonce, port, mac = sign_fields(secret, fields)
+  return "X-JustAVPS-Target-IP: " .. fields.target_ip
+    .. "\r\nX-JustAVPS-Target-Port: " .. port
+    .. "\r\nX-JustAVPS-Slug: " .. fields.slug
+    .. "\r\nX-JustAVPS-Client-IP: " .. fields.client_ip
+    .. "\r\nX-JustAVPS-Timestamp: " .. timestamp
+    .. "\r\nX-JustAVPS-Nonce: " .. nonce
+    .. "\r\nX-JustAVPS-Broker: " .. fields.broker_id
+    .. "\r\nX-JustAVPS-Signature: v1=" .. crypto.hex_encode(mac) .. "\r\n"
 end
 
 

@@ -280,6 +280,10 @@ local function exchange(sock, host, port, head, mode, length, body_reader,
 end
 
 
+-- One "Name: value\r\n" line of extra_headers.
+local HEADER_LINE = "([^:\r\n]+): ?([^\r\n]*)\r\n"
+
+
 -- Forwards a WebSocket upgrade request through Lua header tables and
 -- core.http.request, and turns a 101 answer into a byte pipe.
 local function forward_upgrade(req, opts)
@@ -292,6 +296,11 @@ local function forward_upgrade(req, opts)
       headers[lname] = nil
     else
       headers[lname] = value
+    end
+  end
+  if opts.extra_headers then
+    for name, value in sgmatch(opts.extra_headers, HEADER_LINE) do
+      headers[slower(name)] = value
     end
   end
   headers["connection"] = "Upgrade"
@@ -364,6 +373,9 @@ end
 --                    false to remove)
 --   drop_headers     set of lower-case request header names to drop, or
 --                    a list from core.http.header_names
+--   extra_headers    string of complete "Name: value\r\n" lines to add
+--                    as they are (no Host, Content-Length or hop-by-hop
+--                    names); drop_headers must name them
 --   timeout          seconds for connect and for each read or write
 --   on_unreachable   function(code, err) returning status, headers, body,
 --                    to answer a failed connect in the caller's words
@@ -389,7 +401,7 @@ function _M.forward(req, opts)
   -- The head is built and the response head relayed in C, straight from
   -- the parsed heads, so that this common path makes no header tables.
   local head, mode, length, request_close = req:forward_head(host, port,
-    opts.target, opts.set_headers, opts.drop_headers)
+    opts.target, opts.set_headers, opts.drop_headers, opts.extra_headers)
 
   local body_reader
   local body_started = false

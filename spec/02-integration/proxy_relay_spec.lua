@@ -370,3 +370,63 @@ describe("req:header_values and forward_head with a name list", function()
     assert.falsy(head:lower():find("x-drop", 1, true))
   end))
 end)
+
+
+describe("req:forward_head extra_headers", function()
+  -- Returns what pcall of forward_head with extra returned, as a table.
+  local function forward_extra(extra)
+    local results
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        results = { pcall(req.forward_head, req, "127.0.0.1", 8080, nil,
+          nil, core.http.header_names({ "x-a" }), extra) }
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write("POST / HTTP/1.1\r\nHost: app\r\nX-A: old\r\n"
+      .. "Content-Length: 2\r\n\r\nhi"))
+    assert(raw.read_response(sock))
+    sock:close()
+    srv:close()
+    return results
+  end
+
+  it("adds the lines before the framing", async(function()
+    local got = forward_extra("X-A: new\r\nX-B: two words\r\nX-C:\r\n")
+    assert.is_true(got[1])
+    assert.equal("POST / HTTP/1.1\r\nHost: app\r\nX-A: new\r\n"
+      .. "X-B: two words\r\nX-C:\r\nContent-Length: 2\r\n\r\n", got[2])
+  end))
+
+  it("accepts an empty string", async(function()
+    local got = forward_extra("")
+    assert.is_true(got[1])
+    assert.equal("POST / HTTP/1.1\r\nHost: app\r\n"
+      .. "Content-Length: 2\r\n\r\n", got[2])
+  end))
+
+  local BAD = {
+    { "a line without CRLF", "X-A: new" },
+    { "a bare LF", "X-A: new\n" },
+    { "a CR in a value", "X-A: n\rew\r\n" },
+    { "a NUL in a value", "X-A: n\0ew\r\n" },
+    { "a line without a colon", "X-A new\r\n" },
+    { "an empty name", ": new\r\n" },
+    { "a space in a name", "X A: new\r\n" },
+    { "a Host line", "Host: other\r\n" },
+    { "a Content-Length line", "content-length: 5\r\n" },
+    { "a hop-by-hop line", "Transfer-Encoding: chunked\r\n" },
+    { "a Connection line", "Connection: close\r\n" },
+    { "a bad second line", "X-A: new\r\nX-B\r\n" },
+  }
+  for _, case in ipairs(BAD) do
+    it("rejects " .. case[1], async(function()
+      local got = forward_extra(case[2])
+      assert.is_false(got[1])
+      assert.truthy(tostring(got[2]):find("extra_headers", 1, true))
+    end))
+  end
+end)

@@ -60,6 +60,22 @@ describe("edge_sig", function()
       headers["X-JustAVPS-Signature"])
   end)
 
+  it("returns the same headers as lines", function()
+    local headers = edge_sig.sign(SECRET, FIELDS)
+    local lines = edge_sig.sign_lines(SECRET, FIELDS)
+    local expected = {}
+    for _, h in ipairs(edge_sig.HEADERS) do
+      expected[#expected + 1] = h.name .. ": " .. headers[h.name] .. "\r\n"
+    end
+    assert.equal(table.concat(expected), lines)
+  end)
+
+  it("rejects an empty secret in sign_lines", function()
+    assert.has_error(function()
+      edge_sig.sign_lines("", FIELDS)
+    end, "edge_sig.sign_lines: secret must be a non-empty string")
+  end)
+
   it("fills a fresh nonce and the current time", function()
     local f = {}
     for k, v in pairs(FIELDS) do

@@ -37,11 +37,13 @@ local error_response = proxy.error_response
 -- Headers never forwarded to a machine: the eight signature headers, and
 -- the client's own Forwarded and X-Forwarded-Prefix, which would tell the
 -- app a client address or path prefix no proxy vouched for. The proxy
--- drops hop-by-hop headers and those named in Connection itself, and
--- set_headers below replaces X-Real-IP and the other X-Forwarded-*.
+-- drops hop-by-hop headers and those named in Connection itself. The
+-- received X-Real-IP, X-Forwarded-For, X-Forwarded-Proto and
+-- X-Forwarded-Host are dropped too, and handle adds the broker's own.
 local DROP
 do
-  local names = { "forwarded", "x-forwarded-prefix" }
+  local names = { "forwarded", "x-forwarded-prefix", "x-real-ip",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host" }
   for name in pairs(edge_sig.HEADER_SET) do
     names[#names + 1] = name
   end
@@ -177,12 +179,10 @@ function _M.handle(req)
   return proxy.forward(req, {
     host = fields.target_ip,
     port = port,
-    set_headers = {
-      ["X-Real-IP"] = fields.client_ip,
-      ["X-Forwarded-For"] = fields.client_ip,
-      ["X-Forwarded-Proto"] = conf.forwarded_proto,
-      ["X-Forwarded-Host"] = fields.host,
-    },
+    extra_headers = "X-Real-IP: " .. fields.client_ip
+      .. "\r\nX-Forwarded-For: " .. fields.client_ip
+      .. "\r\nX-Forwarded-Proto: " .. conf.forwarded_proto
+      .. "\r\nX-Forwarded-Host: " .. fields.host .. "\r\n",
     drop_headers = DROP,
     -- NOTE: proxy.forward takes one timeout for the connect and for each
     -- read and write, so the largest of the three settings applies to

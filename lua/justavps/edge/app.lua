@@ -223,22 +223,23 @@ local function forward(req, ctx)
   local conf = state.conf
   local client_ip = req:peer()
   local drop = dropped_headers(req, ctx)
-  local cookie = access.filter_cookies(ctx.cookie_lines)
+  local set = {
+    ["Host"] = ctx.host.host,
+    ["Cookie"] = access.filter_cookies(ctx.cookie_lines),
+  }
+  local fields = {
+    method = req.method,
+    host = ctx.host.host,
+    target = ctx.target,
+    target_ip = ctx.machine.ip,
+    target_port = conf.machine_port,
+    slug = ctx.machine.slug,
+    client_ip = client_ip,
+    broker_id = nil,
+  }
 
   for _, broker in ipairs(brokers.order()) do
-    local set = edge_sig.sign(broker.secret, {
-      method = req.method,
-      host = ctx.host.host,
-      target = ctx.target,
-      target_ip = ctx.machine.ip,
-      target_port = conf.machine_port,
-      slug = ctx.machine.slug,
-      client_ip = client_ip,
-      broker_id = broker.id,
-    })
-    set["Host"] = ctx.host.host
-    set["Cookie"] = cookie or false
-
+    fields.broker_id = broker.id
     local status, headers, body = proxy.forward(req, {
       host = broker.host,
       port = broker.port,
@@ -247,6 +248,8 @@ local function forward(req, ctx)
       target = ctx.target,
       set_headers = set,
       drop_headers = drop,
+      -- The signature headers are in every drop set.
+      extra_headers = edge_sig.sign_lines(broker.secret, fields),
       timeout = conf.broker_timeout,
       on_unreachable = function(code)
         if code == "ECONNREFUSED" then
