@@ -503,13 +503,15 @@ describe("edge", function()
       assert.equal("missing_scope", body.error.code)
     end))
 
-    -- Sends GET target with the Authorization value (nil for none) on the
-    -- kept-alive sock. Returns the status and the decoded JSON body.
-    local function keepalive_get(sock, target, authorization)
+    -- Sends GET target with the Authorization value (nil for none) and
+    -- the header lines extra (nil for none) on the kept-alive sock.
+    -- Returns the status and the decoded JSON body.
+    local function keepalive_get(sock, target, authorization, extra)
       local head = "GET " .. target .. " HTTP/1.1\r\nHost: " .. HOST .. "\r\n"
       if authorization then
         head = head .. "Authorization: " .. authorization .. "\r\n"
       end
+      head = head .. (extra or "")
       assert(sock:write(head .. "\r\n"))
       local response = assert(sock:readuntil("\r\n\r\n"))
       local status = tonumber(response:match("^HTTP/1%.1 (%d+) "))
@@ -548,6 +550,36 @@ describe("edge", function()
       assert.equal(200, status)
       sock:close()
     end))
+
+    it("counts in the first of two Authorization headers", async(function()
+      local sock = assert(core.tcp.connect("127.0.0.1", edge_port))
+      sock:settimeout(15)
+      local status, body = keepalive_get(sock, "/k", bearer(keys.proxy),
+        "Authorization: Basic dXNlcjpwYXNz\r\n")
+      assert.equal(200, status)
+      assert.is_nil(body.headers["authorization"])
+
+      status, body = keepalive_get(sock, "/k", "Basic dXNlcjpwYXNz",
+        "Authorization: " .. bearer(keys.proxy) .. "\r\n")
+      assert.equal(401, status)
+      assert.equal("unauthorized", body.error.code)
+      sock:close()
+    end))
+
+    it("is not needed with the cookie in a second Cookie header",
+      async(function()
+        local sock = assert(core.tcp.connect("127.0.0.1", edge_port))
+        sock:settimeout(15)
+        local status, body = keepalive_get(sock, "/k", nil,
+          "Cookie: a=1\r\nCookie: " .. cookie(owner_token()) .. "\r\n")
+        assert.equal(200, status)
+        assert.equal("a=1", body.headers["cookie"])
+
+        status, body = keepalive_get(sock, "/k", nil, "Cookie: a=1\r\n")
+        assert.equal(401, status)
+        assert.equal("unauthorized", body.error.code)
+        sock:close()
+      end))
 
     it("stops working once revoked", async(function()
       local k = assert(apikey.generate())

@@ -64,4 +64,42 @@ describe("edge hosts", function()
   it("rejects nil", function()
     assert.is_nil(hosts.parse(nil, DOMAIN))
   end)
+  describe("lookup", function()
+    local VALUES = {
+      "pale-fox.example.test",
+      "8080-pale-fox.example.test",
+      "Pale-Fox.Example.TEST:8443",
+      "pale-fox.other.test",
+      "[::1]:8080",
+      "",
+    }
+
+    it("returns what parse returns", function()
+      for _, value in ipairs(VALUES) do
+        for _ = 1, 2 do
+          assert.same(hosts.parse(value, DOMAIN), hosts.lookup(value, DOMAIN),
+            value)
+        end
+      end
+      assert.is_nil(hosts.lookup(nil, DOMAIN))
+    end)
+
+    it("parses again for another domain", function()
+      local h = hosts.lookup("pale-fox.example.test", DOMAIN)
+      assert.equal("pale-fox", h.slug)
+      assert.is_nil(hosts.lookup("pale-fox.example.test", "other.test"))
+      local other = hosts.lookup("pale-fox.other.test", "other.test")
+      assert.equal("pale-fox", other.slug)
+      assert.equal("pale-fox.example.test",
+        hosts.lookup("pale-fox.example.test", DOMAIN).host)
+    end)
+
+    it("stays correct past its bound", function()
+      for i = 1, 3000 do
+        local value = "m" .. i .. "-fox.example.test"
+        assert.equal("m" .. i .. "-fox", hosts.lookup(value, DOMAIN).slug)
+      end
+      assert.equal("m1-fox", hosts.lookup("m1-fox.example.test", DOMAIN).slug)
+    end)
+  end)
 end)

@@ -241,11 +241,43 @@ local function backend_failure(what, err, req)
 end
 
 
+-- Returns true when a line of the Cookie header values contains name,
+-- which every line that carries the cookie does.
+local function mentions(lines, name)
+  for i = 1, #lines do
+    if sfind(lines[i], name, 1, true) then
+      return true
+    end
+  end
+  return false
+end
+
+
+-- Adds verified token claims to input as the owner's cookie or a share,
+-- keeping what an earlier call added.
+local function add_claims(input, claims)
+  if not claims then
+    return
+  end
+  if claims.scope == proxy_token.OWNER_SCOPE then
+    input.cookie = input.cookie or claims
+  else
+    input.share = input.share or claims
+  end
+end
+
+
 -- Reads the tokens of the cookie and of the query into input.
 local function gather_tokens(req, ctx, input)
   local slug = ctx.machine.slug
-  local cookie, _, ccode = session.get_cookie(ctx.cookie_lines
-    or cookie_lines(req), _M.PROXY_COOKIE)
+  local lines = ctx.cookie_lines or cookie_lines(req)
+  -- get_cookie would report a cookie that no line mentions as missing,
+  -- at the cost of parsing every line and building the message.
+  local cookie, ccode
+  if mentions(lines, _M.PROXY_COOKIE) then
+    local _
+    cookie, _, ccode = session.get_cookie(lines, _M.PROXY_COOKIE)
+  end
   local from_cookie, cookie_error
   if cookie then
     from_cookie, cookie_error = verify_token(cookie, slug)
@@ -263,15 +295,8 @@ local function gather_tokens(req, ctx, input)
     return false
   end
 
-  for _, claims in ipairs({ from_query or false, from_cookie or false }) do
-    if claims then
-      if claims.scope == proxy_token.OWNER_SCOPE then
-        input.cookie = input.cookie or claims
-      else
-        input.share = input.share or claims
-      end
-    end
-  end
+  add_claims(input, from_query)
+  add_claims(input, from_cookie)
   if not input.cookie and not input.share then
     input.token_error = query_error or cookie_error
   end
@@ -349,7 +374,8 @@ end
 -- Builds the policy input for one request and asks the policy. ctx:
 -- host (from hosts.parse), machine (from lookup), target (what the
 -- daemon receives), creds (from split_query), scheme, is_websocket,
--- api_key_hash (api_key_hash of the Authorization value).
+-- origin (the Origin header or nil), cookie_lines (the Cookie header
+-- values) and api_key_hash (api_key_hash of the Authorization value).
 -- Returns the decision, or nil, status, code, message when a database
 -- check failed. Sets ctx.query_claims and ctx.cookie_claims.
 function _M.evaluate(req, ctx)
@@ -360,7 +386,7 @@ function _M.evaluate(req, ctx)
     port = ctx.host.port,
     host = ctx.host.host,
     scheme = ctx.scheme,
-    origin = req:header("origin"),
+    origin = ctx.origin,
     is_websocket = ctx.is_websocket,
   }
   input.class = policy.classify(input.target, input.method, input.host_kind)

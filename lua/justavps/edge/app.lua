@@ -65,20 +65,22 @@ local function html_escape(s)
 end
 
 
-local function is_websocket(req)
-  local upgrade = req:header("upgrade")
+-- Returns true for a WebSocket handshake. upgrade is the first Upgrade
+-- header value, or nil.
+local function is_websocket(req, upgrade)
   return upgrade ~= nil and slower(upgrade) == "websocket"
     and req:is_upgrade()
 end
 
 
 -- True for a browser navigation: not a WebSocket handshake, and an
--- Accept header that lists text/html before any application/json.
-local function is_browser(req, websocket)
+-- Accept header (the first value, or nil) that lists text/html before
+-- any application/json.
+local function is_browser(accept, websocket)
   if websocket then
     return false
   end
-  local accept = slower(req:header("accept") or "")
+  accept = slower(accept or "")
   local html = sfind(accept, "text/html", 1, true)
   if not html then
     return false
@@ -302,23 +304,32 @@ local function machine_error(req, ctx, row)
 end
 
 
-local function host_header(req)
-  local count, value = req:header_count("host")
-  return value, count
+-- The request headers handle reads, in one req:header_values call.
+local REQUEST_HEADERS = core.http.header_names({ "host", "upgrade",
+  "accept", "authorization", "cookie", "origin" })
+
+
+-- Returns the first value of the header name whose req:header_values
+-- result is value, where false means a header sent more than once.
+local function first_value(req, name, value)
+  if value == false then
+    return req:header(name)
+  end
+  return value
 end
 
 
--- Returns the Cookie header values of req as a list. NO_COOKIES is shared
--- by every request without one, so nothing may change the list.
+-- Returns the Cookie header values as a list, from cookie as
+-- req:header_values returns it. NO_COOKIES is shared by every request
+-- without one, so nothing may change the list.
 local NO_COOKIES = {}
 
-local function cookie_lines(req)
-  local count, value = req:header_count("cookie")
-  if count == 0 then
+local function cookie_lines(req, cookie)
+  if cookie == nil then
     return NO_COOKIES
   end
-  if count == 1 then
-    return { value }
+  if cookie then
+    return { cookie }
   end
   return req:headers()["cookie"]
 end
@@ -326,19 +337,21 @@ end
 
 function _M.handle(req)
   local conf = state.conf
-  local websocket = is_websocket(req)
+  local host, upgrade, accept, authorization, cookie, origin =
+    req:header_values(REQUEST_HEADERS)
+  upgrade = first_value(req, "upgrade", upgrade)
+  local websocket = is_websocket(req, upgrade)
   local ctx = {
-    browser = is_browser(req, websocket),
+    browser = is_browser(first_value(req, "accept", accept), websocket),
     is_websocket = websocket,
     scheme = conf.insecure_plain_http and "http" or "https",
   }
 
-  local value, count = host_header(req)
-  if count > 1 then
+  if host == false then
     return fail(req, ctx, 400, "invalid_host",
       "the request has more than one Host header")
   end
-  ctx.host = hosts.parse(value, conf.domain)
+  ctx.host = hosts.lookup(host, conf.domain)
   if not ctx.host then
     return fail(req, ctx, 404, "unknown_host",
       "this host is not served here; expected SLUG." .. conf.domain
@@ -374,8 +387,10 @@ function _M.handle(req)
   else
     ctx.target = ctx.public_target
   end
-  ctx.cookie_lines = cookie_lines(req)
-  ctx.api_key_hash = access.api_key_hash(req:header("authorization"))
+  ctx.cookie_lines = cookie_lines(req, cookie)
+  ctx.origin = first_value(req, "origin", origin)
+  ctx.api_key_hash = access.api_key_hash(first_value(req, "authorization",
+    authorization))
 
   local decision, status, dcode, message = access.evaluate(req, ctx)
   if not decision then

@@ -8,6 +8,7 @@ local state = require("justavps.edge.state")
 
 local ipairs = ipairs
 local pcall = pcall
+local setmetatable = setmetatable
 local sort = table.sort
 
 local _M = {}
@@ -18,15 +19,51 @@ local function is_up(broker, now)
 end
 
 
+-- Round robin orders of the broker list, all brokers up: rotations[i]
+-- starts at broker i. Built on first use for each list.
+local rotations_of = setmetatable({}, { __mode = "k" })
+
+
+local function rotation(list, start)
+  local rotations = rotations_of[list]
+  if rotations == nil then
+    rotations = {}
+    rotations_of[list] = rotations
+  end
+  local order = rotations[start]
+  if order == nil then
+    local n = #list
+    order = {}
+    for i = 0, n - 1 do
+      order[i + 1] = list[(start - 1 + i) % n + 1]
+    end
+    rotations[start] = order
+  end
+  return order
+end
+
+
 -- Returns the brokers to try for one request: the healthy ones in round
 -- robin order, then those marked down (oldest mark first), so that a
--- request still has a chance when every broker was marked down.
+-- request still has a chance when every broker was marked down. The list
+-- may be shared with other requests, so callers must not change it.
 function _M.order()
   local list = state.brokers
   local n = #list
   local now = core.now()
   local start = state.next_broker
   state.next_broker = start % n + 1
+
+  local all_up = true
+  for i = 1, n do
+    if not is_up(list[i], now) then
+      all_up = false
+      break
+    end
+  end
+  if all_up then
+    return rotation(list, start)
+  end
 
   local up, down = {}, {}
   for i = 0, n - 1 do

@@ -90,4 +90,37 @@ function _M.parse(value, domain)
 end
 
 
+-- Results of parse by Host value, for one domain at a time: false for a
+-- host that is not the edge's. A value always parses to the same result,
+-- so the map only spares the patterns. It keeps at most LOOKUP_MAX values
+-- and is emptied when full, so that made-up host names cost memory only
+-- up to that bound.
+local LOOKUP_MAX = 1024
+local parsed = {}
+local parsed_count = 0
+local parsed_domain = nil
+
+
+-- Returns parse(value, domain) through the map above. The table returned
+-- is shared by every request with the same Host, so callers must not
+-- change it.
+function _M.lookup(value, domain)
+  if domain ~= parsed_domain or parsed_count >= LOOKUP_MAX then
+    parsed = {}
+    parsed_count = 0
+    parsed_domain = domain
+  end
+  if type(value) ~= "string" then
+    return nil
+  end
+  local host = parsed[value]
+  if host == nil then
+    host = _M.parse(value, domain) or false
+    parsed[value] = host
+    parsed_count = parsed_count + 1
+  end
+  return host or nil
+end
+
+
 return _M
