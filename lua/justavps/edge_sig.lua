@@ -22,6 +22,7 @@ local floor = math.floor
 local slower = string.lower
 local sfind = string.find
 local ssub = string.sub
+local tnew = require("table.new")
 
 local crypto = core.crypto
 
@@ -335,7 +336,9 @@ function _M.parse_request(req)
   -- header_values gives nil for a missing header and false for one sent
   -- more than once.
   local values = { req:header_values(REQUEST_NAMES) }
-  local f = {}
+  -- Sized for the fields below and the method and target the broker
+  -- adds, so that it never grows.
+  local f = tnew(0, 12)
   for i, h in ipairs(_M.HEADERS) do
     local v = values[i]
     if v == nil then

@@ -170,7 +170,7 @@ function _M.handle(req)
 
   -- CONNECT would turn the machine connection into a tunnel, which the
   -- HTTP client does not offer; no edge sends it.
-  if req.method == "CONNECT" then
+  if fields.method == "CONNECT" then
     return reject(req, fields, 405, "method_not_allowed",
       "CONNECT is not forwarded to machines")
   end

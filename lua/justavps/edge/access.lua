@@ -34,6 +34,7 @@ local slower = string.lower
 local sgsub = string.gsub
 local schar = string.char
 local sgmatch = string.gmatch
+local tnew = require("table.new")
 
 local crypto = core.crypto
 
@@ -82,15 +83,21 @@ local CREDENTIAL_PARAMS = {
 }
 
 
+-- The credentials of a request without a query string, shared by all of
+-- them, so nothing may change the table.
+local NO_CREDENTIALS = {}
+
+
 -- Splits a query string into the parameters the machine may see and the
 -- edge's credentials. Names are compared after percent-decoding, so an
 -- encoded name is stripped too. Returns the kept query (nil when nothing
--- is left) and { token =, ticket = } (the first value of each).
+-- is left) and { token =, ticket = } (the first value of each), a table
+-- that callers must not change.
 function _M.split_query(query)
-  local creds = {}
   if query == nil or query == "" then
-    return query, creds
+    return query, NO_CREDENTIALS
   end
+  local creds = {}
   local kept = {}
   for pair in sgmatch(query, "[^&]+") do
     local name, value = smatch(pair, "^([^=]*)=?(.*)$")
@@ -371,24 +378,31 @@ function _M.api_key_hash(authorization)
 end
 
 
+-- Fields of a policy input: 8 from ctx, class, api_key or api_key_error,
+-- cookie, share, token_error, ticket and ticket_error.
+local INPUT_FIELDS = 15
+
+
 -- Builds the policy input for one request and asks the policy. ctx:
 -- host (from hosts.parse), machine (from lookup), target (what the
--- daemon receives), creds (from split_query), scheme, is_websocket,
--- origin (the Origin header or nil), cookie_lines (the Cookie header
--- values) and api_key_hash (api_key_hash of the Authorization value).
+-- daemon receives), method, creds (from split_query), scheme,
+-- is_websocket, origin (the Origin header or nil), cookie_lines (the
+-- Cookie header values) and api_key_hash (api_key_hash of the
+-- Authorization value).
 -- Returns the decision, or nil, status, code, message when a database
 -- check failed. Sets ctx.query_claims and ctx.cookie_claims.
 function _M.evaluate(req, ctx)
-  local input = {
-    target = ctx.target,
-    method = req.method,
-    host_kind = ctx.host.kind,
-    port = ctx.host.port,
-    host = ctx.host.host,
-    scheme = ctx.scheme,
-    origin = ctx.origin,
-    is_websocket = ctx.is_websocket,
-  }
+  -- Sized for every field below and in gather_tokens, so that it never
+  -- grows.
+  local input = tnew(0, INPUT_FIELDS)
+  input.target = ctx.target
+  input.method = ctx.method
+  input.host_kind = ctx.host.kind
+  input.port = ctx.host.port
+  input.host = ctx.host.host
+  input.scheme = ctx.scheme
+  input.origin = ctx.origin
+  input.is_websocket = ctx.is_websocket
   input.class = policy.classify(input.target, input.method, input.host_kind)
 
   local key_hash = ctx.api_key_hash

@@ -38,6 +38,7 @@ local sfind = string.find
 local sgsub = string.gsub
 local sbyte = string.byte
 local ssub = string.sub
+local tnew = require("table.new")
 
 local _M = {}
 
@@ -230,7 +231,7 @@ local function forward(req, ctx)
     ["Cookie"] = access.filter_cookies(ctx.cookie_lines),
   }
   local fields = {
-    method = req.method,
+    method = ctx.method,
     host = ctx.host.host,
     target = ctx.target,
     target_ip = ctx.machine.ip,
@@ -304,6 +305,9 @@ local function machine_error(req, ctx, row)
 end
 
 
+-- Fields of a request's ctx: 12 set here and 2 by access.evaluate.
+local CTX_FIELDS = 14
+
 -- The request headers handle reads, in one req:header_values call.
 local REQUEST_HEADERS = core.http.header_names({ "host", "upgrade",
   "accept", "authorization", "cookie", "origin" })
@@ -341,11 +345,12 @@ function _M.handle(req)
     req:header_values(REQUEST_HEADERS)
   upgrade = first_value(req, "upgrade", upgrade)
   local websocket = is_websocket(req, upgrade)
-  local ctx = {
-    browser = is_browser(first_value(req, "accept", accept), websocket),
-    is_websocket = websocket,
-    scheme = conf.insecure_plain_http and "http" or "https",
-  }
+  -- Sized for every field handle and access.lua set, so that it never
+  -- grows.
+  local ctx = tnew(0, CTX_FIELDS)
+  ctx.browser = is_browser(first_value(req, "accept", accept), websocket)
+  ctx.is_websocket = websocket
+  ctx.scheme = conf.insecure_plain_http and "http" or "https"
 
   if host == false then
     return fail(req, ctx, 400, "invalid_host",
@@ -357,7 +362,8 @@ function _M.handle(req)
       "this host is not served here; expected SLUG." .. conf.domain
         .. " or PORT-SLUG." .. conf.domain)
   end
-  if ssub(req.target, 1, 1) ~= "/" then
+  local target = req.target
+  if ssub(target, 1, 1) ~= "/" then
     return fail(req, ctx, 400, "bad_request",
       "the request-target must start with /")
   end
@@ -379,9 +385,16 @@ function _M.handle(req)
     return mstatus, mheaders, mbody
   end
 
-  local query, creds = access.split_query(req.query)
+  local raw_query = req.query
+  local query, creds = access.split_query(raw_query)
   ctx.creds = creds
-  ctx.public_target = req.path .. (query and ("?" .. query) or "")
+  if raw_query == nil then
+    -- Without a "?" the path is the whole target.
+    ctx.public_target = target
+  else
+    ctx.public_target = req.path .. (query and ("?" .. query) or "")
+  end
+  ctx.method = req.method
   if ctx.host.kind == "port" then
     ctx.target = "/_port/" .. ctx.host.port .. ctx.public_target
   else
@@ -401,7 +414,7 @@ function _M.handle(req)
   end
 
   if ctx.query_claims and not websocket
-      and (req.method == "GET" or req.method == "HEAD") then
+      and (ctx.method == "GET" or ctx.method == "HEAD") then
     return exchange(ctx)
   end
 
