@@ -126,6 +126,9 @@ struct jv_stream_s {
   void (*handshake_cb)(jv_stream_t *s, int status); /* TLS done/failed */
   jv_stream_t *tls_next; /* list of TLS streams with buffered input */
   int write_error;       /* first failed write, reported on next use */
+  char *read_buf;        /* socket reads land here, or NULL for a shared
+                            64 KiB buffer */
+  size_t read_buf_size;
   unsigned flags;
   int tls_error;
   void *data; /* owner */

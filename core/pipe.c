@@ -19,36 +19,27 @@
  * pass through to the other endpoint, where RFC 6455 allows an unsolicited
  * pong. Nothing is sent in a direction once a close frame went that way.
  */
-#define _GNU_SOURCE /* splice, pipe2, F_GETPIPE_SZ */
-
 #include "internal.h"
 #include "ws_pipe.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 /* Stop reading from a side while the other side has this much queued. */
 #define PIPE_HIGH_WATER (256 * 1024)
 
-/* In splice mode, WebSocket payloads of at least this many bytes move
- * through the kernel pipe; smaller frames are copied through splice_buf. */
-#define SPLICE_MIN_PAYLOAD (16 * 1024)
+/* Reads of this size while the other side has nothing queued: fewer and
+ * larger reads and writes cost less CPU per byte. On the proxy chain bench
+ * (tools/bench/chain.sh, WebSocket echo of 64 KiB messages, 3 hops on one
+ * CPU), 256 KiB cut the hops' CPU per MB by about 12% against 64 KiB. */
+#define PIPE_READ_SIZE (256 * 1024)
 
-/* Bytes read at a frame header after a large frame: the longest header,
- * so the payload that follows it stays in the kernel for splice. */
-#define SPLICE_HEAD_READ 14
+/* Reads of this size while the other side has bytes queued, so that the
+ * queue stays below PIPE_HIGH_WATER plus one small read. */
+#define PIPE_SMALL_READ (64 * 1024)
 
-/* Rounds of read and write per direction in one poll callback, so that a
- * busy connection does not starve the rest of the loop. */
-#define SPLICE_ROUNDS 8
-
-/* Copies in splice mode go through this buffer; the loop is single-threaded
- * and every read is written on before the next. */
-static char splice_buf[65536];
+/* Both sides of every pipe read into this buffer, as each read is written
+ * on (or copied into a write queue) before the read callback returns. */
+static char pipe_read_buf[PIPE_READ_SIZE];
 
 typedef struct jv_pipe_s jv_pipe_t;
 
@@ -58,16 +49,8 @@ typedef struct {
   unsigned head_len;
   unsigned head_need; /* its full length, once the second byte is known */
   uint64_t remaining; /* payload bytes of the current frame still to come */
-  uint64_t last_len;  /* payload length of the last header completed */
   int closed;         /* a close frame went this way */
 } jv_ws_track_t;
-
-/* Splice mode: the bytes read from one side on their way to the other. */
-typedef struct {
-  int pipe_r, pipe_w; /* the kernel pipe, -1 when closed */
-  size_t in_pipe;     /* bytes in the kernel pipe not yet written */
-  size_t capacity;    /* the kernel pipe's size in bytes */
-} jv_splice_dir_t;
 
 typedef struct {
   jv_pipe_t *pipe;
@@ -79,10 +62,6 @@ typedef struct {
   int eof;             /* reading from this side has finished */
   uint64_t bytes;      /* bytes read here and written to the other */
   jv_ws_track_t track; /* frames read here, with ws_ping_interval */
-  int fd;              /* splice mode: a dup of the socket's fd, else -1 */
-  uv_poll_t poll;      /* splice mode: watches fd */
-  int poll_events;     /* the events poll watches now */
-  jv_splice_dir_t out; /* splice mode: bytes read here for the other */
 } jv_pipe_side_t;
 
 struct jv_pipe_s {
@@ -95,9 +74,6 @@ struct jv_pipe_s {
   int ref;                /* parked coroutine */
   int starting;           /* l_pipe is still setting up */
   int done;
-  int spliced;             /* in splice mode (see splice_enter) */
-  int open_handles;        /* handles whose close callback frees the pipe */
-  uint64_t spliced_bytes;  /* bytes moved with splice(2), never copied */
   int error;               /* 0, or the code that ended the pipe */
   const char *error_where; /* "reading from a", "writing to b", ... */
 };
@@ -107,18 +83,9 @@ static const char *const write_where[] = { "writing to a", "writing to b" };
 
 
 static void
-pipe_release(jv_pipe_t *pipe)
+pipe_free_cb(uv_handle_t *handle)
 {
-  if (--pipe->open_handles == 0) {
-    free(pipe);
-  }
-}
-
-
-static void
-pipe_timer_closed(uv_handle_t *handle)
-{
-  pipe_release(handle->data);
+  free(handle->data);
 }
 
 
@@ -139,20 +106,18 @@ close_socket(lua_State *L, int sock_ref)
 }
 
 
-/* Pushes the pipe's results onto co and returns their count: a_to_b,
- * b_to_a, spliced or nil, message, code, a_to_b, b_to_a, spliced. */
+/* Pushes the pipe's results onto co and returns their count:
+ * a_to_b, b_to_a or nil, message, code, a_to_b, b_to_a. */
 static int
 push_results(lua_State *co, jv_pipe_t *pipe)
 {
   lua_Number a_to_b = (lua_Number) pipe->side[0].bytes;
   lua_Number b_to_a = (lua_Number) pipe->side[1].bytes;
-  lua_Number spliced = (lua_Number) pipe->spliced_bytes;
 
   if (pipe->error == 0) {
     lua_pushnumber(co, a_to_b);
     lua_pushnumber(co, b_to_a);
-    lua_pushnumber(co, spliced);
-    return 3;
+    return 2;
   }
 
   lua_pushnil(co);
@@ -161,12 +126,8 @@ push_results(lua_State *co, jv_pipe_t *pipe)
   lua_pushstring(co, jv_err_name(pipe->error));
   lua_pushnumber(co, a_to_b);
   lua_pushnumber(co, b_to_a);
-  lua_pushnumber(co, spliced);
-  return 6;
+  return 5;
 }
-
-
-static void splice_close(jv_pipe_t *pipe);
 
 
 /*
@@ -189,9 +150,9 @@ pipe_finish(jv_pipe_t *pipe, int error, const char *where)
   pipe->done = 1;
   pipe->error = error;
   pipe->error_where = where;
-  splice_close(pipe);
 
   for (i = 0; i < 2; i++) {
+    pipe->side[i].stream->read_buf = NULL;
     jv__sock_return(pipe->side[i].sock);
     pipe->side[i].reading = 0;
   }
@@ -204,7 +165,7 @@ pipe_finish(jv_pipe_t *pipe, int error, const char *where)
     pipe->side[i].sock_ref = LUA_NOREF;
   }
 
-  uv_close((uv_handle_t *) &pipe->timer, pipe_timer_closed);
+  uv_close((uv_handle_t *) &pipe->timer, pipe_free_cb);
 
   if (pipe->starting) {
     return;
@@ -315,7 +276,6 @@ ws_track(jv_ws_track_t *t, const unsigned char *p, size_t n)
         t->closed = 1;
       }
       t->remaining = len;
-      t->last_len = len;
       t->head_len = 0;
       t->head_need = 0;
     }
@@ -323,13 +283,9 @@ ws_track(jv_ws_track_t *t, const unsigned char *p, size_t n)
 }
 
 
-static void splice_ping(jv_pipe_t *pipe, jv_pipe_side_t *feeder,
-                        const unsigned char *frame, size_t len);
-
-
 /* Sends an empty ping to side unless its stream is inside a frame, or a
- * close or the end of stream went to it. feeder is the side whose bytes go
- * to side. */
+ * close or the end of stream went to it (its write half is shut down).
+ * feeder is the side whose bytes go to side. */
 static void
 ws_ping(jv_pipe_t *pipe, jv_pipe_side_t *side, jv_pipe_side_t *feeder)
 {
@@ -350,11 +306,6 @@ ws_ping(jv_pipe_t *pipe, jv_pipe_side_t *side, jv_pipe_side_t *feeder)
       return;
     }
     len = 6;
-  }
-
-  if (pipe->spliced) {
-    splice_ping(pipe, feeder, frame, len);
-    return;
   }
 
   buf = uv_buf_init((char *) frame, (unsigned int) len);
@@ -390,6 +341,8 @@ side_forward(jv_pipe_side_t *side, const char *data, size_t len)
   side->bytes += len;
   pipe->last_activity = jv__now_ms();
 
+  side->stream->read_buf_size =
+      other->stream->write_queue == 0 ? PIPE_READ_SIZE : PIPE_SMALL_READ;
   if (other->stream->write_queue > PIPE_HIGH_WATER) {
     side_read_stop(side);
   }
@@ -435,690 +388,11 @@ pipe_drain_cb(jv_stream_t *s)
     return;
   }
 
+  feeder->stream->read_buf_size = PIPE_READ_SIZE;
   rc = side_read_start(feeder);
   if (rc != 0) {
     pipe_finish(pipe, rc, read_where[feeder->index]);
   }
-}
-
-
-/*
- * Splice mode. When both sockets are plain TCP, the pipe moves bytes
- * socket -> kernel pipe -> socket with splice(2), so the payload is never
- * copied to user space: the kernel passes page references along.
- *
- * libuv has no splice, and a uv_tcp_t and a uv_poll_t must not watch the
- * same fd. So the pipe watches a dup of each socket's fd with a uv_poll_t
- * while the uv_tcp_t stays idle: the socket is lent, so nobody reads from
- * it, and the pipe starts splice mode only once both write queues are
- * empty. The half-close still goes through jv_stream_shutdown, after the
- * kernel pipe toward that side is empty, so the stream knows its write
- * half is shut when the socket is returned.
- *
- * Each direction reads only when its kernel pipe is empty, so the kernel
- * pipe (64 KiB unless the system sets another default) bounds the bytes
- * in flight, and a full socket buffer on the far side stops reading from
- * the near side as PIPE_HIGH_WATER does in copy mode.
- *
- * With ws_ping_interval the frame headers must be seen. After a frame of
- * at least SPLICE_MIN_PAYLOAD bytes, the next header is read with a small
- * recv, written into the kernel pipe ahead of the payload, and the payload
- * is spliced after it, so header and payload leave in one send. Smaller
- * frames are read in 64 KiB blocks and copied with send, as in copy mode.
- * Pings go into the kernel pipe between frames.
- *
- * A splice that fails with EINVAL or ENOSYS (a kernel or socket type
- * without splice support) ends splice mode: the bytes in the kernel pipes
- * are read back and written with jv_stream_write, and the pipe goes on in
- * copy mode.
- */
-
-static void splice_leave(jv_pipe_t *pipe);
-
-
-/* Returns non-zero inside the payload of a frame of at least
- * SPLICE_MIN_PAYLOAD bytes, which splice mode moves with splice. */
-static int
-in_large_payload(const jv_ws_track_t *t)
-{
-  return t->remaining > 0 && t->last_len >= SPLICE_MIN_PAYLOAD;
-}
-
-
-static int
-splice_unsupported(int err)
-{
-  return err == EINVAL || err == ENOSYS || err == EOPNOTSUPP;
-}
-
-
-static void
-splice_note_read(jv_pipe_t *pipe, jv_pipe_side_t *src, size_t n)
-{
-  src->bytes += n;
-  pipe->last_activity = jv__now_ms();
-}
-
-
-/* The read side of src has ended: once the kernel pipe toward dst is
- * empty, shuts down dst's write half, and ends the pipe when the other
- * direction is done too. */
-static void
-splice_direction_done(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  jv_pipe_side_t *dst = &pipe->side[1 - src->index];
-  int rc;
-
-  rc = jv_stream_shutdown(dst->stream);
-  if (rc != 0) {
-    pipe_finish(pipe, rc, write_where[dst->index]);
-    return;
-  }
-
-  if (dst->eof && dst->out.in_pipe == 0) {
-    pipe_finish(pipe, 0, NULL);
-  }
-}
-
-
-/* Moves up to len bytes from src's socket into its kernel pipe; the
- * caller follows the frames in them. Returns the count, 0 when the socket
- * has nothing now (or the kernel pipe is full), or -1 when the pipe
- * finished or left splice mode. */
-static ssize_t
-splice_in(jv_pipe_t *pipe, jv_pipe_side_t *src, size_t len)
-{
-  jv_splice_dir_t *d = &src->out;
-  ssize_t n;
-
-  do {
-    n = splice(src->fd, NULL, d->pipe_w, NULL, len,
-               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-  } while (n < 0 && errno == EINTR);
-
-  if (n > 0) {
-    d->in_pipe += (size_t) n;
-    pipe->spliced_bytes += (uint64_t) n;
-    splice_note_read(pipe, src, (size_t) n);
-    return n;
-  }
-
-  if (n == 0) {
-    src->eof = 1;
-    return 0;
-  }
-
-  if (errno == EAGAIN) {
-    return 0;
-  }
-
-  if (splice_unsupported(errno) && d->in_pipe == 0) {
-    splice_leave(pipe);
-    return -1;
-  }
-
-  pipe_finish(pipe, -errno, read_where[src->index]);
-  return -1;
-}
-
-
-/* Puts n bytes into src's kernel pipe, which has room for them: it holds
- * nothing but a frame header, and n is at most its capacity. */
-static int
-splice_stage(jv_pipe_t *pipe, jv_pipe_side_t *src, const char *data,
-             size_t n)
-{
-  jv_splice_dir_t *d = &src->out;
-  ssize_t w;
-
-  do {
-    w = write(d->pipe_w, data, n);
-  } while (w < 0 && errno == EINTR);
-
-  if (w != (ssize_t) n) {
-    /* A write to a pipe with room for it is never short. */
-    pipe_finish(pipe, w < 0 ? -errno : JV_EINVALID, write_where[1 - src->index]);
-    return -1;
-  }
-
-  d->in_pipe += n;
-  return 0;
-}
-
-
-/* Reads a block from src into splice_buf with recv, follows its frame
- * headers and passes it on: into the kernel pipe ahead of a large payload,
- * else straight to dst with send, staging what dst did not take. Returns
- * 1 when bytes moved, 0 when src has nothing now, -1 when the pipe
- * finished. */
-static int
-splice_copy(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  jv_pipe_side_t *dst = &pipe->side[1 - src->index];
-  jv_ws_track_t *t = &src->track;
-  size_t size = src->out.capacity < sizeof(splice_buf) ? src->out.capacity
-                                                       : sizeof(splice_buf);
-  ssize_t n, sent;
-
-  /* After a large frame, read no further than the next header. */
-  if (t->remaining == 0 && t->last_len >= SPLICE_MIN_PAYLOAD) {
-    size = SPLICE_HEAD_READ - t->head_len;
-  }
-
-  do {
-    n = recv(src->fd, splice_buf, size, 0);
-  } while (n < 0 && errno == EINTR);
-
-  if (n == 0) {
-    src->eof = 1;
-    return 0;
-  }
-
-  if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      return 0;
-    }
-    pipe_finish(pipe, -errno, read_where[src->index]);
-    return -1;
-  }
-
-  ws_track(t, (const unsigned char *) splice_buf, (size_t) n);
-  splice_note_read(pipe, src, (size_t) n);
-
-  if (in_large_payload(t)) {
-    return splice_stage(pipe, src, splice_buf, (size_t) n) == 0 ? 1 : -1;
-  }
-
-  do {
-    sent = send(dst->fd, splice_buf, (size_t) n, MSG_DONTWAIT | MSG_NOSIGNAL);
-  } while (sent < 0 && errno == EINTR);
-
-  if (sent < 0) {
-    if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      pipe_finish(pipe, -errno, write_where[dst->index]);
-      return -1;
-    }
-    sent = 0;
-  }
-
-  if (sent < n &&
-      splice_stage(pipe, src, splice_buf + sent, (size_t) (n - sent)) != 0) {
-    return -1;
-  }
-
-  return 1;
-}
-
-
-/* Looks at the next frame header with MSG_PEEK and, when it starts a
- * payload of at least SPLICE_MIN_PAYLOAD bytes, splices header and payload
- * in one call. Returns 1 when bytes moved, 0 when src has nothing now,
- * -1 when the pipe finished, and 2 when the frame is small or its header
- * incomplete, for splice_copy to read. */
-static int
-splice_peek_frame(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  jv_ws_track_t *t = &src->track;
-  unsigned char head[SPLICE_HEAD_READ];
-  unsigned need, len7, i;
-  uint64_t payload;
-  size_t len;
-  ssize_t n;
-
-  do {
-    n = recv(src->fd, head, sizeof(head), MSG_PEEK);
-  } while (n < 0 && errno == EINTR);
-
-  if (n == 0) {
-    src->eof = 1;
-    return 0;
-  }
-  if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      return 0;
-    }
-    pipe_finish(pipe, -errno, read_where[src->index]);
-    return -1;
-  }
-  if (n < 2) {
-    return 2;
-  }
-
-  len7 = head[1] & 0x7f;
-  need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((head[1] & 0x80) ? 4 : 0);
-  if ((unsigned) n < need) {
-    return 2;
-  }
-
-  payload = len7;
-  if (len7 == 126) {
-    payload = ((uint64_t) head[2] << 8) | head[3];
-  } else if (len7 == 127) {
-    payload = 0;
-    for (i = 2; i < 10; i++) {
-      payload = (payload << 8) | head[i];
-    }
-  }
-  if (payload < SPLICE_MIN_PAYLOAD) {
-    return 2;
-  }
-
-  len = src->out.capacity;
-  if (need + payload < len) {
-    len = (size_t) (need + payload);
-  }
-
-  n = splice_in(pipe, src, len);
-  if (n <= 0) {
-    return (int) n;
-  }
-
-  /* The header bytes are known from the peek; the rest is payload. */
-  ws_track(t, head, (size_t) n < need ? (size_t) n : need);
-  if ((size_t) n > need) {
-    t->remaining -= (uint64_t) ((size_t) n - need);
-  }
-  return 1;
-}
-
-
-/* Reads from src into its empty kernel pipe: a splice of everything the
- * pipe holds for a raw relay or inside a large WebSocket payload, else a
- * copied block, followed by a splice when that block began a large
- * payload. Returns 1 when bytes moved, 0 when src has nothing now or
- * ended, -1 when the pipe finished or left splice mode. */
-static int
-splice_fill(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  jv_splice_dir_t *d = &src->out;
-  jv_ws_track_t *t = &src->track;
-  size_t len = d->capacity;
-  ssize_t n;
-  int rc = 0;
-
-  if (pipe->ping_ms > 0 && !in_large_payload(t)) {
-    if (t->remaining == 0 && t->head_len == 0 &&
-        t->last_len >= SPLICE_MIN_PAYLOAD) {
-      rc = splice_peek_frame(pipe, src);
-      if (rc != 2) {
-        return rc;
-      }
-    }
-    rc = splice_copy(pipe, src);
-    if (rc <= 0 || !in_large_payload(t)) {
-      return rc;
-    }
-    /* The header is in the kernel pipe; the payload follows it. */
-    len = d->capacity - d->in_pipe;
-  }
-
-  if (pipe->ping_ms > 0 && t->remaining < len) {
-    len = (size_t) t->remaining;
-  }
-
-  /* A splice of 0 bytes returns 0, which would read as end of stream. */
-  if (len == 0) {
-    return rc;
-  }
-
-  n = splice_in(pipe, src, len);
-  if (n < 0) {
-    return -1;
-  }
-  if (pipe->ping_ms > 0) {
-    t->remaining -= (uint64_t) n;
-  }
-
-  return n > 0 ? 1 : rc;
-}
-
-
-/* Writes what src's kernel pipe holds to the other side. Returns 1 when
- * the pipe is empty, 0 when the other side's socket buffer is full, -1
- * when the pipe finished or left splice mode. */
-static int
-splice_flush(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  jv_pipe_side_t *dst = &pipe->side[1 - src->index];
-  jv_splice_dir_t *d = &src->out;
-  ssize_t n;
-
-  while (d->in_pipe > 0) {
-    do {
-      n = splice(d->pipe_r, NULL, dst->fd, NULL, d->in_pipe,
-                 SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-    } while (n < 0 && errno == EINTR);
-
-    if (n < 0) {
-      if (errno == EAGAIN) {
-        return 0;
-      }
-      if (splice_unsupported(errno)) {
-        splice_leave(pipe);
-        return -1;
-      }
-      pipe_finish(pipe, -errno, write_where[dst->index]);
-      return -1;
-    }
-
-    d->in_pipe -= (size_t) n;
-    if (d->in_pipe > 0) {
-      /* A short splice means dst's socket buffer is full. */
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
-
-/* Moves bytes read from src to the other side until one of them would
- * block, for at most SPLICE_ROUNDS rounds. */
-static void
-splice_pump(jv_pipe_t *pipe, jv_pipe_side_t *src)
-{
-  int round, rc;
-
-  for (round = 0; round < SPLICE_ROUNDS; round++) {
-    rc = 1;
-    if (src->out.in_pipe == 0 && !src->eof) {
-      rc = splice_fill(pipe, src);
-      if (rc < 0) {
-        return;
-      }
-    }
-
-    if (src->out.in_pipe > 0) {
-      rc = splice_flush(pipe, src);
-      if (rc <= 0) {
-        return;
-      }
-    }
-
-    if (src->eof) {
-      splice_direction_done(pipe, src);
-      return;
-    }
-
-    if (rc == 0) {
-      return;
-    }
-  }
-}
-
-
-/* Watches each fd for what the pipe waits for: readable while its kernel
- * pipe is empty and it has not ended, writable while the kernel pipe
- * toward it holds bytes. */
-static void splice_poll_cb(uv_poll_t *handle, int status, int events);
-
-
-static void
-splice_poll_update(jv_pipe_t *pipe)
-{
-  int i, events, rc;
-
-  for (i = 0; i < 2 && !pipe->done && pipe->spliced; i++) {
-    jv_pipe_side_t *side = &pipe->side[i];
-    jv_pipe_side_t *other = &pipe->side[1 - i];
-
-    events = 0;
-    if (!side->eof && side->out.in_pipe == 0) {
-      events |= UV_READABLE;
-    }
-    if (other->out.in_pipe > 0) {
-      events |= UV_WRITABLE;
-    }
-
-    if (events == side->poll_events) {
-      continue;
-    }
-
-    side->poll_events = events;
-    if (events == 0) {
-      uv_poll_stop(&side->poll);
-      continue;
-    }
-
-    rc = uv_poll_start(&side->poll, events, splice_poll_cb);
-    if (rc != 0) {
-      pipe_finish(pipe, rc, read_where[i]);
-    }
-  }
-}
-
-
-static void
-splice_poll_cb(uv_poll_t *handle, int status, int events)
-{
-  jv_pipe_side_t *side = handle->data;
-  jv_pipe_t *pipe = side->pipe;
-  jv_pipe_side_t *other = &pipe->side[1 - side->index];
-
-  if (status < 0) {
-    pipe_finish(pipe, status, read_where[side->index]);
-    return;
-  }
-
-  if (events & UV_WRITABLE) {
-    splice_pump(pipe, other);
-  }
-  if ((events & UV_READABLE) && !pipe->done && pipe->spliced) {
-    splice_pump(pipe, side);
-  }
-
-  splice_poll_update(pipe);
-}
-
-
-static void
-splice_ping(jv_pipe_t *pipe, jv_pipe_side_t *feeder,
-            const unsigned char *frame, size_t len)
-{
-  ssize_t n;
-
-  /* A ping that does not fit in the kernel pipe waits for the next
-   * interval: the side it goes to is not reading anyway. */
-  n = write(feeder->out.pipe_w, frame, len);
-  if (n != (ssize_t) len) {
-    return;
-  }
-
-  feeder->out.in_pipe += len;
-  splice_pump(pipe, feeder);
-  splice_poll_update(pipe);
-}
-
-
-static void
-splice_poll_closed(uv_handle_t *handle)
-{
-  jv_pipe_side_t *side = handle->data;
-
-  pipe_release(side->pipe);
-}
-
-
-static void
-close_fd(int *fd)
-{
-  if (*fd >= 0) {
-    close(*fd);
-    *fd = -1;
-  }
-}
-
-
-/* Stops watching the sockets and closes the dup'd fds; the kernel pipes
- * stay open for splice_leave. The fds may close at once after
- * uv_close (libuv docs, uv_poll_t). */
-static void
-splice_stop_polls(jv_pipe_t *pipe)
-{
-  int i;
-
-  for (i = 0; i < 2; i++) {
-    jv_pipe_side_t *side = &pipe->side[i];
-
-    if (side->fd < 0) {
-      continue;
-    }
-    uv_close((uv_handle_t *) &side->poll, splice_poll_closed);
-    close_fd(&side->fd);
-  }
-  pipe->spliced = 0;
-}
-
-
-/* Releases everything splice mode holds; bytes still in a kernel pipe are
- * dropped, as the pipe ends. Does nothing outside splice mode. */
-static void
-splice_close(jv_pipe_t *pipe)
-{
-  int i;
-
-  splice_stop_polls(pipe);
-  for (i = 0; i < 2; i++) {
-    close_fd(&pipe->side[i].out.pipe_r);
-    close_fd(&pipe->side[i].out.pipe_w);
-  }
-}
-
-
-/* Goes on in copy mode: writes the bytes in the kernel pipes to their
- * streams, shuts down the write half toward a side whose feeder ended,
- * and starts reading as l_pipe does. */
-static void
-splice_leave(jv_pipe_t *pipe)
-{
-  const char *reason = strerror(errno);
-  int i, rc;
-  ssize_t n;
-
-  splice_stop_polls(pipe);
-  jv_log(JV_LOG_WARN, "splice failed, pipe continues by copying", "error",
-         reason, NULL);
-
-  for (i = 0; i < 2 && !pipe->done; i++) {
-    jv_pipe_side_t *side = &pipe->side[i];
-    jv_pipe_side_t *other = &pipe->side[1 - i];
-
-    while (side->out.in_pipe > 0) {
-      uv_buf_t buf;
-
-      n = read(side->out.pipe_r, splice_buf, sizeof(splice_buf));
-      if (n <= 0) {
-        pipe_finish(pipe, n < 0 ? -errno : JV_EINVALID, write_where[1 - i]);
-        return;
-      }
-      side->out.in_pipe -= (size_t) n;
-      buf = uv_buf_init(splice_buf, (unsigned int) n);
-      rc = jv_stream_write(other->stream, &buf, 1);
-      if (rc != 0) {
-        pipe_finish(pipe, rc, write_where[1 - i]);
-        return;
-      }
-    }
-  }
-
-  splice_close(pipe);
-
-  for (i = 0; i < 2 && !pipe->done; i++) {
-    if (pipe->side[i].eof) {
-      pipe->side[i].eof = 0;
-      side_eof(&pipe->side[i]);
-    }
-  }
-
-  for (i = 0; i < 2 && !pipe->done; i++) {
-    jv_pipe_side_t *other = &pipe->side[1 - i];
-
-    if (other->stream->write_queue > PIPE_HIGH_WATER) {
-      continue;
-    }
-
-    rc = side_read_start(&pipe->side[i]);
-    if (rc != 0) {
-      pipe_finish(pipe, rc, read_where[i]);
-    }
-  }
-}
-
-
-/* Returns non-zero when both sockets are plain TCP with nothing queued,
- * which splice mode needs. */
-static int
-splice_possible(jv_pipe_t *pipe)
-{
-  int i;
-
-  for (i = 0; i < 2; i++) {
-    jv_stream_t *s = pipe->side[i].stream;
-
-    if (s->ssl != NULL || s->uv.handle.type != UV_TCP ||
-        s->write_queue != 0) {
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
-
-/* Starts splice mode: dups each socket's fd, opens a kernel pipe per
- * direction and starts watching. Returns 0, or an error code after undoing
- * everything, and the pipe then stays in copy mode. */
-static int
-splice_enter(jv_pipe_t *pipe)
-{
-  int i, rc = 0, fds[2], size;
-  uv_os_fd_t fd;
-
-  for (i = 0; i < 2 && rc == 0; i++) {
-    jv_pipe_side_t *side = &pipe->side[i];
-
-    rc = uv_fileno(&side->stream->uv.handle, &fd);
-    if (rc != 0) {
-      break;
-    }
-
-    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) {
-      rc = -errno;
-      break;
-    }
-    side->out.pipe_r = fds[0];
-    side->out.pipe_w = fds[1];
-
-    size = fcntl(fds[0], F_GETPIPE_SZ);
-    if (size < 4096) {
-      rc = size < 0 ? -errno : JV_EINVALID;
-      break;
-    }
-    side->out.capacity = (size_t) size;
-
-    side->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (side->fd < 0) {
-      rc = -errno;
-      break;
-    }
-
-    rc = uv_poll_init(jv__loop(), &side->poll, side->fd);
-    if (rc != 0) {
-      close_fd(&side->fd);
-      break;
-    }
-    side->poll.data = side;
-    pipe->open_handles++;
-  }
-
-  if (rc != 0) {
-    splice_close(pipe);
-    return rc;
-  }
-
-  pipe->spliced = 1;
-  splice_poll_update(pipe);
-  return 0;
 }
 
 
@@ -1215,6 +489,8 @@ side_attach(lua_State *L, jv_pipe_t *pipe, int index, int idx)
   side->stream = jv__sock_stream(sock);
   side->stream->data = side;
   side->stream->drain_cb = pipe_drain_cb;
+  side->stream->read_buf = pipe_read_buf;
+  side->stream->read_buf_size = sizeof(pipe_read_buf);
   jv__sock_on_lent_close(sock, side_lent_close, side);
   lua_pushvalue(L, idx);
   side->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -1263,7 +539,6 @@ l_pipe(lua_State *L)
   jv_pipe_t *pipe;
   const char *busy;
   double idle = 0, ping = 0;
-  int use_splice = 1;
   int i, rc;
 
   /* A socket piped to itself would read its own output. */
@@ -1282,11 +557,6 @@ l_pipe(lua_State *L)
     ping = luaL_optnumber(L, -1, 0);
     lua_pop(L, 1);
     luaL_argcheck(L, ping >= 0, 3, "ws_ping_interval must be >= 0");
-    lua_getfield(L, 3, "splice");
-    if (!lua_isnil(L, -1)) {
-      use_splice = lua_toboolean(L, -1);
-    }
-    lua_pop(L, 1);
   }
 
   /* Park first: it raises outside a scheduler coroutine, and nothing has
@@ -1298,12 +568,8 @@ l_pipe(lua_State *L)
 
   pipe->ref = jv__co_park(L);
   pipe->starting = 1;
-  for (i = 0; i < 2; i++) {
-    pipe->side[i].sock_ref = LUA_NOREF;
-    pipe->side[i].fd = -1;
-    pipe->side[i].out.pipe_r = -1;
-    pipe->side[i].out.pipe_w = -1;
-  }
+  pipe->side[0].sock_ref = LUA_NOREF;
+  pipe->side[1].sock_ref = LUA_NOREF;
 
   rc = side_attach(L, pipe, 0, 1);
   if (rc != 0) {
@@ -1317,7 +583,6 @@ l_pipe(lua_State *L)
 
   uv_timer_init(jv__loop(), &pipe->timer);
   pipe->timer.data = pipe;
-  pipe->open_handles = 1;
   pipe->last_activity = jv__now_ms();
   pipe->idle_ms = (uint64_t) (idle * 1000);
   pipe->ping_ms = (uint64_t) (ping * 1000);
@@ -1332,22 +597,16 @@ l_pipe(lua_State *L)
     side_forward_buffered(&pipe->side[i]);
   }
 
-  /* NOTE: a pipe whose first writes queued bytes stays in copy mode. */
-  if (!pipe->done && use_splice && splice_possible(pipe) &&
-      splice_enter(pipe) == 0) {
-    /* The polls report what the sockets already hold. */
-  } else {
-    for (i = 0; i < 2 && !pipe->done; i++) {
-      jv_pipe_side_t *other = &pipe->side[1 - i];
+  for (i = 0; i < 2 && !pipe->done; i++) {
+    jv_pipe_side_t *other = &pipe->side[1 - i];
 
-      if (other->stream->write_queue > PIPE_HIGH_WATER) {
-        continue;
-      }
+    if (other->stream->write_queue > PIPE_HIGH_WATER) {
+      continue;
+    }
 
-      rc = side_read_start(&pipe->side[i]);
-      if (rc != 0) {
-        pipe_finish(pipe, rc, read_where[i]);
-      }
+    rc = side_read_start(&pipe->side[i]);
+    if (rc != 0) {
+      pipe_finish(pipe, rc, read_where[i]);
     }
   }
 
@@ -1363,6 +622,7 @@ l_pipe(lua_State *L)
   return lua_yield(L, 0);
 
 return_a:
+  pipe->side[0].stream->read_buf = NULL;
   jv__sock_return(pipe->side[0].sock);
   luaL_unref(L, LUA_REGISTRYINDEX, pipe->side[0].sock_ref);
 

@@ -297,6 +297,14 @@ jv_stream_write(jv_stream_t *s, const uv_buf_t *bufs, unsigned nbufs)
 static void
 alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
 {
+  jv_stream_t *s = handle->data;
+
+  if (s->read_buf != NULL) {
+    buf->base = s->read_buf;
+    buf->len = s->read_buf_size;
+    return;
+  }
+
   buf->base = net_buf;
   buf->len = sizeof(net_buf);
 }

@@ -1,8 +1,7 @@
--- core.pipe between two plain TCP sockets, where it moves bytes with
--- splice(2) through kernel pipes: large transfers, half-close, resets,
--- backpressure, buffered bytes, the idle timeout and WebSocket pings
--- between large frames. The third result of a finished pipe counts the
--- spliced bytes; { splice = false } keeps the copy path for comparison.
+-- core.pipe with bulk traffic over real loopback sockets: large transfers
+-- both ways, half-close, a reset, backpressure, buffered bytes, the idle
+-- timeout and WebSocket pings between large frames. Every transfer is
+-- checked by length and SHA-256.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
 
@@ -44,7 +43,8 @@ local function piped_chain()
 end
 
 
--- Runs pipe(a, b, opts) in its own coroutine; wait() returns its results.
+-- Runs pipe(a, b, opts) in its own coroutine. The result's wait() returns
+-- the pipe's return values once it finishes.
 local function start_pipe(a, b, opts)
   local result = { done = core.waiter() }
   core.spawn(function()
@@ -99,8 +99,8 @@ local function send_stream(sock, total, chunk, seed)
 end
 
 
--- Reads sock to end of stream; returns the byte count and the hex SHA-256
--- of what arrived.
+-- Reads sock to end of stream and returns the byte count and the hex
+-- SHA-256 of what arrived.
 local function receive_stream(sock)
   local digest = crypto.sha256_new()
   local count = 0
@@ -117,21 +117,6 @@ local function receive_stream(sock)
 end
 
 
--- Returns the number of open file descriptors of this process.
-local function fd_count()
-  local f = assert(io.open("/proc/self/stat"))
-  local pid = f:read("*a"):match("^(%d+)")
-  f:close()
-  local ls = assert(io.popen("ls /proc/" .. pid .. "/fd"))
-  local count = 0
-  for _ in ls:lines() do
-    count = count + 1
-  end
-  ls:close()
-  return count
-end
-
-
 local function rss_kib()
   local f = assert(io.open("/proc/self/status"))
   local status = f:read("*a")
@@ -140,8 +125,8 @@ local function rss_kib()
 end
 
 
--- A WebSocket frame: FIN, opcode, length and, with mask, the key 1 2 3 4
--- (the payload is sent as is: the pipe does not unmask).
+-- Returns a WebSocket frame: FIN, opcode, length and, with mask, the key
+-- 1 2 3 4. The payload goes unmasked, because the pipe never unmasks.
 local function frame(opcode, payload, mask)
   local n = #payload
   local head = string.char(0x80 + opcode)
@@ -189,24 +174,20 @@ local function read_for(sock, seconds)
 end
 
 
-describe("core.pipe splice", function()
-  for _, mode in ipairs({ "splice", "copy" }) do
-    local opts_for = function(extra)
-      local opts = { splice = mode == "splice" }
-      for k, v in pairs(extra or {}) do
-        opts[k] = v
-      end
-      return opts
+describe("core.pipe bulk", function()
+  for _, ping in ipairs({ false, true }) do
+    local opts = nil
+    local label = "raw"
+    if ping then
+      -- Frame tracking on, over bytes that are not WebSocket frames: the
+      -- tracker must never alter them, and 30 s never passes here.
+      opts = { ws_ping_interval = 30 }
+      label = "with ws_ping_interval"
     end
 
-    it("moves 24 MiB both ways, " .. mode, async(function()
+    it("moves 24 MiB both ways, " .. label, async(function()
       local client, a, b, far = piped_chain()
-      -- Sockets that earlier tests left to the garbage collector close
-      -- on a later loop iteration.
-      collectgarbage()
-      core.sleep(0.05)
-      local fds = fd_count()
-      local result = start_pipe(a, b, opts_for())
+      local result = start_pipe(a, b, opts)
       local total = 24 * MiB
       local up_sum, down_sum
 
@@ -236,14 +217,6 @@ describe("core.pipe splice", function()
       local values = result.wait()
       assert.equal(total, values[1])
       assert.equal(total, values[2])
-      if mode == "splice" then
-        assert.is_true(values[3] > total, "spliced " .. tostring(values[3]))
-      else
-        assert.equal(0, values[3])
-      end
-      -- The kernel pipes and the dup'd fds are closed once the pipe ends.
-      core.sleep(0.05)
-      assert.equal(fds, fd_count())
       client:close()
       far:close()
       a:close()
@@ -278,7 +251,6 @@ describe("core.pipe splice", function()
     local values = result.wait()
     assert.equal(#request, values[1])
     assert.equal(#reply, values[2])
-    assert.is_true(values[3] > 0)
     client:close()
     far:close()
     a:close()
@@ -333,7 +305,10 @@ describe("core.pipe splice", function()
     -- The stall: without backpressure the pipe would take in everything
     -- the writer sends meanwhile.
     core.sleep(0.3)
-    assert.equal(0, b:queued())
+    -- The pipe stops reading once b has 256 KiB queued; one more read of
+    -- at most 64 KiB may land on top.
+    assert.is_true(b:queued() <= 320 * KiB,
+                   "b has " .. b:queued() .. " bytes queued")
 
     while true do
       local data = far:read(64 * KiB)
@@ -350,9 +325,8 @@ describe("core.pipe splice", function()
 
     assert.equal(total, received)
     -- An estimate, far below the 64 MiB that buffering everything costs:
-    -- the kernel pipes and socket buffers hold the bytes in flight, and
-    -- neither is counted in RSS. AddressSanitizer's quarantine makes RSS
-    -- meaningless.
+    -- one write queue at the high-water mark plus one read, and Lua
+    -- garbage. AddressSanitizer's quarantine makes RSS meaningless.
     if not under_asan then
       assert.is_true(peak - base < 16 * 1024,
                      "RSS grew by " .. (peak - base) .. " KiB")
@@ -361,7 +335,6 @@ describe("core.pipe splice", function()
     far:shutdown()
     local values = result.wait()
     assert.equal(total, values[1])
-    assert.is_true(values[3] > total / 2, "spliced " .. values[3])
     client:close()
     far:close()
     a:close()
@@ -390,7 +363,6 @@ describe("core.pipe splice", function()
     local values = result.wait()
     assert.equal(5 + #bulk, values[1])
     assert.equal(0, values[2])
-    assert.is_true(values[3] > 0)
     client:close()
     far:close()
     a:close()
@@ -420,7 +392,7 @@ describe("core.pipe splice", function()
     local client, a, b, server = piped_chain()
     local result = start_pipe(a, b, { ws_ping_interval = interval })
 
-    -- Large frames each way, so the pipe splices their payloads.
+    -- Large frames each way, longer than one read of the pipe.
     local up = {}
     for i = 1, 6 do
       up[i] = frame(0x2, pattern(100 * KiB + i, 10 + i), true)
@@ -459,8 +431,8 @@ describe("core.pipe splice", function()
     client:shutdown()
     server:shutdown()
     local values = result.wait()
-    assert.is_number(values[1])
-    assert.is_true(values[3] > 0, "spliced " .. tostring(values[3]))
+    assert.equal(#up_all + #big, values[1])
+    assert.equal(#down, values[2])
     client:close()
     server:close()
     a:close()
