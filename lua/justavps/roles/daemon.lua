@@ -7,6 +7,7 @@ local log = require("justavps.log")
 local daemon_config = require("justavps.daemon.config")
 local state = require("justavps.daemon.state")
 local background = require("justavps.daemon.background")
+local memory = require("justavps.daemon.memory")
 local proxy = require("justavps.proxy")
 
 local _M = {}
@@ -43,7 +44,8 @@ function _M.run(opts)
   -- Modules that own running sessions or compiled config stay loaded
   -- across reloads; a reload swaps the app, policies and executors only.
   reload.configure({ stable = { "justavps.daemon.state",
-    "justavps.daemon.config", "justavps.daemon.terminal_session",
+    "justavps.daemon.config", "justavps.daemon.memory",
+    "justavps.daemon.terminal_session",
     "justavps.daemon.terminal_ring" } })
 
   return service.run({
@@ -74,8 +76,15 @@ function _M.run(opts)
           ca = conf.platform_ca,
         },
       })
+      -- Full collections while no connection is open keep the idle
+      -- heap near its live size; see justavps.daemon.memory.
+      memory.start({ busy = function()
+        return servers.public:connections() > 0
+          or servers.internal:connections() > 0
+      end })
     end,
     on_stop = function()
+      memory.stop()
       background.stop()
       proxy.close_pool()
     end,
