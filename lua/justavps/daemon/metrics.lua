@@ -8,6 +8,7 @@ local core = require("justavps.core")
 local json = require("justavps.json")
 
 local floor = math.floor
+local min = math.min
 local tonumber = tonumber
 local tostring = tostring
 local ipairs = ipairs
@@ -30,6 +31,10 @@ local CPU_SAMPLE_MAX_AGE = 120
 local CPU_SAMPLE_GAP = 0.25
 
 local MAX_FILE_BYTES = 1024 * 1024
+-- Bytes per read in read_file. LuaJIT's f:read(n) allocates a buffer of n
+-- bytes first, and the collector counts it as heap growth, so reading a
+-- 10-byte /proc file in one f:read(MAX_FILE_BYTES) counted as 1 MiB.
+local READ_CHUNK = 16384
 local COMMAND_TIMEOUT = 10
 
 
@@ -215,16 +220,28 @@ function _M.parse_systemctl_show(text)
 end
 
 
--- Reads a whole small file (as /proc files are). Returns the text or nil,
--- message.
+-- Reads a whole small file (as /proc files are), up to MAX_FILE_BYTES.
+-- Returns the text or nil, message.
 function _M.read_file(path)
   local f, err = open(path, "rb")
   if not f then
     return nil, err
   end
-  local text = f:read(MAX_FILE_BYTES)
+  local parts = {}
+  local total = 0
+  while total < MAX_FILE_BYTES do
+    local chunk = f:read(min(READ_CHUNK, MAX_FILE_BYTES - total))
+    if not chunk then
+      break
+    end
+    parts[#parts + 1] = chunk
+    total = total + #chunk
+  end
   f:close()
-  return text or ""
+  if #parts == 1 then
+    return parts[1]
+  end
+  return concat(parts)
 end
 
 

@@ -21,6 +21,7 @@ local gmatch = string.gmatch
 local smatch = string.match
 local ssub = string.sub
 local sort = table.sort
+local open = io.open
 local concat = table.concat
 
 local _M = {}
@@ -120,24 +121,59 @@ local function parse_address(hex)
 end
 
 
+-- A line of /proc/net/tcp or tcp6 in state 0A (TCP_LISTEN), capturing the
+-- local address, the local port and the inode. Fields are separated by
+-- blanks only, so a match never runs on into the next line.
+local LISTEN_LINE = "[ \t]*%d+:[ \t]+(%x+):(%x+)[ \t]+%x+:%x+[ \t]+" .. LISTEN
+  .. "[ \t]+%S+[ \t]+%S+[ \t]+%S+[ \t]+%d+[ \t]+%d+[ \t]+(%d+)"
+
+
+local function add_listener(list, addr, port, inode)
+  local address, family = parse_address(addr)
+  if address then
+    list[#list + 1] = { port = tonumber(port, 16), address = address,
+      family = family, inode = tonumber(inode) }
+  end
+end
+
+
 -- Parses the text of /proc/net/tcp or /proc/net/tcp6. Returns a list of
 -- the listening sockets as { port, address, family, inode } in the order
 -- of the file. Lines in other states, and malformed lines, are skipped.
+-- The pattern matches listening lines only, so the other lines, most of
+-- the file on a busy machine, make no garbage strings.
 function _M.parse(text)
   local list = {}
-  for line in gmatch(text, "[^\n]+") do
-    local addr, port, st, inode = smatch(line,
-      "^%s*%d+:%s+(%x+):(%x+)%s+%x+:%x+%s+(%x%x)%s+%S+%s+%S+%s+%S+%s+"
-      .. "%d+%s+%d+%s+(%d+)")
-    if addr and st == LISTEN then
-      local address, family = parse_address(addr)
-      if address then
-        list[#list + 1] = { port = tonumber(port, 16), address = address,
-          family = family, inode = tonumber(inode) }
-      end
-    end
+  local addr, port, inode = smatch(text, "^" .. LISTEN_LINE)
+  if addr then
+    add_listener(list, addr, port, inode)
+  end
+  for a, p, i in gmatch(text, "\n" .. LISTEN_LINE) do
+    add_listener(list, a, p, i)
   end
   return list
+end
+
+
+-- Appends the listening sockets in the file at path to list, as parse
+-- does, and returns false when the file cannot be opened. Reading line
+-- by line keeps the garbage of one scan near the size of the file. On a
+-- machine with thousands of sockets /proc/net/tcp has hundreds of KiB,
+-- and a copy of the whole text doubled the heap growth of each scan.
+local function read_listeners(path, list)
+  local f = open(path, "rb")
+  if not f then
+    return false
+  end
+  local pattern = "^" .. LISTEN_LINE
+  for line in f:lines() do
+    local addr, port, inode = smatch(line, pattern)
+    if addr then
+      add_listener(list, addr, port, inode)
+    end
+  end
+  f:close()
+  return true
 end
 
 
@@ -234,12 +270,7 @@ function _M.scan(opts)
   local proc_dir = opts.proc_dir or "/proc"
   local list = json.array()
   for _, name in ipairs({ "tcp", "tcp6" }) do
-    local text = metrics.read_file(proc_dir .. "/net/" .. name)
-    if text then
-      for _, e in ipairs(_M.parse(text)) do
-        list[#list + 1] = e
-      end
-    end
+    read_listeners(proc_dir .. "/net/" .. name, list)
   end
 
   if opts.owners ~= false then
