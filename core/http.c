@@ -2772,7 +2772,15 @@ l_req_forward_head(lua_State *L)
   c->out_len = 0;
   lua_pushstring(L, mode);
   if (mode[0] == 'l') {
-    lua_pushnumber(L, (lua_Number) strtoull(length, NULL, 10));
+    /* The value is not NUL-terminated: the head buffer holds the next
+     * field, or bytes of an earlier head, right after it. llhttp has
+     * checked that it is all digits. */
+    uint64_t n = 0;
+
+    for (i = 0; i < llen; i++) {
+      n = n * 10 + (uint64_t) (length[i] - '0');
+    }
+    lua_pushnumber(L, (lua_Number) n);
 
   } else {
     lua_pushnil(L);

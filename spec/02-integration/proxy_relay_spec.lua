@@ -430,3 +430,35 @@ describe("req:forward_head extra_headers", function()
     end))
   end
 end)
+
+
+describe("req:forward_head Content-Length", function()
+  -- The server keeps header values back to back in one buffer that it
+  -- reuses on a kept-alive connection, so bytes of the first head follow
+  -- the second head's last value.
+  it("reads only the value's own digits", async(function()
+    local lengths = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local _, mode, length = req:forward_head("127.0.0.1", 8080)
+        lengths[#lengths + 1] = { mode, length }
+        while req:read() do
+        end
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write("GET / HTTP/1.1\r\nHost: app\r\nX-Pad: "
+      .. string.rep("9", 40) .. "\r\n\r\n"))
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    assert(sock:write("POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 2"
+      .. "\r\n\r\nhi"))
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    sock:close()
+    srv:close()
+    assert.same({ "none", nil }, lengths[1])
+    assert.same({ "length", 2 }, lengths[2])
+  end))
+end)
