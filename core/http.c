@@ -2350,11 +2350,28 @@ static const struct {
   ((len) == sizeof(lower) - 1 && strncasecmp((name), (lower), (len)) == 0)
 
 
+/* Returns non-zero when a field of the head is named Connection. */
+static int
+has_connection(const char *head, const jv_http_header_t *hdrs, unsigned n)
+{
+  unsigned j;
+
+  for (j = 0; j < n; j++) {
+    if (name_is(head + hdrs[j].name_off, hdrs[j].name_len, "connection")) {
+      return 1;
+    }
+  }
+
+  return 0;
+}
+
+
 /* Returns non-zero unless header i is hop-by-hop or named in the value of
- * a Connection header of the same head. */
+ * a Connection header of the same head. connection: has_connection of
+ * the head, so that a head without one is not searched for each field. */
 static int
 is_end_to_end(const char *head, const jv_http_header_t *hdrs, unsigned n,
-              unsigned i)
+              unsigned i, int connection)
 {
   const char *name = head + hdrs[i].name_off;
   size_t len = hdrs[i].name_len;
@@ -2365,6 +2382,10 @@ is_end_to_end(const char *head, const jv_http_header_t *hdrs, unsigned n,
         strncasecmp(name, hop_by_hop[j].name, len) == 0) {
       return 0;
     }
+  }
+
+  if (!connection) {
+    return 1;
   }
 
   for (j = 0; j < n; j++) {
@@ -2637,7 +2658,7 @@ l_req_forward_head(lua_State *L)
   const char *target, *method, *length;
   const char *mode = "none";
   int set_index = 0, drop_index = 0;
-  int has_host = 0, has_length = 0, request_close = 0;
+  int has_host = 0, has_length = 0, request_close = 0, connection;
   jv_name_set_t skip;
   jv_http_names_t *drop_names = NULL;
   unsigned i;
@@ -2700,6 +2721,7 @@ l_req_forward_head(lua_State *L)
     name_set_add_table(L, set_index, &skip);
   }
 
+  connection = has_connection(c->head, c->hdrs, c->nhdrs);
   method = llhttp_method_name(c->parser.method);
   c->out_len = 0;
   out_str(L, c, method);
@@ -2711,7 +2733,7 @@ l_req_forward_head(lua_State *L)
     const jv_http_header_t *h = &c->hdrs[i];
     const char *name = c->head + h->name_off;
 
-    if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i) ||
+    if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i, connection) ||
         name_set_has(L, &skip, drop_names, drop_index, set_index, name,
                      h->name_len)) {
       continue;
@@ -2801,6 +2823,7 @@ build_relay_head(lua_State *L, int req_index, int status, const char *head,
   jv_http_conn_t *c = box->conn;
   int has_length = 0, has_date = 0;
   int bodyless = (status < 200 || status == 204 || status == 304);
+  int connection = has_connection(head, hdrs, n);
   unsigned i;
 
   if (c == NULL) {
@@ -2832,7 +2855,7 @@ build_relay_head(lua_State *L, int req_index, int status, const char *head,
     const char *name = head + hdrs[i].name_off;
     size_t len = hdrs[i].name_len;
 
-    if (!is_end_to_end(head, hdrs, n, i)) {
+    if (!is_end_to_end(head, hdrs, n, i, connection)) {
       continue;
     }
 
