@@ -1,6 +1,7 @@
 -- How `justavps dev` handles a bad environment: a port another program
--- listens on, a directory with a space, a damaged secrets.json and a lost
--- stack.json. Each test starts a real stack in its own temporary directory.
+-- listens on, a directory with a space, a damaged secrets.json, a lost
+-- stack.json and a run killed with SIGKILL. Each test starts a real stack
+-- in its own temporary directory.
 local core = require("justavps.core")
 local json = require("cjson.safe")
 local helpers = require("support.helpers")
@@ -91,6 +92,13 @@ local function new_dir(name)
   local dir = tmp .. "/" .. name
   assert(os.execute("mkdir -p '" .. dir .. "'") == 0)
   return tmp, dir
+end
+
+
+-- True when pid is a process that has not exited (a zombie has).
+local function process_alive(pid)
+  local stat = read_file("/proc/" .. pid .. "/stat")
+  return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 
@@ -197,5 +205,41 @@ describe("justavps dev failures", function()
     assert.equal(401, me(first.api_key))
     assert.equal(200, me(second.api_key))
     assert.equal(0, stop_dev(p))
+  end, 180))
+
+  it("starts again after a run was killed with SIGKILL", async(function()
+    local tmp, dir = new_dir("dev")
+    tmps[#tmps + 1] = tmp
+    local ports = new_ports()
+    local p, status, log = start_dev(dir, ports, { "--no-machine" })
+    assert.is_nil(status, log)
+    local roles = {}
+    for _, name in ipairs({ "platform", "broker", "edge" }) do
+      roles[name] = tonumber((read_file(dir .. "/run/" .. name .. ".pid")
+        or ""):match("^(%d+)"))
+      assert.is_number(roles[name], name .. " has no pid file")
+    end
+    assert(p:kill("SIGKILL"))
+    p:wait(10)
+    -- The roles run in process groups of their own and outlive it.
+    for name, pid in pairs(roles) do
+      assert.is_true(process_alive(pid), name .. " is gone")
+    end
+
+    p, status, log = start_dev(dir, ports, { "--no-machine" })
+    assert.is_nil(status, log)
+    assert.truthy(log:find("stopping a process left by an earlier run", 1,
+      true), log)
+    for name, pid in pairs(roles) do
+      assert.is_false(process_alive(pid), name .. " " .. pid
+        .. " of the killed run still runs")
+    end
+    local res = assert(core.http.request({ host = "127.0.0.1",
+      port = ports.platform, path = "/api/v1/health" }))
+    res:read_body()
+    res:close()
+    assert.equal(200, res.status)
+    assert.equal(0, stop_dev(p))
+    assert.is_false(postgres_running(dir))
   end, 180))
 end)

@@ -598,13 +598,16 @@ describe("justavps dev walkthrough", function()
     end)
     assert.truthy(new_pid, "the demo daemon was not started again")
 
-    -- SIGINT is PostgreSQL's fast shutdown.
-    local postmaster = tonumber((read_file(dir
-      .. "/pg/data/postmaster.pid") or ""):match("^(%d+)"))
-    assert(core.proc.kill(postmaster, "SIGINT"))
-    assert.truthy(eventually(30, function()
-      return process_alive(postmaster) == false
-        and core.fs.stat(dir .. "/pg/.s.PGSQL.5432") ~= nil
+    -- A killed postmaster leaves its socket file and pid file behind.
+    local function postmaster_pid()
+      return tonumber((read_file(dir .. "/pg/data/postmaster.pid") or "")
+        :match("^(%d+)"))
+    end
+    local postmaster = postmaster_pid()
+    assert(core.proc.kill(postmaster, "SIGKILL"))
+    assert.truthy(eventually(60, function()
+      local pid = postmaster_pid()
+      return pid and pid ~= postmaster and process_alive(pid)
     end), "postgres was not started again")
     assert.truthy(eventually(30, function()
       return api("GET", "/me") == 200

@@ -145,6 +145,16 @@ function _M:running()
 end
 
 
+-- Returns true when the postmaster named by the cluster's pid file is a
+-- live process. Cheap enough for a check every few seconds, unlike
+-- pg_ctl status; the socket file alone outlives a killed server.
+function _M:alive()
+  local text = files.read(self.cluster .. "/data/postmaster.pid")
+  local pid = text and tonumber(text:match("^%s*(%d+)"))
+  return pid ~= nil and files.exists("/proc/" .. pid)
+end
+
+
 -- Starts the server unless it runs, then creates the database when it is
 -- missing. Returns the libpq connection string, or nil, message.
 function _M:start()

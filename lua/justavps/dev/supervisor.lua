@@ -189,6 +189,18 @@ function Supervisor:stop_all(timeout)
 end
 
 
+-- Stops the roles that a killed `justavps dev` on dir left running, as
+-- the pid files in run_dir name them. The roles' ports are checked for
+-- use after this, so leftovers must go first.
+function _M.stop_leftovers(dir, run_dir, names)
+  for _, name in ipairs(names) do
+    Supervisor.stop_leftover(nil, { name = name,
+      config = dir .. "/" .. name .. ".json",
+      pid_file = run_dir .. "/" .. name .. ".pid" })
+  end
+end
+
+
 -- Returns a supervisor. opts: binary (path of justavps), log_dir,
 -- run_dir, access_log (boolean passed to each role).
 function _M.new(opts)

@@ -21,7 +21,7 @@ _M.MISSES = 2
 
 
 local function check_postgres(pg)
-  if files.exists(pg.cluster .. "/.s.PGSQL." .. pg.PORT) then
+  if pg:alive() then
     return
   end
   log.err("postgres is not running; starting it again",

@@ -195,6 +195,11 @@ local function start(opts, state)
     return err
   end
 
+  -- Roles that a killed run left still hold the ports. The lock proves
+  -- that run is gone, so they can be stopped.
+  supervisor.stop_leftovers(opts.dir, opts.dir .. "/run",
+    { "edge", "broker", "platform" })
+
   -- Every port must be free before anything starts: a client of a port
   -- taken by another program would send it the demo credentials.
   ok, err = check_ports(opts)
