@@ -497,6 +497,25 @@ describe("edge", function()
       assert.equal("missing_scope", body.error.code)
     end))
 
+    it("is checked for each method and host kind", async(function()
+      for _ = 1, 2 do
+        local res = get("/_toolbox/list/",
+          { Authorization = bearer(keys.read) })
+        assert.equal(200, res.status)
+        local posted, _, body = request("POST", "/_toolbox/list/",
+          { Authorization = bearer(keys.read) }, "")
+        assert.equal(403, posted.status)
+        assert.equal("missing_scope", body.error.code)
+
+        local app_res, _, seen = get("/_pty", { Authorization =
+          bearer(keys.proxy), Host = app_port .. "-" .. HOST })
+        assert.equal(200, app_res.status)
+        assert.equal("/_pty", seen.target)
+        local pty = get("/_pty", { Authorization = bearer(keys.proxy) })
+        assert.equal(403, pty.status)
+      end
+    end))
+
     it("with proxy only cannot open /_pty", async(function()
       local res, _, body = get("/_pty", { Authorization = bearer(keys.proxy) })
       assert.equal(403, res.status)

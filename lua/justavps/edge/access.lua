@@ -24,6 +24,7 @@ local state = require("justavps.edge.state")
 local json = require("justavps.json")
 
 local type = type
+local next = next
 local ipairs = ipairs
 local tonumber = tonumber
 local concat = table.concat
@@ -378,6 +379,64 @@ function _M.api_key_hash(authorization)
 end
 
 
+-- policy.classify results by host kind, method and request-target.
+-- policies/edge_access.lua computes classify from those three values
+-- alone, and it costs more than the rest of the credential checks for a
+-- short path. Each request gets its own copy of a cached result, so a
+-- policy that changes input.class cannot affect another request. The map
+-- is emptied when it reaches CLASSES_MAX targets or when the policy is
+-- reloaded, and targets longer than CLASS_TARGET_MAX bytes are not kept.
+-- NOTE: a policy whose classify reads anything else (time, config)
+-- would be served stale results here until the map is emptied.
+local CLASSES_MAX = 1024
+local CLASS_TARGET_MAX = 256
+local classes = {}
+local class_count = 0
+local classes_of = nil
+
+
+local function copy(t)
+  local out = {}
+  for k, v in next, t do
+    out[k] = v
+  end
+  return out
+end
+
+
+-- Returns policy.classify(target, method, host_kind) through the map
+-- above.
+local function classify(target, method, host_kind)
+  local classify_fn = policy.classify
+  if #target > CLASS_TARGET_MAX then
+    return classify_fn(target, method, host_kind)
+  end
+  if classes_of ~= classify_fn or class_count >= CLASSES_MAX then
+    classes = {}
+    class_count = 0
+    classes_of = classify_fn
+  end
+  local by_method = classes[host_kind]
+  if by_method == nil then
+    by_method = {}
+    classes[host_kind] = by_method
+  end
+  local by_target = by_method[method]
+  if by_target == nil then
+    by_target = {}
+    by_method[method] = by_target
+  end
+  local class = by_target[target]
+  if class == nil then
+    class = classify_fn(target, method, host_kind)
+    by_target[target] = copy(class)
+    class_count = class_count + 1
+    return class
+  end
+  return copy(class)
+end
+
+
 -- Fields of a policy input: 8 from ctx, class, api_key or api_key_error,
 -- cookie, share, token_error, ticket and ticket_error.
 local INPUT_FIELDS = 15
@@ -403,7 +462,7 @@ function _M.evaluate(req, ctx)
   input.scheme = ctx.scheme
   input.origin = ctx.origin
   input.is_websocket = ctx.is_websocket
-  input.class = policy.classify(input.target, input.method, input.host_kind)
+  input.class = classify(input.target, input.method, input.host_kind)
 
   local key_hash = ctx.api_key_hash
   if key_hash ~= nil then
