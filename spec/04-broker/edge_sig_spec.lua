@@ -143,6 +143,49 @@ describe("edge_sig", function()
     end
   end)
 
+  -- Values per header: accepted ones, then rejected ones.
+  local FORMATS = {
+    { "X-JustAVPS-Target-Port", { "1", "80", "65535" },
+      { "0", "080", "65536", "123456", "8a", "", " 80", "-1", "+80" } },
+    { "X-JustAVPS-Slug", { "abc", "spec-machine", "a1-" .. ("b"):rep(36) },
+      { "ab", "Spec", "a_b", "a.b", "sl\0g", ("a"):rep(41), "s\195\169g" } },
+    { "X-JustAVPS-Timestamp", { "0", "1700000000", ("9"):rep(12) },
+      { "01", ("9"):rep(13), "1.5", "", "1e9", "\1" } },
+    { "X-JustAVPS-Nonce", { ("A"):rep(16), "aZ09_-" .. ("x"):rep(58) },
+      { ("A"):rep(15), ("A"):rep(65), ("A"):rep(15) .. ".",
+        ("A"):rep(15) .. "=", ("A"):rep(15) .. "\255" } },
+    { "X-JustAVPS-Broker", { "b", "Broker.EU_1-a", ("b"):rep(64) },
+      { ("b"):rep(65), "b/1", "b 1", "b:1" } },
+    { "X-JustAVPS-Signature", { "v1=" .. ("0a"):rep(32) },
+      { "v1=" .. ("0A"):rep(32), "v2=" .. ("0a"):rep(32),
+        "v1=" .. ("0a"):rep(31), "v1=" .. ("0a"):rep(31) .. "0g",
+        "V1=" .. ("0a"):rep(32) } },
+  }
+
+  for _, case in ipairs(FORMATS) do
+    local name, good, bad = case[1], case[2], case[3]
+
+    it("checks the format of " .. name, function()
+      for _, value in ipairs(good) do
+        local headers = edge_sig.sign(SECRET, FIELDS)
+        headers.Host = FIELDS.host
+        headers[name] = value
+        local f, code, message = edge_sig.parse(list_of(headers))
+        assert.is_table(f, name .. ": " .. value .. ": " .. tostring(message))
+        assert.is_nil(code)
+      end
+      for _, value in ipairs(bad) do
+        local headers = edge_sig.sign(SECRET, FIELDS)
+        headers.Host = FIELDS.host
+        headers[name] = value
+        local f, code, message = edge_sig.parse(list_of(headers))
+        assert.is_nil(f, name .. ": " .. value)
+        assert.equal("invalid_header", code, name .. ": " .. value)
+        assert.truthy(message:find(name, 1, true))
+      end
+    end)
+  end
+
   it("lists the eight header names in HEADER_SET", function()
     local count = 0
     for name in pairs(edge_sig.HEADER_SET) do
