@@ -115,6 +115,26 @@ describe("core.pipe ws_ping_interval", function()
     assert.equal("\137\128", after:sub(1, 2))
   end, 10))
 
+  it("keeps a half-closed pipe open", async(function()
+    local frame = masked(0x1, "hi")
+    assert(client:write(frame))
+    assert.equal(frame, server:readn(#frame))
+    -- The client's end of stream shuts the write half toward the server,
+    -- so the pings that follow go only toward the client.
+    assert(client:shutdown())
+    core.sleep(INTERVAL * 2.5)
+    local data, _, code = server:read()
+    assert.is_nil(data)
+    assert.equal("closed", code)
+    assert.is_false(done)
+
+    local reply = "\130\5hello"
+    assert(server:write(reply))
+    local got = read_for(client, INTERVAL * 0.5)
+    assert.equal(reply, got:sub(-#reply))
+    assert.equal("\137\0", got:sub(1, 2))
+  end, 10))
+
   it("sends nothing after a close frame", async(function()
     local close = masked(0x8, "\3\232")
     assert(client:write(close))
