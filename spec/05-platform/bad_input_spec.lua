@@ -343,6 +343,41 @@ describe("platform bad input", function()
     end)
   end))
 
+  it("rejects text PostgreSQL cannot store in any body", async(function()
+    each_body_route(function(entry, _, send)
+      for _, body in ipairs({ '{"name": "a\\u0000b"}', '{"name": "a\255b"}',
+          '{"a\\u0000": 1}' }) do
+        local status, text, decoded = send(body)
+        check_error(entry.where .. " with " .. body, status, text, decoded,
+          400, "invalid_request", "UTF-8")
+      end
+    end)
+  end))
+
+  it("rejects path parameters that are not UTF-8 text", async(function()
+    local walked = 0
+    for _, entry in ipairs(operations(doc)) do
+      if entry.path:find("{", 1, true) and entry.op["x-auth"] == "user" then
+        walked = walked + 1
+        -- The router refuses an encoded NUL before any route runs.
+        for _, case in ipairs({ { "%ff", "invalid_request", "UTF-8" },
+            { "a%00b", "bad_request", "NUL" } }) do
+          local target = entry.path:gsub("{[%w_]+%*?}", function()
+            return case[1]
+          end)
+          local before = counts()
+          local status, text, decoded = request(entry.method, target,
+            credentials(entry.op, entry.method, target, "{}"), "{}")
+          check_error(entry.where .. " at " .. target, status, text, decoded,
+            400, case[2], case[3])
+          assert.falsy(text:find("\255", 1, true), text)
+          assert.same(before, counts(), entry.where .. " changed the database")
+        end
+      end
+    end
+    assert.is_true(walked > 0, "no user route has a path parameter")
+  end))
+
   it("rejects authenticated routes without valid credentials", async(function()
     local walked = 0
     for _, entry in ipairs(operations(doc)) do

@@ -1,6 +1,7 @@
 -- The platform API process against a fresh database: the OpenAPI document,
 -- unknown routes and methods, and machine-signed heartbeats signed here
 -- independently from the wire contract.
+local core = require("justavps.core")
 local json = require("justavps.json")
 local helpers = require("support.helpers")
 
@@ -184,6 +185,94 @@ describe("platform API", function()
     assert.equal("9.9.10", detail.version)
     db:close()
   end))
+
+  it("stores NULL for metrics outside their columns' range",
+    async(function()
+      local db = database:connect()
+      local before = tonumber(assert(db:query(
+        "SELECT count(*) AS n FROM machine_metrics"))[1].n)
+      local status = heartbeat("hb-1", { version = "9.9.10",
+        metrics = { cpu = { usage_percent = 1e308 },
+          load = { ["1"] = -1, ["5"] = 0.5, ["15"] = 0.25 },
+          memory = { total = 2000, available = 3000 },
+          disk = { used_bytes = -5, total_bytes = 1e30 } } })
+      assert.equal(200, status)
+      local rows = assert(db:query("SELECT cpu_percent, load_1, load_5, "
+        .. "load_15, mem_used_bytes, mem_total_bytes, disk_used_bytes, "
+        .. "disk_total_bytes FROM machine_metrics ORDER BY id DESC LIMIT 1"))
+      local count = tonumber(assert(db:query(
+        "SELECT count(*) AS n FROM machine_metrics"))[1].n)
+      db:close()
+      assert.equal(before + 1, count)
+      -- core.pg returns SQL NULL as pg.null.
+      local row = rows[1]
+      local null = core.pg.null
+      assert.equal(null, row.cpu_percent)
+      assert.equal(null, row.load_1)
+      assert.equal(0.5, row.load_5)
+      assert.equal(0.25, row.load_15)
+      assert.equal(null, row.mem_used_bytes)
+      assert.equal(2000, tonumber(row.mem_total_bytes))
+      assert.equal(null, row.disk_used_bytes)
+      assert.equal(null, row.disk_total_bytes)
+    end))
+
+  it("replaces bytes PostgreSQL refuses in reported text", async(function()
+    local status = heartbeat("hb-1", { version = "9.9.10",
+      ports = { { port = 4000, address = "0.0.0.0",
+        process = "bad\0name\255" } } })
+    assert.equal(200, status)
+    local db = database:connect()
+    local ports = assert(db:query("SELECT ports::text AS ports FROM "
+      .. "machines WHERE slug = $1", { "hb-1" }))[1].ports
+    db:close()
+    local decoded = json.decode(ports)
+    assert.equal(4000, decoded[1].port)
+    assert.equal("bad?name?", decoded[1].process)
+  end))
+
+  it("records a cloud-init log that is not UTF-8", async(function()
+    local db = database:connect()
+    local acct = assert(db:query("SELECT id FROM accounts LIMIT 1"))[1]
+    assert(db:query("INSERT INTO machines (slug, account_id, name, "
+      .. "provider, region, server_type, stage, token) VALUES ($1, $2, "
+      .. "$3, $4, $5, $6, $7, $8)", { "hb-3", acct.id, "hb", "local",
+      "local", "local", "cloud_init_running", TOKEN }))
+    local status = heartbeat("hb-3", { version = "1", stage = "failed",
+      cloud_init = { status = "error", errors = { "bad \255 byte" },
+        log_tail = { "nul \0 here" } } })
+    assert.equal(200, status)
+    local rows = assert(db:query("SELECT e.detail::text AS detail FROM "
+      .. "machine_events e JOIN machines m ON m.id = e.machine_id "
+      .. "WHERE m.slug = $1", { "hb-3" }))
+    db:close()
+    assert.equal(1, #rows)
+    local detail = json.decode(rows[1].detail)
+    assert.same({ "bad ? byte" }, detail.errors)
+    assert.same({ "nul ? here" }, detail.log_tail)
+  end))
+
+  for _, case in ipairs({
+    { "a version longer than 64 bytes", ("9"):rep(65) },
+    { "a version that is not UTF-8", "1.0\255" },
+    { "a version with a NUL byte", "1.0\0" },
+  }) do
+    it("rejects " .. case[1] .. " with 400", async(function()
+      local db = database:connect()
+      local before = assert(db:query("SELECT version, (SELECT count(*) "
+        .. "FROM machine_metrics) AS metrics FROM machines WHERE slug = $1",
+        { "hb-1" }))[1]
+      local status, body = heartbeat("hb-1", { version = case[2] })
+      local after = assert(db:query("SELECT version, (SELECT count(*) "
+        .. "FROM machine_metrics) AS metrics FROM machines WHERE slug = $1",
+        { "hb-1" }))[1]
+      db:close()
+      assert.equal(400, status)
+      assert.equal("invalid_request", body.error.code)
+      assert.truthy(body.error.message:find("version", 1, true))
+      assert.same(before, after)
+    end))
+  end
 
   it("rejects an unknown machine", async(function()
     local status, body = heartbeat("no-such-machine", { version = "1" })

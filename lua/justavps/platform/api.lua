@@ -9,6 +9,7 @@
 --     max_body = bytes, handler = function(ctx) return status, table end }
 -- where ctx has req, params, query, body (validated table), raw_body and
 -- whatever the auth step adds (ctx.machine, ctx.user, ...).
+local core = require("justavps.core")
 local router = require("justavps.router")
 local config = require("justavps.config")
 local json = require("justavps.json")
@@ -20,6 +21,8 @@ local ipairs = ipairs
 local tostring = tostring
 local concat = table.concat
 local sgsub = string.gsub
+local sfind = string.find
+local valid_utf8 = core.ws.valid_utf8
 
 local _M = {}
 
@@ -110,6 +113,43 @@ local function read_body(req, max)
 end
 
 
+-- Returns true when s is text PostgreSQL can store: valid UTF-8 without
+-- a NUL byte.
+local function storable(s)
+  return not sfind(s, "\0", 1, true) and valid_utf8(s)
+end
+_M.storable = storable
+
+
+-- Returns the path ("$.name", "$.tags[2]") of the first string in v, key
+-- or value, that is not storable, or nil when there is none.
+local function unstorable_path(v, path)
+  if type(v) == "string" then
+    return not storable(v) and path or nil
+  end
+  if type(v) ~= "table" then
+    return nil
+  end
+  for k, x in pairs(v) do
+    local sub
+    if type(k) == "string" then
+      if not storable(k) then
+        return path .. " (a key)"
+      end
+      sub = path .. "." .. k
+    else
+      sub = path .. "[" .. tostring(k) .. "]"
+    end
+    local found = unstorable_path(x, sub)
+    if found then
+      return found
+    end
+  end
+  return nil
+end
+_M.unstorable_path = unstorable_path
+
+
 -- Validates the decoded body against the route's schema. Returns the
 -- validated table or nil, message naming the first bad field.
 local function validate_body(route, decoded)
@@ -139,6 +179,15 @@ function Api:dispatch(req)
     end
     return _M.error(404, "not_found", "no route for " .. req.method .. " "
       .. req.path)
+  end
+
+  -- Parameters go into queries, and bytes that PostgreSQL rejects as text
+  -- would turn a client's mistake into a 500.
+  for name, value in pairs(params) do
+    if not storable(value) then
+      return _M.error(400, "invalid_request", "path parameter " .. name
+        .. " must be UTF-8 text without NUL characters")
+    end
   end
 
   local ctx = { req = req, params = params, query = query, route = route }
@@ -175,6 +224,11 @@ function Api:dispatch(req)
       or "{}")
     if decoded == nil then
       return _M.error(400, "invalid_json", derr)
+    end
+    local bad = unstorable_path(decoded, "$")
+    if bad then
+      return _M.error(400, "invalid_request", bad
+        .. " must be UTF-8 text without NUL characters")
     end
     local body, verr = validate_body(route, decoded)
     if not body then

@@ -18,8 +18,11 @@ local machines = require("justavps.platform.machines")
 local heartbeat_batch = require("justavps.platform.heartbeat_batch")
 
 local type = type
+local pairs = pairs
 local ipairs = ipairs
-local sfind = string.find
+local getmetatable = getmetatable
+local setmetatable = setmetatable
+local sgsub = string.gsub
 local min = math.min
 
 -- Stages a daemon may report, in the order provisioning passes them. A
@@ -37,6 +40,9 @@ local UPDATE_OUTCOMES = { applied = true, rolled_back = true,
   skipped = true, failed = true }
 local MAX_UPDATE_EVENTS = 20
 
+-- Maximum length in bytes of the version a heartbeat reports.
+local MAX_VERSION = 64
+
 local STAGE_ORDER = {
   server_creating = 0, server_created = 0.5,
   cloud_init_running = 1, cloud_init_done = 2, services_ready = 3,
@@ -45,6 +51,44 @@ local STAGE_ORDER = {
 
 local function number_or_nil(v)
   return type(v) == "number" and v or nil
+end
+
+
+-- Largest values of the machine_metrics columns: real, and the largest
+-- double below 2^63 for bigint.
+local REAL_MAX = 3.4e38
+local BIGINT_MAX = 2 ^ 63 - 1024
+
+
+-- Returns v when it is a number in [lo, hi], else nil. A value that the
+-- column's CHECK or type would reject is stored as NULL, so one odd
+-- reading never costs the machine its heartbeat.
+local function in_range(v, lo, hi)
+  if type(v) == "number" and v >= lo and v <= hi then
+    return v
+  end
+  return nil
+end
+
+
+-- Returns a copy of v whose strings PostgreSQL can store. In a string with
+-- a NUL byte or with bytes that are not UTF-8 (a process name can be any
+-- bytes), those bytes become "?".
+local function storable_copy(v)
+  if type(v) == "string" then
+    if api_mod.storable(v) then
+      return v
+    end
+    return (sgsub(v, "[%z\128-\255]", "?"))
+  end
+  if type(v) ~= "table" then
+    return v
+  end
+  local out = setmetatable({}, getmetatable(v))
+  for k, x in pairs(v) do
+    out[storable_copy(k)] = storable_copy(x)
+  end
+  return out
 end
 
 
@@ -60,21 +104,21 @@ local function metrics_row(m)
   local mem = type(m.memory) == "table" and m.memory or {}
   local disk = type(m.disk) == "table" and m.disk or {}
   local net = type(m.network) == "table" and m.network.interfaces or nil
-  local total = number_or_nil(mem.total)
+  local total = in_range(mem.total, 0, BIGINT_MAX)
   local used
   if total and number_or_nil(mem.available) then
-    used = total - mem.available
+    used = in_range(total - mem.available, 0, BIGINT_MAX)
   end
   return {
-    number_or_nil(cpu.usage_percent),
-    number_or_nil(load["1"] or load.load1 or load[1]),
-    number_or_nil(load["5"] or load.load5 or load[2]),
-    number_or_nil(load["15"] or load.load15 or load[3]),
+    in_range(cpu.usage_percent, 0, 100),
+    in_range(load["1"] or load.load1 or load[1], 0, REAL_MAX),
+    in_range(load["5"] or load.load5 or load[2], 0, REAL_MAX),
+    in_range(load["15"] or load.load15 or load[3], 0, REAL_MAX),
     used,
     total,
-    number_or_nil(disk.used_bytes),
-    number_or_nil(disk.total_bytes),
-    json.encode(type(net) == "table" and net or {}),
+    in_range(disk.used_bytes, 0, BIGINT_MAX),
+    in_range(disk.total_bytes, 0, BIGINT_MAX),
+    json.encode(storable_copy(type(net) == "table" and net or {})),
   }
 end
 
@@ -115,8 +159,9 @@ local function update_outcomes(body)
     if type(ev) == "table" and UPDATE_OUTCOMES[ev.type] then
       out[#out + 1] = { source = "daemon", kind = "update",
         outcome = ev.type, version = type(ev.version) == "string"
-          and ev.version or nil, reason = type(ev.reason) == "string"
-          and ev.reason:sub(1, 500) or nil }
+          and storable_copy(ev.version:sub(1, MAX_VERSION)) or nil,
+        reason = type(ev.reason) == "string"
+          and storable_copy(ev.reason:sub(1, 500)) or nil }
     end
   end
   return out
@@ -219,18 +264,21 @@ return function(api)
       end
 
       local version = type(body.version) == "string" and body.version or nil
-      if version and sfind(version, "\0", 1, true) then
-        return api_mod.error(400, "invalid_request",
-          "version must not contain NUL characters")
+      if version and (#version > MAX_VERSION
+          or not api_mod.storable(version)) then
+        return api_mod.error(400, "invalid_request", "version must be "
+          .. "UTF-8 text of at most " .. MAX_VERSION .. " bytes without "
+          .. "NUL characters")
       end
-      local ports = type(body.ports) == "table" and body.ports or {}
+      local ports = type(body.ports) == "table"
+        and storable_copy(body.ports) or {}
       local report = {
         version = version,
         ports = json.encode(json.array(ports)),
         metrics = metrics_row(body.metrics),
         stage = body.stage,
-        cloud_init = type(body.cloud_init) == "table" and body.cloud_init
-          or {},
+        cloud_init = type(body.cloud_init) == "table"
+          and storable_copy(body.cloud_init) or {},
         outcomes = update_outcomes(body),
       }
 
