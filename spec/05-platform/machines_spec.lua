@@ -102,7 +102,9 @@ describe("machines API", function()
     it("rejects a provider it cannot use", async(function()
       local cases = {
         { { provider = "nowhere", region = "x", server_type = "y" },
-          "unknown_provider", "provider" },
+          "unknown_provider", "unknown provider 'nowhere'" },
+        { { provider = "init", region = "x", server_type = "y" },
+          "unknown_provider", "unknown provider 'init'" },
         -- The spec's config gives hetzner no token.
         { { provider = "hetzner", region = "fsn1", server_type = "cx22" },
           "provider_not_configured", "hetzner" },
@@ -119,6 +121,9 @@ describe("machines API", function()
         assert.equal(400, status, case[2])
         assert.equal(case[2], reply.error.code)
         assert.truthy(reply.error.message:find(case[3], 1, true),
+          reply.error.message)
+        -- No file system path of the platform host.
+        assert.falsy(reply.error.message:find("/", 1, true),
           reply.error.message)
       end
       assert.equal(before, db.one("SELECT count(*) AS n FROM machines").n)

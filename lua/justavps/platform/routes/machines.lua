@@ -125,9 +125,17 @@ end
 -- region's capacity, are left to the provisioning worker.
 local function check_provider(fields)
   local name = fields.provider
-  local module, err = providers.get(name)
+  -- "init" names the registry module itself, not a provider.
+  local module, err = nil, "reserved name"
+  if name ~= "init" then
+    module, err = providers.get(name)
+  end
   if not module then
-    return api_mod.error(400, "unknown_provider", "provider: " .. err)
+    -- The reason lists the module search path, so only the log has it.
+    log.warn("machine requested for an unknown provider",
+      { provider = name, error = err })
+    return api_mod.error(400, "unknown_provider", "provider: unknown "
+      .. "provider '" .. name .. "'")
   end
   -- rawget: the validated record raises on a key it does not declare.
   local conf = rawget(state.conf.provision.providers, name)
