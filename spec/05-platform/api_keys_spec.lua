@@ -179,8 +179,11 @@ describe("platform API keys", function()
 
   local bad_queries = {
     { "limit=0", "limit" }, { "limit=101", "limit" }, { "limit=abc", "limit" },
-    { "limit=1.5", "limit" }, { "cursor=not-a-cursor", "cursor" },
-    { "cursor=" .. crypto.base64url_encode("2024-01-01 x"), "cursor" },
+    { "limit=1.5", "limit" },
+    -- The machine list answers a bad cursor with the same code.
+    { "cursor=not-a-cursor", "cursor", "invalid_cursor" },
+    { "cursor=" .. crypto.base64url_encode("2024-01-01 x"), "cursor",
+      "invalid_cursor" },
   }
 
   for _, case in ipairs(bad_queries) do
@@ -188,7 +191,7 @@ describe("platform API keys", function()
       local status, body = request("GET", "/api/v1/api-keys?" .. case[1],
         { Cookie = owner.cookie })
       assert.equal(400, status)
-      assert.equal("invalid_request", body.error.code)
+      assert.equal(case[3] or "invalid_request", body.error.code)
       assert.truthy(body.error.message:find(case[2], 1, true))
     end))
   end

@@ -109,7 +109,7 @@ local function list(ctx)
   if query.cursor then
     after_created_at, after_id = decode_cursor(query.cursor)
     if not after_created_at then
-      return api_mod.error(400, "invalid_request", "cursor: not a cursor "
+      return api_mod.error(400, "invalid_cursor", "cursor: not a cursor "
         .. "from next_cursor of an earlier page")
     end
   end
