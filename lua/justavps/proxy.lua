@@ -262,6 +262,23 @@ local function relay_body(req, res, host, port, tls, server_name)
 end
 
 
+-- Returns a body_reader for exchange that streams the body of req, and
+-- a table whose started field turns true once it was first called. It is
+-- made here rather than in forward, so that forward creates no closure
+-- and keeps no upvalue, which LuaJIT cannot compile.
+local function client_body_reader(req)
+  local body = { started = false }
+  return function()
+    body.started = true
+    local data, err = req:read()
+    if data == nil and err then
+      error("client body: " .. tostring(err))
+    end
+    return data
+  end, body
+end
+
+
 -- Sends head on sock, or on a new connection when sock is nil, and
 -- returns the response as core.http._exchange does.
 local function exchange(sock, host, port, head, mode, length, body_reader,
@@ -337,7 +354,7 @@ local function forward_upgrade(req, opts)
 
   if not res then
     if opts.on_unreachable and UNREACHABLE[code] then
-      return opts.on_unreachable(code, err)
+      return opts.on_unreachable(code, err, opts)
     end
     return upstream_error(code, err, host .. ":" .. tostring(port))
   end
@@ -377,8 +394,11 @@ end
 --                    as they are (no Host, Content-Length or hop-by-hop
 --                    names); drop_headers must name them
 --   timeout          seconds for connect and for each read or write
---   on_unreachable   function(code, err) returning status, headers, body,
---                    to answer a failed connect in the caller's words
+--   on_unreachable   function(code, err, opts) returning status, headers,
+--                    body, to answer a failed connect in the caller's
+--                    words; opts is this table, so that the function
+--                    can read the caller's own fields from it instead
+--                    of being a new closure for each request
 --   pipe_idle_timeout  seconds without a byte either way after which an
 --                    upgraded connection is closed (nil: no limit)
 --   ws_ping_interval seconds without a byte either way after which a
@@ -403,17 +423,9 @@ function _M.forward(req, opts)
   local head, mode, length, request_close = req:forward_head(host, port,
     opts.target, opts.set_headers, opts.drop_headers, opts.extra_headers)
 
-  local body_reader
-  local body_started = false
+  local body_reader, body
   if mode ~= "none" then
-    body_reader = function()
-      body_started = true
-      local data, err = req:read()
-      if data == nil and err then
-        error("client body: " .. tostring(err))
-      end
-      return data
-    end
+    body_reader, body = client_body_reader(req)
   end
 
   -- A pooled socket may still have been closed by the upstream just
@@ -427,7 +439,7 @@ function _M.forward(req, opts)
     res, err, code = exchange(pooled, host, port, head, mode, length,
       body_reader, is_head, request_close, timeout)
   end
-  if not pooled or (not res and not body_started) then
+  if not pooled or (not res and not (body and body.started)) then
     res, err, code = exchange(nil, host, port, head, mode, length,
       body_reader, is_head, request_close, timeout, opts.tls,
       opts.server_name)
@@ -435,7 +447,7 @@ function _M.forward(req, opts)
 
   if not res then
     if opts.on_unreachable and UNREACHABLE[code] then
-      return opts.on_unreachable(code, err)
+      return opts.on_unreachable(code, err, opts)
     end
     return upstream_error(code, err, host .. ":" .. tostring(port))
   end

@@ -153,6 +153,18 @@ local function verify(req, conf)
 end
 
 
+-- The on_unreachable of proxy.forward: opts.request and opts.fields are
+-- the request and its signed fields.
+local function machine_unreachable(_, _, opts)
+  local fields = opts.fields
+  log.warn("machine refused the connection", { req_id = opts.request.id,
+    slug = fields.slug, target_port = opts.port })
+  return error_response(502, "upstream_unreachable",
+    "machine " .. fields.slug .. " refused the connection on port "
+      .. opts.port)
+end
+
+
 function _M.handle(req)
   local conf = state.conf
   local fields, status, code, message = verify(req, conf)
@@ -189,13 +201,9 @@ function _M.handle(req)
     -- all of them.
     timeout = max(upstream.connect_timeout, upstream.header_timeout,
       upstream.idle_timeout),
-    on_unreachable = function()
-      log.warn("machine refused the connection", { req_id = req.id,
-        slug = fields.slug, target_port = port })
-      return error_response(502, "upstream_unreachable",
-        "machine " .. fields.slug .. " refused the connection on port "
-          .. port)
-    end,
+    on_unreachable = machine_unreachable,
+    request = req,
+    fields = fields,
   })
 end
 

@@ -221,6 +221,19 @@ local function dropped_headers(req, ctx)
 end
 
 
+-- The on_unreachable of proxy.forward for a broker: opts.request and
+-- opts.broker are the request and the broker tried.
+local function broker_unreachable(code, _, opts)
+  if code == "ECONNREFUSED" then
+    return RETRY
+  end
+  log.warn("broker connection failed", { req_id = opts.request.id,
+    broker_id = opts.broker.id, code = code })
+  return proxy.error_response(502, "broker_unreachable",
+    "the broker connection failed; retry shortly")
+end
+
+
 -- Forwards to the brokers in order until one accepts the connection.
 local function forward(req, ctx)
   local conf = state.conf
@@ -254,15 +267,9 @@ local function forward(req, ctx)
       -- The signature headers are in every drop set.
       extra_headers = edge_sig.sign_lines(broker.secret, fields),
       timeout = conf.broker_timeout,
-      on_unreachable = function(code)
-        if code == "ECONNREFUSED" then
-          return RETRY
-        end
-        log.warn("broker connection failed", { req_id = req.id,
-          broker_id = broker.id, code = code })
-        return proxy.error_response(502, "broker_unreachable",
-          "the broker connection failed; retry shortly")
-      end,
+      on_unreachable = broker_unreachable,
+      request = req,
+      broker = broker,
     })
     if status ~= RETRY then
       return status, headers, body

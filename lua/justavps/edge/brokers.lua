@@ -43,28 +43,10 @@ local function rotation(list, start)
 end
 
 
--- Returns the brokers to try for one request: the healthy ones in round
--- robin order, then those marked down (oldest mark first), so that a
--- request still has a chance when every broker was marked down. The list
--- may be shared with other requests, so callers must not change it.
-function _M.order()
-  local list = state.brokers
+-- Returns the order of _M.order when a broker is marked down: the healthy
+-- ones from start on, then the others by the time they were marked.
+local function order_with_down(list, start, now)
   local n = #list
-  local now = core.now()
-  local start = state.next_broker
-  state.next_broker = start % n + 1
-
-  local all_up = true
-  for i = 1, n do
-    if not is_up(list[i], now) then
-      all_up = false
-      break
-    end
-  end
-  if all_up then
-    return rotation(list, start)
-  end
-
   local up, down = {}, {}
   for i = 0, n - 1 do
     local broker = list[(start - 1 + i) % n + 1]
@@ -81,6 +63,26 @@ function _M.order()
     up[#up + 1] = broker
   end
   return up
+end
+
+
+-- Returns the brokers to try for one request: the healthy ones in round
+-- robin order, then those marked down (oldest mark first), so that a
+-- request still has a chance when every broker was marked down. The list
+-- may be shared with other requests, so callers must not change it.
+function _M.order()
+  local list = state.brokers
+  local n = #list
+  local now = core.now()
+  local start = state.next_broker
+  state.next_broker = start % n + 1
+
+  for i = 1, n do
+    if not is_up(list[i], now) then
+      return order_with_down(list, start, now)
+    end
+  end
+  return rotation(list, start)
 end
 
 
