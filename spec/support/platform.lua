@@ -36,11 +36,16 @@ local Database = {}
 Database.__index = Database
 
 
--- Returns a database with a random name, created and migrated with
--- `justavps migrate`.
+-- Databases created by this process, which keeps their names apart.
+local created = 0
+
+
+-- Returns a new database, created and migrated with `justavps migrate`.
+-- Its name holds the time, this process's id and a count.
 function _M.database()
-  local name = string.format("justavps_spec_%d_%06d", os.time(),
-    math.random(0, 999999))
+  created = created + 1
+  local name = string.format("justavps_spec_%d_%d_%d", os.time(),
+    core.proc.getpid(), created)
   local c = _M.connect()
   assert(c:query('CREATE DATABASE "' .. name .. '"'))
   c:close()

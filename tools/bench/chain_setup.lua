@@ -36,7 +36,7 @@ end
 
 local function create(slug)
   local dbname = string.format("justavps_chain_%d_%06d", os.time(),
-    math.random(0, 999999))
+    core.proc.getpid())
   local admin = connect()
   assert(admin:query('CREATE DATABASE "' .. dbname .. '"'))
   admin:close()

@@ -47,7 +47,7 @@ end
 
 local function create(machines_file)
   local dbname = string.format("justavps_platform_bench_%d_%06d",
-    os.time(), math.random(0, 999999))
+    os.time(), core.proc.getpid())
   local admin = connect()
   assert(admin:query('CREATE DATABASE "' .. dbname .. '"'))
   admin:close()
