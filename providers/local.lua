@@ -273,7 +273,7 @@ function Driver:claim_address(slug)
   end
   return fail("capacity_unavailable", format("no free loopback address in "
     .. "127.0.0.%d to 127.0.0.%d", conf.address_first,
-    conf.address_first + conf.address_count - 1))
+    math.min(254, conf.address_first + conf.address_count - 1)))
 end
 
 

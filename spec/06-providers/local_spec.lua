@@ -197,6 +197,23 @@ describe("local provider", function()
     assert(driver:delete_server("revive"))
   end, 60))
 
+  it("names only real addresses when the pool is full", async(function()
+    local root = shell("mktemp -d /tmp/justavps-local-full.XXXXXX")
+      :match("%S+")
+    -- The pool runs past .254; its one address is claimed already.
+    shell("mkdir -p " .. root .. "/.claims/127.0.0.254")
+    local driver = assert(local_provider.new({
+      root_dir = root, binary = BIN, address_first = 254,
+      address_count = 10, public_port = PUBLIC_PORT,
+      internal_port = INTERNAL_PORT, stop_timeout = 5,
+    }))
+    local server, err, code = driver:create_server(server_request("full"))
+    shell("rm -rf " .. root)
+    assert.is_nil(server)
+    assert.equal("capacity_unavailable", code)
+    assert.truthy(err:find("127.0.0.254 to 127.0.0.254", 1, true), err)
+  end))
+
   it("rejects user data without a config", async(function()
     local driver = new_driver()
     local req = server_request("no-config")
