@@ -142,6 +142,19 @@ describe("justavps dev failures", function()
     assert.is_false(postgres_running(dir))
   end, 120))
 
+  it("rejects a domain with an empty label", async(function()
+    local tmp, dir = new_dir("dev")
+    tmps[#tmps + 1] = tmp
+    local p, status, log = start_dev(dir, new_ports(),
+      { "--no-machine", "--domain", "a..b" })
+    if not status then
+      status = p:wait(30)
+    end
+    assert.equal(1, status)
+    assert.truthy(log:find("invalid --domain a..b", 1, true), log)
+    assert.is_false(postgres_running(dir))
+  end, 60))
+
   it("runs in a directory with a space", async(function()
     local tmp, dir = new_dir("my dev")
     tmps[#tmps + 1] = tmp

@@ -177,6 +177,11 @@ end
 -- Runs steps 1 to 6. Returns the objects to stop, and nil or an error
 -- message; stops early when state.stop_requested becomes true.
 local function start(opts, state)
+  -- The option's pattern cannot see an empty label such as "a..b".
+  if opts.domain:find("%.[.-]") or opts.domain:find("%-%.") then
+    return "invalid --domain " .. opts.domain .. ": each label between "
+      .. "dots must be letters, digits and inner hyphens"
+  end
   local ok, err = files.mkdir(opts.dir)
   if not ok then
     return err
