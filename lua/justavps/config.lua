@@ -14,6 +14,8 @@
 --   len_min, len_max   length bounds for strings and arrays
 --   one_of       list of allowed values
 --   match        Lua pattern a string must match (anchor it with ^ and $)
+--   match_text   words for match in messages and help, such as "an email
+--                address", shown instead of the pattern
 --   description  one line for help text and docs
 --   unit         word shown in help, such as "seconds" or "bytes"
 --   elements     field of each array element
@@ -140,7 +142,9 @@ local function describe(field)
     parts[#parts + 1] = "one of " .. concat(shown, ", ")
   end
 
-  if field.match then
+  if field.match_text then
+    parts[#parts + 1] = "that is " .. field.match_text
+  elseif field.match then
     parts[#parts + 1] = "matching " .. field.match
   end
 

@@ -157,6 +157,18 @@ describe("config", function()
     assert.matches("of length at most 3", errors[1].message)
   end)
 
+  it("describes a pattern in words when the field has match_text",
+    function()
+      local email_schema = config.schema({ fields = {
+        { email = { type = "string", match = "^[^@]+@[^@]+$",
+          match_text = "an email address" } },
+      } })
+      local c, err = config.validate(email_schema, { email = "nobody" })
+      assert.is_nil(c)
+      assert.matches("that is an email address", err, 1, true)
+      assert.falsy(err:find("^[^@]", 1, true), err)
+    end)
+
   it("names odd map keys in brackets", function()
     local _, _, _, errors = load({ broker = { id = "b" },
       limits = { ["a.b"] = -1, plain = "x" } })

@@ -337,7 +337,7 @@ describe("platform auth routes", function()
     { "a missing email", json.encode({ password = PASSWORD }), 400,
       "invalid_request", "email" },
     { "a malformed email", json.encode({ email = "no-at-sign",
-      password = PASSWORD }), 400, "invalid_request", "email" },
+      password = PASSWORD }), 400, "invalid_request", "an email address" },
     { "a password of the wrong type", json.encode({ email = "t@example.com",
       password = 12345678 }), 400, "invalid_request", "password" },
     { "an unknown field", json.encode({ email = "u@example.com",
@@ -360,6 +360,9 @@ describe("platform auth routes", function()
           "message does not name " .. case[5] .. ": " .. body.error.message)
       end
       assert.not_truthy(body.error.message:find(PASSWORD, 1, true))
+      -- Messages describe a format in words, not as a Lua pattern.
+      assert.not_truthy(body.error.message:find("%s", 1, true),
+        body.error.message)
       assert.same(before, counts())
     end))
   end

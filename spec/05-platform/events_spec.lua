@@ -194,10 +194,19 @@ describe("machine events", function()
   end))
 
   it("rejects a malformed Last-Event-ID", async(function()
-    local status = routes.streamMachineEvents({ user = user,
+    local status, _, body = routes.streamMachineEvents({ user = user,
       req = fake_req({ ["last-event-id"] = "abc" }),
       params = { slug = "ev-1" } })
     assert.equal(400, status)
+    assert.truthy(body:find("Last-Event-ID must be", 1, true), body)
+  end))
+
+  it("names ?after when it is malformed", async(function()
+    local status, _, body = routes.listMachineEvents({ user = user,
+      req = fake_req(), query = "after=abc", params = { slug = "ev-1" } })
+    assert.equal(400, status)
+    assert.truthy(body:find("after must be", 1, true), body)
+    assert.falsy(body:find("Last-Event-ID", 1, true), body)
   end))
 
   it("streams history, then an event from another connection",

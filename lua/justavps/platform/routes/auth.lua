@@ -52,6 +52,7 @@ local MAX_GITHUB_BODY = 1024 * 1024
 
 local EMAIL_FIELD = { type = "string", required = true, len_min = 3,
   len_max = 254, match = "^[^%s@]+@[^%s@]+$",
+  match_text = "an email address (NAME@DOMAIN, without spaces)",
   description = "email address" }
 
 -- Passwords are declared as plain strings: a length bound here would

@@ -35,14 +35,18 @@ local SSE_HEADERS = {
 
 local function read_after(ctx, query)
   local header = ctx.req:header("last-event-id")
-  local text = header ~= nil and header ~= "" and header or query.after
+  local text, source = query.after, "after"
+  if header ~= nil and header ~= "" then
+    -- A header sent twice arrives as a list, which parse_count rejects.
+    text, source = header, "Last-Event-ID"
+  end
   if text == nil then
     return 0
   end
   local id = shared.parse_count(text, MAX_EVENT_ID)
   if not id then
     return nil, api_mod.error(400, "invalid_request",
-      "Last-Event-ID and after must be an event id (a decimal integer)")
+      source .. " must be an event id (a decimal integer)")
   end
   return id
 end
