@@ -315,6 +315,40 @@ describe("daemon toolbox", function()
       res, reply = th.call(D, "POST", "/move", { from = "", to = "x" })
       assert.equal(403, res.status)
       assert.equal("root_protected", reply.error.code)
+
+      -- rename(2) refuses a directory into itself; the reply must not
+      -- show where the root is on the machine.
+      th.sh("mkdir -p " .. ROOT .. "/mv-dir/sub")
+      res, reply = th.call(D, "POST", "/move", { from = "mv-dir",
+        to = "mv-dir/sub/inner" })
+      assert.equal(409, res.status)
+      assert.equal("move_failed", reply.error.code)
+      assert.falsy(reply.error.message:find(ROOT, 1, true),
+        reply.error.message)
+    end, 30))
+
+    it("rejects a name longer than Linux allows", async(function()
+      local long = ("n"):rep(300)
+      local res, body = th.request(D, "PUT", "/files/" .. long,
+        { body = "x" })
+      local reply = json.decode(body)
+      assert.equal(400, res.status)
+      assert.equal("invalid_path", reply.error.code)
+      assert.truthy(reply.error.message:find("255", 1, true))
+
+      -- The parents of a rejected path are not created either.
+      res, body = th.request(D, "PUT", "/files/long-parent/" .. long
+        .. "?parents=1", { body = "x" })
+      reply = json.decode(body)
+      assert.equal(400, res.status)
+      assert.equal("invalid_path", reply.error.code)
+      assert.falsy(os.execute("test -e " .. ROOT .. "/long-parent") == 0)
+
+      -- A name of 255 bytes is allowed, with its temporary upload file.
+      local longest = ("m"):rep(255)
+      res = th.request(D, "PUT", "/files/" .. longest, { body = "ok" })
+      assert.equal(201, res.status)
+      assert.equal("ok", th.read_file(ROOT .. "/" .. longest))
     end, 30))
 
     it("deletes recursively only with the flag", async(function()
@@ -457,6 +491,15 @@ describe("daemon toolbox", function()
         ["srch/one.md"] = "2:needle here",
         ["srch/deep/er/two.md"] = "1:needle again",
       }, found)
+    end, 30))
+
+    it("rejects content of more than one line", async(function()
+      -- grep -F would match "needle" alone or "nothing" alone.
+      local res, reply = th.call(D, "GET",
+        "/search?content=needle%0Anothing&path=srch")
+      assert.equal(400, res.status)
+      assert.equal("invalid_request", reply.error.code)
+      assert.truthy(reply.error.message:find("one line", 1, true))
     end, 30))
 
     it("bounds the number of results", async(function()
@@ -650,6 +693,14 @@ describe("daemon toolbox", function()
       res, reply = th.call(D, "POST", "/processes/" .. p.id .. "/signal", { signal = "BOGUS" })
       assert.equal(400, res.status)
       assert.equal("invalid_signal", reply.error.code)
+
+      -- A JSON null is named as JSON, not as the decoder's sentinel.
+      res, reply = th.call(D, "POST", "/processes/" .. p.id .. "/signal",
+        { signal = json.null })
+      assert.equal(400, res.status)
+      assert.equal("invalid_signal", reply.error.code)
+      assert.truthy(reply.error.message:find("unknown signal null", 1, true),
+        reply.error.message)
 
       res = th.call(D, "POST", "/processes/" .. p.id .. "/signal", { signal = "SIGTERM" })
       assert.equal(200, res.status)

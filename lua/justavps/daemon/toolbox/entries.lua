@@ -3,6 +3,7 @@
 -- the core has no readdir or lstat.
 local core = require("justavps.core")
 local json = require("justavps.json")
+local log = require("justavps.log")
 local paths = require("justavps.daemon.toolbox.paths")
 local util = require("justavps.daemon.toolbox.util")
 
@@ -234,8 +235,13 @@ function _M.move(req)
         or code == "ENOTDIR" or code == "EINVAL" or code == "EEXIST" then
       status = 409
     end
+    -- The system error names absolute paths, which reveal where the
+    -- root is, so the reply keeps only its reason.
+    log.info("move failed", { from = from.rel, to = to.rel,
+      error = tostring(rerr) })
+    local reason = tostring(rerr):match("failed: (.*)$") or tostring(code)
     return util.error_reply(fail(status, "move_failed", "cannot move "
-      .. from.rel .. " to " .. to.rel .. ": " .. tostring(rerr)))
+      .. from.rel .. " to " .. to.rel .. ": " .. reason))
   end
   return util.json_reply(200, { from = from.rel, to = to.rel })
 end

@@ -15,6 +15,7 @@ local ioopen = io.open
 local sfind = string.find
 local smatch = string.match
 local sformat = string.format
+local ssub = string.sub
 local fs = core.fs
 local crypto = core.crypto
 
@@ -271,7 +272,8 @@ function _M.upload(req, rel, query)
       rel .. " is a directory"))
   end
 
-  local tmp = dir .. "/." .. target.name .. ".upload-"
+  -- The name is cut so the temporary name stays within NAME_MAX.
+  local tmp = dir .. "/." .. ssub(target.name, 1, 200) .. ".upload-"
     .. crypto.hex_encode(crypto.random_bytes(6))
   local f, oerr = ioopen(tmp, "wb")
   if not f then

@@ -29,6 +29,12 @@ local REALPATH = "/usr/bin/realpath"
 local fail = util.fail
 
 
+-- Maximum lengths of a file name and a path on Linux (NAME_MAX, and
+-- PATH_MAX less the terminating NUL).
+local NAME_MAX = 255
+local PATH_MAX = 4095
+
+
 local function outside(message)
   return nil, fail(403, "path_outside_root", message)
 end
@@ -37,7 +43,7 @@ end
 -- Checks a relative path from a request and returns it normalized: no
 -- leading or trailing slash, no empty or "." segments, "" for the root.
 -- Returns nil, err for a path that is not a string, contains NUL, is
--- absolute or has a ".." segment.
+-- absolute, has a ".." segment or is longer than Linux allows.
 function _M.clean(rel)
   if type(rel) ~= "string" then
     return nil, fail(400, "invalid_path", "path must be a string")
@@ -49,11 +55,19 @@ function _M.clean(rel)
     return outside("absolute path " .. rel .. " is not allowed; give a "
       .. "path relative to the toolbox root")
   end
+  if #rel > PATH_MAX then
+    return nil, fail(400, "invalid_path", "path is " .. #rel .. " bytes "
+      .. "long; the limit is " .. PATH_MAX)
+  end
 
   local segs = {}
   for seg in sgmatch(rel, "[^/]+") do
     if seg == ".." then
       return outside("path " .. rel .. " contains a .. segment")
+    end
+    if #seg > NAME_MAX then
+      return nil, fail(400, "invalid_path", "a name in the path is " .. #seg
+        .. " bytes long; the limit is " .. NAME_MAX)
     end
     if seg ~= "." then
       segs[#segs + 1] = seg

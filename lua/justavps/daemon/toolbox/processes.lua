@@ -254,9 +254,12 @@ function _M.signal(req, id)
   end
   local sig = parse_signal(body.signal == nil and "SIGTERM" or body.signal)
   if not sig then
+    local requested = body.signal
+    requested = (type(requested) == "string" or type(requested) == "number")
+      and tostring(requested) or json.encode(requested) or type(requested)
     return util.error_reply(fail(400, "invalid_signal", "unknown signal "
-      .. tostring(body.signal) .. "; use a name such as SIGTERM or a "
-      .. "number from 1 to 64"))
+      .. requested .. "; use a name such as SIGTERM or a number from 1 to "
+      .. "64"))
   end
 
   if ptable.refresh(entry) then
