@@ -228,8 +228,7 @@ jv__http_to_names(lua_State *L, int idx)
 
 
 int
-jv__http_names_find(const jv_http_names_t *names, const char *name,
-                    size_t len)
+jv__http_names_find(const jv_http_names_t *names, const char *name, size_t len)
 {
   unsigned i;
 
@@ -272,15 +271,16 @@ l_header_names(lua_State *L)
     }
     name = lua_tolstring(L, -1, &len);
     if (len == 0 || len > JV_HTTP_NAME_MAX) {
-      return luaL_error(L, "header_names: entry %d must be a header name "
-                           "of 1 to %d bytes", i, JV_HTTP_NAME_MAX);
+      return luaL_error(L,
+                        "header_names: entry %d must be a header name "
+                        "of 1 to %d bytes",
+                        i, JV_HTTP_NAME_MAX);
     }
     for (k = 0; k < len; k++) {
       unsigned char ch = (unsigned char) name[k];
 
       if (ch <= ' ' || ch >= 0x7f || ch == ':') {
-        return luaL_error(L, "header_names: invalid header name '%s'",
-                          name);
+        return luaL_error(L, "header_names: invalid header name '%s'", name);
       }
     }
     total += len;
