@@ -2238,6 +2238,21 @@ l_req_keepalive(lua_State *L)
 }
 
 
+/* req:peer_closed(): true once the client has closed its side of the
+ * connection or reset it. For a handler that writes nothing for a long
+ * time and so would not see a failed write. */
+static int
+l_req_peer_closed(lua_State *L)
+{
+  jv_http_req_box_t *box = jv__check_udata(L, 1, JV_HTTP_REQUEST_MT, &req_mt);
+  jv_http_conn_t *c = box->conn;
+
+  lua_pushboolean(L, c == NULL || c->peer_eof || c->stream == NULL ||
+                         jv_stream_peer_closed(c->stream));
+  return 1;
+}
+
+
 static int
 l_req_is_upgrade(lua_State *L)
 {
@@ -2579,8 +2594,10 @@ check_header_lines(lua_State *L, const char *s, size_t len)
     nlen = (size_t) (colon - line);
 
     if (name_is(line, nlen, "host") || name_is(line, nlen, "content-length")) {
-      luaL_error(L, "extra_headers: %s cannot be given here; use "
-                    "set_headers", nlen == 4 ? "Host" : "Content-Length");
+      luaL_error(L,
+                 "extra_headers: %s cannot be given here; use "
+                 "set_headers",
+                 nlen == 4 ? "Host" : "Content-Length");
     }
     for (j = 0; j < sizeof(hop_by_hop) / sizeof(hop_by_hop[0]); j++) {
       if (nlen == hop_by_hop[j].len &&
@@ -2596,8 +2613,10 @@ check_header_lines(lua_State *L, const char *s, size_t len)
     if (end == NULL || end[-1] != '\r' ||
         memchr(colon + 1, '\r', (size_t) (end - 1 - (colon + 1))) != NULL ||
         memchr(colon + 1, '\0', (size_t) (end - 1 - (colon + 1))) != NULL) {
-      luaL_error(L, "extra_headers: the line at byte %d must end with CRLF "
-                    "and carry no CR, LF or NUL in its value", (int) pos + 1);
+      luaL_error(L,
+                 "extra_headers: the line at byte %d must end with CRLF "
+                 "and carry no CR, LF or NUL in its value",
+                 (int) pos + 1);
     }
 
     pos = (size_t) (end + 1 - s);
@@ -3375,6 +3394,7 @@ jv__open_http(lua_State *L)
     { "finish", l_req_finish },
     { "hijack", l_req_hijack },
     { "keepalive", l_req_keepalive },
+    { "peer_closed", l_req_peer_closed },
     { "is_upgrade", l_req_is_upgrade },
     { "head_sent", l_req_head_sent },
     { "forward_head", l_req_forward_head },

@@ -173,6 +173,7 @@ int jv_stream_is_ready(jv_stream_t *s);
  * unread bytes from the peer of an idle TCP stream, else 0. Peeks with
  * MSG_PEEK and consumes nothing. For fd streams returns 0. */
 int jv_stream_peer_spoke(jv_stream_t *s);
+int jv_stream_peer_closed(jv_stream_t *s);
 
 /* Fills buf with the peer or local address as "ip" and the port; returns 0
  * or an error code. For fd streams returns UV_ENOTSUP. */

@@ -711,6 +711,35 @@ jv_stream_peer_spoke(jv_stream_t *s)
 }
 
 
+/* Returns 1 when the kernel holds an end of stream or an error from the
+ * peer and no byte before it: the peer closed or reset the connection.
+ * Bytes waiting mean it is still talking (a pipelined request, or a TLS
+ * record that may be a close_notify), so they give 0. */
+int
+jv_stream_peer_closed(jv_stream_t *s)
+{
+  uv_os_fd_t fd;
+  char c;
+  ssize_t n;
+
+  if (s->flags & STREAM_FD) {
+    return 0;
+  }
+  if (uv_fileno(&s->uv.handle, &fd) != 0) {
+    return 1;
+  }
+
+  do {
+    n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+
+  if (n < 0) {
+    return errno != EAGAIN && errno != EWOULDBLOCK;
+  }
+  return n == 0;
+}
+
+
 int
 jv_stream_address(jv_stream_t *s, int peer, char *ip, size_t size, int *port)
 {

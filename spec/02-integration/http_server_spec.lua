@@ -49,6 +49,32 @@ describe("http server", function()
     srv:close()
   end))
 
+  it("tells a handler when the client has gone", async(function()
+    local seen = {}
+    local client_gone = core.waiter()
+    local srv = serve(function(req)
+      req:send_head(200, { ["Content-Type"] = "text/plain" })
+      assert(req:write("first\n"))
+      seen.open = req:peer_closed()
+      for _ = 1, 100 do
+        if req:peer_closed() then
+          seen.closed = true
+          break
+        end
+        core.sleep(0.05)
+      end
+      client_gone:wake()
+    end)
+    local sock = raw.connect(srv:port())
+    sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.truthy(sock:read())
+    sock:close()
+    client_gone:wait(10)
+    srv:close()
+    assert.is_false(seen.open)
+    assert.is_true(seen.closed)
+  end))
+
   it("exposes method, target, path, query, version", async(function()
     local seen
     local srv = serve(function(req)

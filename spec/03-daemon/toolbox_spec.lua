@@ -540,6 +540,28 @@ describe("daemon toolbox", function()
       assert.is_false(lines[3].timed_out)
     end, 30))
 
+    it("kills a silent command when the client leaves", async(function()
+      local pid_file = ROOT .. "/exec-silent.pid"
+      local res = th.open(D, "POST", "/exec", {
+        cmd = "sh",
+        args = { "-c", 'sleep 300 & echo $! > "$1"; echo started; wait',
+          "sh", pid_file },
+        timeout = 600,
+      })
+      assert.equal(200, res.status)
+      th.read_until(res, "", function(t) return t:find("\n") end)
+      local sleeper = th.eventually(10, function()
+        return tonumber(th.read_file(pid_file) or "")
+      end)
+      assert.is_number(sleeper)
+
+      -- The command prints nothing more, so no write can fail.
+      res:close()
+      assert.truthy(th.eventually(10, function()
+        return th.gone(sleeper)
+      end), "sleep " .. sleeper .. " outlived the client")
+    end, 30))
+
     it("passes stdin, env, cwd and binary output", async(function()
       local res, body = th.request(D, "POST", "/exec", { body = json.encode({
         cmd = "sh",

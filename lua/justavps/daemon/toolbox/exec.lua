@@ -29,6 +29,8 @@ _M.TIMEOUT = 60
 _M.MAX_TIMEOUT = 3600
 -- Seconds between SIGTERM and SIGKILL on timeout.
 _M.KILL_GRACE = 2
+-- Seconds between checks that the client is still connected.
+_M.DISCONNECT_CHECK = 1
 -- Output bytes queued for a slow client before reading the pipes pauses.
 local MAX_QUEUED = 1024 * 1024
 -- Seconds to wait for the pipes to close once the group is gone.
@@ -157,6 +159,20 @@ function _M.handle(req)
 
   local stream = new_stream(req, function()
     p:kill("SIGKILL", true)
+  end)
+
+  -- A command that prints nothing would not notice a client that left
+  -- through a failed write, so the connection is checked as well.
+  core.spawn(function()
+    while not stream.closed and not stream.disconnected do
+      core.sleep(_M.DISCONNECT_CHECK)
+      if not stream.closed and not stream.disconnected
+          and req:peer_closed() then
+        stream.disconnected = true
+        log.info("exec client went away", { pid = pid, req_id = req.id })
+        p:kill("SIGKILL", true)
+      end
+    end
   end)
   req:send_head(200, { ["Content-Type"] = "application/x-ndjson",
     ["Cache-Control"] = "no-store" })
