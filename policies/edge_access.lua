@@ -208,7 +208,7 @@ local function decide_privileged(input, class)
     return allow("ticket")
   end
   if key then
-    return deny(403, "missing_scope", false, scope_message(class.scope))
+    return deny(403, "insufficient_scope", false, scope_message(class.scope))
   end
   if input.ticket_error then
     return deny(401, "invalid_ticket", true)
@@ -226,7 +226,7 @@ local function decide_app(input, target)
     if apikey.has_scope(key.scopes, "proxy") then
       return allow("api_key")
     end
-    return deny(403, "missing_scope", false, scope_message("proxy"))
+    return deny(403, "insufficient_scope", false, scope_message("proxy"))
   end
 
   local host_port = input.host_kind == "port" and input.port or nil

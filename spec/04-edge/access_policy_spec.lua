@@ -91,8 +91,8 @@ describe("edge access policy", function()
         api_key = key })).allow)
       local d = policy.decide(input({ target = "/_toolbox/exec",
         method = "POST", api_key = key }))
-      assert.equal("missing_scope", d.code)
-      assert.equal("missing_scope", policy.decide(input({ api_key = key })).code)
+      assert.equal("insufficient_scope", d.code)
+      assert.equal("insufficient_scope", policy.decide(input({ api_key = key })).code)
       assert.is_true(policy.decide(input({
         api_key = { scopes = { "proxy" } } })).allow)
     end)

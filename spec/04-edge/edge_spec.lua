@@ -476,7 +476,7 @@ describe("edge", function()
     it("without proxy is rejected", async(function()
       local res, _, body = get("/k", { Authorization = bearer(keys.read) })
       assert.equal(403, res.status)
-      assert.equal("missing_scope", body.error.code)
+      assert.equal("insufficient_scope", body.error.code)
     end))
 
     it("of another account is rejected", async(function()
@@ -494,7 +494,7 @@ describe("edge", function()
       local res, _, body = get("/_toolbox/list/",
         { Authorization = bearer(keys.exec) })
       assert.equal(403, res.status)
-      assert.equal("missing_scope", body.error.code)
+      assert.equal("insufficient_scope", body.error.code)
     end))
 
     it("is checked for each method and host kind", async(function()
@@ -505,7 +505,7 @@ describe("edge", function()
         local posted, _, body = request("POST", "/_toolbox/list/",
           { Authorization = bearer(keys.read) }, "")
         assert.equal(403, posted.status)
-        assert.equal("missing_scope", body.error.code)
+        assert.equal("insufficient_scope", body.error.code)
 
         local app_res, _, seen = get("/_pty", { Authorization =
           bearer(keys.proxy), Host = app_port .. "-" .. HOST })
@@ -519,7 +519,7 @@ describe("edge", function()
     it("with proxy only cannot open /_pty", async(function()
       local res, _, body = get("/_pty", { Authorization = bearer(keys.proxy) })
       assert.equal(403, res.status)
-      assert.equal("missing_scope", body.error.code)
+      assert.equal("insufficient_scope", body.error.code)
     end))
 
     -- Sends GET target with the Authorization value (nil for none) and
@@ -554,7 +554,7 @@ describe("edge", function()
 
       status, body = keepalive_get(sock, "/k", bearer(keys.read))
       assert.equal(403, status)
-      assert.equal("missing_scope", body.error.code)
+      assert.equal("insufficient_scope", body.error.code)
 
       status, body = keepalive_get(sock, "/k",
         "Bearer sk_live_" .. string.rep("A", 42))
