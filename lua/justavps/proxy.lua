@@ -282,6 +282,8 @@ end
 
 -- Sends head on sock, or on a new connection when sock is nil, and
 -- returns the response as core.http._exchange does.
+-- TODO: relay an upstream's early answer (a 413 before the body) while
+-- the client still owes body bytes; it now waits for them or idle_timeout.
 local function exchange(sock, host, port, head, mode, length, body_reader,
                         is_head, request_close, timeout, tls, server_name)
   if sock == nil then
