@@ -507,10 +507,10 @@ describe("edge", function()
         assert.equal(403, posted.status)
         assert.equal("insufficient_scope", body.error.code)
 
-        local app_res, _, seen = get("/_pty", { Authorization =
+        local app_res, _, app_seen = get("/_pty", { Authorization =
           bearer(keys.proxy), Host = app_port .. "-" .. HOST })
         assert.equal(200, app_res.status)
-        assert.equal("/_pty", seen.target)
+        assert.equal("/_pty", app_seen.target)
         local pty = get("/_pty", { Authorization = bearer(keys.proxy) })
         assert.equal(403, pty.status)
       end
