@@ -104,13 +104,48 @@ local function admit(req)
 end
 
 
+-- Proxy decisions of the routing policy by path, for the current
+-- state.conf.routing, emptied when it reaches MAX_DECISIONS paths. The
+-- policy's answer depends on the path and the settings only, and the
+-- proxy path reads a decision without changing it.
+local MAX_DECISIONS = 1024
+local decisions = { conf = nil, count = 0, by_path = {} }
+
+
+local function decide(path)
+  local conf = state.conf.routing
+  if decisions.conf ~= conf or decisions.count >= MAX_DECISIONS then
+    decisions.conf = conf
+    decisions.count = 0
+    decisions.by_path = {}
+  end
+  local decision = decisions.by_path[path]
+  if decision == nil then
+    decision = routing.decide(path, conf)
+    if decision.action == "proxy" then
+      decisions.by_path[path] = decision
+      decisions.count = decisions.count + 1
+    end
+  end
+  return decision
+end
+
+
+-- The proxy's answer to a refused connect: opts.port is the app's port.
+-- One function for every request, so the request path creates no closure
+-- (which would end LuaJIT's trace there).
+local function on_unreachable(_, _, opts)
+  return port_not_listening(opts.port)
+end
+
+
 local function public(req)
   if not admit(req) then
     return error_response(403, "forbidden",
       "this address may not connect to the machine daemon")
   end
 
-  local decision = routing.decide(req.path, state.conf.routing)
+  local decision = decide(req.path)
 
   if decision.action == "reject" then
     return error_response(decision.status, decision.code, decision.message)
@@ -129,9 +164,9 @@ local function public(req)
     target = target .. "?" .. req.query
   end
 
-  local set = {}
+  local set
   if decision.prefix and not via_port_host(req, decision.port) then
-    set["X-Forwarded-Prefix"] = decision.prefix
+    set = { ["X-Forwarded-Prefix"] = decision.prefix }
   end
 
   return proxy.forward(req, {
@@ -140,9 +175,7 @@ local function public(req)
     target = target,
     set_headers = set,
     timeout = 60,
-    on_unreachable = function()
-      return port_not_listening(decision.port)
-    end,
+    on_unreachable = on_unreachable,
   })
 end
 
