@@ -116,6 +116,19 @@ describe("platform API keys", function()
     assert.equal(201, wstatus)
   end))
 
+  it("rejects two Authorization headers", async(function()
+    local key = create_key(owner, "twice", { "read" })
+    local status, body = request("GET", "/api/v1/me",
+      { Authorization = { "Bearer " .. key.key,
+        "Bearer sk_live_" .. ("c"):rep(43) } })
+    assert.equal(401, status)
+    assert.equal("unauthorized", body.error.code)
+    assert.truthy(body.error.message:find("2 Authorization headers", 1,
+      true), body.error.message)
+    -- The same key alone works.
+    assert.equal(200, (request("GET", "/api/v1/me", as_key(key.key))))
+  end))
+
   it("ignores the cookie when a key is sent", async(function()
     local headers = as_session(owner)
     headers.Authorization = "Bearer sk_live_" .. ("b"):rep(43)

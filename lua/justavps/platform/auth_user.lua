@@ -225,7 +225,13 @@ end
 -- message.
 function _M.authenticate(ctx, route)
   local req = ctx.req
-  local authorization = req:header("authorization")
+  local count, authorization = req:header_count("authorization")
+  if count > 1 then
+    -- Which one counts would depend on the reader, as with a repeated
+    -- session cookie.
+    return false, 401, "unauthorized", "the request has " .. count
+      .. " Authorization headers; send one"
+  end
   if authorization ~= nil then
     return by_api_key(ctx, route, authorization)
   end
