@@ -282,8 +282,6 @@ end
 
 -- Sends head on sock, or on a new connection when sock is nil, and
 -- returns the response as core.http._exchange does.
--- TODO: relay an upstream's early answer (a 413 before the body) while
--- the client still owes body bytes; it now waits for them or idle_timeout.
 local function exchange(sock, host, port, head, mode, length, body_reader,
                         is_head, request_close, timeout, tls, server_name)
   if sock == nil then
@@ -453,6 +451,11 @@ function _M.forward(req, opts)
       return opts.on_unreachable(code, err, opts)
     end
     return upstream_error(code, err, host .. ":" .. tostring(port))
+  end
+  if err == true then
+    -- The upstream answered before it had the whole body, which is still
+    -- on its way: the client's connection cannot carry another request.
+    req:keepalive(false)
   end
 
   -- Keeps the upstream's framing when it sent a length, so the client

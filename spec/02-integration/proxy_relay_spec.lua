@@ -80,6 +80,61 @@ describe("proxy relay of the upstream response", function()
     up:close()
   end))
 
+  it("relays an answer sent before the whole body", async(function()
+    -- The upstream rejects the request on its head and closes, as the
+    -- core server does with a Content-Length above max_body.
+    local up = upstream({}, function(sock)
+      sock:write("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n"
+        .. "Connection: close\r\n\r\ntoo large")
+      return false
+    end)
+    local srv = front(up:port())
+    local sock = raw.connect(srv:port())
+    sock:settimeout(3)
+    -- Three bytes of a million; the client waits for an answer.
+    assert(sock:write("PUT /up HTTP/1.1\r\nHost: app\r\n"
+      .. "Content-Length: 1000000\r\n\r\nabc"))
+    local res = assert(raw.read_response(sock))
+    assert.equal(413, res.status)
+    assert.equal("too large", res.body)
+    -- The rest of the body would be read as the next request.
+    assert.is_true(raw.is_closed(sock))
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
+  it("streams a body to an upstream that answers while it reads",
+    async(function()
+      local got = {}
+      local up = upstream({}, function(sock, head)
+        local length = tonumber(head:match("[Cc]ontent%-[Ll]ength: (%d+)"))
+        sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        local left = length
+        while left > 0 do
+          local data = assert(sock:read(left))
+          left = left - #data
+          got[#got + 1] = data
+          sock:write(string.format("%x\r\n%s\r\n", #data, data))
+        end
+        sock:write("0\r\n\r\n")
+      end)
+      local srv = front(up:port())
+      local sock = raw.connect(srv:port())
+      sock:settimeout(3)
+      assert(sock:write("POST /echo HTTP/1.1\r\nHost: app\r\n"
+        .. "Content-Length: 10\r\n\r\nfirst"))
+      core.sleep(0.1)
+      assert(sock:write("-last"))
+      local res = assert(raw.read_response(sock))
+      assert.equal(200, res.status)
+      assert.equal("first-last", res.body)
+      assert.equal("first-last", table.concat(got))
+      sock:close()
+      srv:close()
+      up:close()
+    end))
+
   it("joins many small chunks that arrive with the head", async(function()
     local parts, expected = {}, {}
     for i = 1, 40 do
