@@ -2719,6 +2719,11 @@ l_req_forward_head(lua_State *L)
   length =
       jv__http_find_header(c->head, c->hdrs, c->nhdrs, "content-length", &llen);
   if (length != NULL) {
+    /* llhttp keeps trailing spaces of the value; it has checked the rest
+     * is digits. */
+    while (llen > 0 && (length[llen - 1] == ' ' || length[llen - 1] == '\t')) {
+      llen--;
+    }
     if (!(llen == 1 && length[0] == '0')) {
       mode = "length";
     }

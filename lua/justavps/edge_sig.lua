@@ -93,6 +93,11 @@ end
 -- Returns true for an IPv4 literal in dotted decimal without leading
 -- zeros, or an IPv6 literal without a zone id.
 local function is_ip_literal(s)
+  -- Checked before the map, so that no value too long to be an address
+  -- is ever stored: the broker runs this before the signature.
+  if #s == 0 or #s > MAX_IP_LENGTH then
+    return false
+  end
   local ok = ip_checks[s]
   if ok == nil then
     ok = check_ip_literal(s)

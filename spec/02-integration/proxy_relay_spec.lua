@@ -516,4 +516,29 @@ describe("req:forward_head Content-Length", function()
     assert.same({ "none", nil }, lengths[1])
     assert.same({ "length", 2 }, lengths[2])
   end))
+
+  it("drops the spaces llhttp keeps after the value", async(function()
+    local seen
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local head, mode, length = req:forward_head("127.0.0.1", 8080)
+        seen = { head = head, mode = mode, length = length }
+        while req:read() do
+        end
+        return 200, nil, "ok"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write("POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5  "
+      .. "\r\n\r\nhello"))
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    sock:close()
+    srv:close()
+    assert.equal("length", seen.mode)
+    assert.equal(5, seen.length)
+    assert.truthy(seen.head:find("\r\nContent-Length: 5\r\n", 1, true),
+      seen.head)
+  end))
 end)

@@ -143,6 +143,19 @@ describe("edge_sig", function()
     end
   end)
 
+  it("keeps no memory for values too long to be an address", function()
+    -- The broker checks the target before the signature, so these come
+    -- from anyone who can connect.
+    collectgarbage()
+    local before = collectgarbage("count")
+    for i = 1, 2000 do
+      assert.is_false(edge_sig.is_ip_literal(("1"):rep(10000) .. i))
+    end
+    collectgarbage()
+    -- Kept, the values would take about 20 MB; the bound is 2 MiB.
+    assert.is_true(collectgarbage("count") - before < 2048)
+  end)
+
   -- Values per header: accepted ones, then rejected ones.
   local FORMATS = {
     { "X-JustAVPS-Target-Port", { "1", "80", "65535" },

@@ -94,6 +94,18 @@ describe("edge hosts", function()
         hosts.lookup("pale-fox.example.test", DOMAIN).host)
     end)
 
+    it("keeps no memory for hosts that are not the edge's", function()
+      collectgarbage()
+      local before = collectgarbage("count")
+      for i = 1, 2000 do
+        assert.is_nil(hosts.lookup(("x"):rep(10000) .. i .. ".elsewhere",
+          DOMAIN))
+      end
+      collectgarbage()
+      -- Kept, the values would take about 20 MB; the bound is 2 MiB.
+      assert.is_true(collectgarbage("count") - before < 2048)
+    end)
+
     it("stays correct past its bound", function()
       for i = 1, 3000 do
         local value = "m" .. i .. "-fox.example.test"

@@ -90,8 +90,8 @@ function _M.parse(value, domain)
 end
 
 
--- Results of parse by Host value, for one domain at a time: false for a
--- host that is not the edge's. A value always parses to the same result,
+-- Results of parse by Host value, for one domain at a time, for hosts of
+-- the edge only. A value always parses to the same result,
 -- so the map only spares the patterns. It keeps at most LOOKUP_MAX values
 -- and is emptied when full, so that made-up host names cost memory only
 -- up to that bound.
@@ -115,11 +115,15 @@ function _M.lookup(value, domain)
   end
   local host = parsed[value]
   if host == nil then
-    host = _M.parse(value, domain) or false
-    parsed[value] = host
-    parsed_count = parsed_count + 1
+    host = _M.parse(value, domain)
+    -- Only hosts of the edge are kept: a client can send any number of
+    -- made-up ones, up to the head limit each, before any credential.
+    if host then
+      parsed[value] = host
+      parsed_count = parsed_count + 1
+    end
   end
-  return host or nil
+  return host
 end
 
 
