@@ -681,21 +681,21 @@ failed:
 }
 
 
-int
-jv_stream_peer_spoke(jv_stream_t *s)
+/* Peeks at one byte of s's socket without waiting. Returns 1 for a byte,
+ * 0 for an end of stream, JV_PEEK_EMPTY when nothing has arrived,
+ * JV_PEEK_FAILED for an error (a reset, say) or a handle with no socket. */
+#define JV_PEEK_EMPTY  (-1)
+#define JV_PEEK_FAILED (-2)
+
+static int
+peek_byte(jv_stream_t *s)
 {
   uv_os_fd_t fd;
   char c;
   ssize_t n;
 
-  if (s->flags & STREAM_FD) {
-    return 0;
-  }
-  if (s->ssl != NULL && SSL_pending(s->ssl) > 0) {
-    return 1;
-  }
   if (uv_fileno(&s->uv.handle, &fd) != 0) {
-    return 1;
+    return JV_PEEK_FAILED;
   }
 
   do {
@@ -703,11 +703,26 @@ jv_stream_peer_spoke(jv_stream_t *s)
   } while (n < 0 && errno == EINTR);
 
   if (n < 0) {
-    return errno != EAGAIN && errno != EWOULDBLOCK;
+    return errno == EAGAIN || errno == EWOULDBLOCK ? JV_PEEK_EMPTY
+                                                   : JV_PEEK_FAILED;
   }
-  /* 0 is an end of stream. More is data no request asked for, such as a
-   * 408 or a TLS close_notify sent before the close. */
-  return 1;
+  return n > 0;
+}
+
+
+int
+jv_stream_peer_spoke(jv_stream_t *s)
+{
+  if (s->flags & STREAM_FD) {
+    return 0;
+  }
+  if (s->ssl != NULL && SSL_pending(s->ssl) > 0) {
+    return 1;
+  }
+
+  /* An end of stream, an error, or data no request asked for (a 408, or
+   * a TLS close_notify sent before the close): all count. */
+  return peek_byte(s) != JV_PEEK_EMPTY;
 }
 
 
@@ -718,25 +733,14 @@ jv_stream_peer_spoke(jv_stream_t *s)
 int
 jv_stream_peer_closed(jv_stream_t *s)
 {
-  uv_os_fd_t fd;
-  char c;
-  ssize_t n;
+  int rc;
 
   if (s->flags & STREAM_FD) {
     return 0;
   }
-  if (uv_fileno(&s->uv.handle, &fd) != 0) {
-    return 1;
-  }
 
-  do {
-    n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-  } while (n < 0 && errno == EINTR);
-
-  if (n < 0) {
-    return errno != EAGAIN && errno != EWOULDBLOCK;
-  }
-  return n == 0;
+  rc = peek_byte(s);
+  return rc == 0 || rc == JV_PEEK_FAILED;
 }
 
 
