@@ -2,6 +2,7 @@
 -- sockets on loopback.
 local core = require("justavps.core")
 local helpers = require("spec.support.helpers")
+local sockets = require("spec.support.sockets")
 
 local pipe = core.ws.pipe
 local async = helpers.async
@@ -13,24 +14,7 @@ local under_asan = (os.getenv("LD_PRELOAD") or ""):find("libasan") ~= nil
 
 -- Returns two connected sockets: the accepted one and the dialed one.
 local function socket_pair()
-  local accepted
-  local w = core.waiter()
-  local listener = assert(core.tcp.listen({
-    host = "127.0.0.1",
-    port = 0,
-    on_accept = function(sock)
-      accepted = sock
-      w:wake()
-    end,
-  }))
-  local client = assert(core.tcp.connect("127.0.0.1", listener:port()))
-  if not accepted then
-    w:wait(5)
-  end
-  listener:close()
-  assert(accepted, "no connection accepted")
-  accepted:settimeout(10)
-  client:settimeout(10)
+  local client, accepted = sockets.pair(10)
   return accepted, client
 end
 
@@ -44,25 +28,13 @@ local function piped_chain()
 end
 
 
--- Starts the pipe in its own coroutine; the returned table fills in with
--- the results once it finishes, and done:wait() waits for that.
 local function start_pipe(a, b, opts)
-  local result = { done = core.waiter() }
-  core.spawn(function()
-    result.values = { pipe(a, b, opts) }
-    result.finished = true
-    result.done:wake()
-  end)
-  return result
+  return sockets.start_pipe(a, b, opts, pipe)
 end
 
 
 local function wait_pipe(result)
-  if not result.finished then
-    result.done:wait(10)
-  end
-  assert(result.finished, "pipe did not finish")
-  return result.values
+  return result.wait(10)
 end
 
 

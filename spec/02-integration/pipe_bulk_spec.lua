@@ -4,6 +4,7 @@
 -- checked by length and SHA-256.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
+local sockets = require("support.sockets")
 
 local async = helpers.async
 local crypto = core.crypto
@@ -14,53 +15,15 @@ local MiB = 1024 * KiB
 local under_asan = (os.getenv("LD_PRELOAD") or ""):find("libasan") ~= nil
 
 
--- Returns two connected sockets: the dialed end and the accepted end.
-local function socket_pair()
-  local accepted
-  local got = core.waiter()
-  local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
-    on_accept = function(sock)
-      accepted = sock
-      got:wake()
-    end }))
-  local client = assert(core.tcp.connect("127.0.0.1", listener:port()))
-  if not accepted then
-    got:wait(5)
-  end
-  listener:close()
-  assert(accepted, "no connection accepted")
-  client:settimeout(20)
-  accepted:settimeout(20)
-  return client, accepted
-end
-
-
 -- Builds client <-> [a pipe b] <-> far.
 local function piped_chain()
-  local client, a = socket_pair()
-  local b, far = socket_pair()
+  local client, a = sockets.pair(20)
+  local b, far = sockets.pair(20)
   return client, a, b, far
 end
 
 
--- Runs pipe(a, b, opts) in its own coroutine. The result's wait() returns
--- the pipe's return values once it finishes.
-local function start_pipe(a, b, opts)
-  local result = { done = core.waiter() }
-  core.spawn(function()
-    result.values = { core.pipe(a, b, opts) }
-    result.finished = true
-    result.done:wake()
-  end)
-  function result.wait()
-    if not result.finished then
-      result.done:wait(30)
-    end
-    assert(result.finished, "pipe did not finish")
-    return result.values
-  end
-  return result
-end
+local start_pipe = sockets.start_pipe
 
 
 -- Returns a deterministic block of n bytes that differs per seed.

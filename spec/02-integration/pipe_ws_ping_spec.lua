@@ -3,6 +3,7 @@
 -- masked toward b (the server side) and unmasked toward a.
 local core = require("justavps.core")
 local helpers = require("support.helpers")
+local sockets = require("support.sockets")
 
 local async = helpers.async
 
@@ -11,21 +12,7 @@ local INTERVAL = 0.3
 
 -- Returns two connected sockets: the client's end and the end the
 -- listener accepted.
-local function socket_pair()
-  local accepted
-  local got = core.waiter()
-  local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
-    on_accept = function(sock)
-      accepted = sock
-      got:wake()
-    end }))
-  local client = assert(core.tcp.connect("127.0.0.1", listener:port()))
-  if not accepted then
-    got:wait(5)
-  end
-  listener:close()
-  return client, assert(accepted)
-end
+local socket_pair = sockets.pair
 
 
 -- Reads what arrives on sock within seconds, as one string.
