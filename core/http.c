@@ -1367,6 +1367,12 @@ conn_next_request(jv_http_conn_t *c)
   c->prev_byte = 0;
   c->head_started = c->pending_len > 0;
 
+  if (!c->message_done && c->peer_eof) {
+    /* The client left before the end of its body: nothing will come. */
+    conn_close(c);
+    return;
+  }
+
   if (!c->message_done) {
     /* Discarding a body: parse until the message completes. */
     c->state = CONN_HANDLER;

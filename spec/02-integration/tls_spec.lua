@@ -125,4 +125,37 @@ describe("tls", function()
     res:close()
     srv:close()
   end))
+
+  it("closes a connection whose client left in mid-body", async(function()
+    local ctx = assert(core.tls.server_context{
+      cert = path("a.test.pem"), key = path("a.test.key") })
+    local ended = core.waiter()
+    local srv = assert(core.http.listen{ port = 0, tls = ctx,
+      access_log = false, max_body = 1e9, handler = function(req)
+        while req:read() do
+        end
+        ended:wake()
+        return 200, nil, "ok"
+      end })
+    local client = assert(core.tls.client_context{ ca = path("ca.pem") })
+    local sock = assert(core.tcp.connect("127.0.0.1", srv:port(),
+      { tls = client, server_name = "a.test", timeout = 5 }))
+    assert(sock:write("PUT /up HTTP/1.1\r\nHost: a.test\r\n"
+      .. "Content-Length: 10000000\r\n\r\n" .. ("x"):rep(300000)))
+    core.sleep(0.05)
+    sock:close()
+    ended:wait(5)
+    -- The server used to wait idle_timeout (60 s) for the rest of the
+    -- body, holding the socket.
+    local open
+    for _ = 1, 50 do
+      open = srv:connections()
+      if open == 0 then
+        break
+      end
+      core.sleep(0.1)
+    end
+    assert.equal(0, open)
+    srv:close()
+  end))
 end)
