@@ -434,18 +434,23 @@ function _M.forward(req, opts)
   -- unless part of the client's body was already read, which cannot be
   -- read again.
   local is_head = req.method == "HEAD"
-  local res, err, code
+  local res, err, code, body_pending
   local pooled = pool_take(host, port, opts.tls, opts.server_name)
   if pooled then
-    res, err, code = exchange(pooled, host, port, head, mode, length,
-      body_reader, is_head, request_close, timeout)
+    res, err, code, body_pending = exchange(pooled, host, port, head, mode,
+      length, body_reader, is_head, request_close, timeout)
   end
   if not pooled or (not res and not (body and body.started)) then
-    res, err, code = exchange(nil, host, port, head, mode, length,
-      body_reader, is_head, request_close, timeout, opts.tls,
+    res, err, code, body_pending = exchange(nil, host, port, head, mode,
+      length, body_reader, is_head, request_close, timeout, opts.tls,
       opts.server_name)
   end
 
+  if body_pending then
+    -- The upstream failed while the client's body was still arriving:
+    -- the rest of it cannot be framed as a next request.
+    req:keepalive(false)
+  end
   if not res then
     if opts.on_unreachable and UNREACHABLE[code] then
       return opts.on_unreachable(code, err, opts)

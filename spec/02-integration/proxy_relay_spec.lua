@@ -104,6 +104,33 @@ describe("proxy relay of the upstream response", function()
     up:close()
   end))
 
+  it("answers 502 when the upstream dies during the body", async(function()
+    -- It reads a little of the body and closes with the rest unread,
+    -- which resets the connection.
+    local up = upstream({}, function(sock)
+      sock:read(1000)
+      return false
+    end)
+    local srv = front(up:port())
+    for _ = 1, 5 do
+      local sock = raw.connect(srv:port())
+      sock:settimeout(5)
+      assert(sock:write("PUT /up HTTP/1.1\r\nHost: app\r\n"
+        .. "Content-Length: 800000\r\n\r\n"))
+      -- The body goes out while the answer is read; the write ends with
+      -- an error once the proxy closes.
+      core.spawn(function()
+        sock:write(("x"):rep(800000))
+      end)
+      local res = assert(raw.read_response(sock))
+      assert.equal(502, res.status, res.body)
+      assert.truthy(res.body:find("upstream_", 1, true), res.body)
+      sock:close()
+    end
+    srv:close()
+    up:close()
+  end))
+
   it("streams a body to an upstream that answers while it reads",
     async(function()
       local got = {}
