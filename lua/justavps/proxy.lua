@@ -55,6 +55,10 @@ local POOL_IDLE_SECONDS = 30
 -- ends. Common load balancers cut idle connections after 60 s.
 local WS_PING_INTERVAL = 25
 
+-- Seconds between checks, while a response streams, that its client is
+-- still connected.
+local CLIENT_CHECK = 1
+
 
 -- A TLS upstream gets its own pool per context and server name, so a
 -- connection verified for one name is never reused for another.
@@ -233,9 +237,19 @@ end
 -- Relays the body of res to the client of req, then keeps the upstream
 -- connection for reuse when both sides allow it.
 local function relay_body(req, res, host, port, tls, server_name)
+  -- An upstream that sends nothing for a while (a silent command on
+  -- /_toolbox/exec) would keep this hop, and each hop behind it, waiting
+  -- for it after the client has gone. The check closes the upstream
+  -- connection, which the hop behind notices in the same way.
+  local watch = core.timer(CLIENT_CHECK, function()
+    if req:peer_closed() then
+      res:close()
+    end
+  end, CLIENT_CHECK)
   while true do
     local data, rerr = res:read()
     if not data then
+      watch:stop()
       if rerr then
         -- The response is half sent: cutting the connection is the only
         -- honest signal left.
@@ -247,10 +261,12 @@ local function relay_body(req, res, host, port, tls, server_name)
     end
     local ok = req:write(data)
     if not ok then
+      watch:stop()
       res:close()
       return
     end
   end
+  watch:stop()
 
   if res:keepalive() then
     pool_put(host, port, res:socket(), tls, server_name)

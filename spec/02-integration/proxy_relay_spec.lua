@@ -131,6 +131,36 @@ describe("proxy relay of the upstream response", function()
     up:close()
   end))
 
+  it("closes a silent upstream once the client has gone", async(function()
+    local upstream_saw = core.waiter()
+    local seen
+    local up = upstream({}, function(sock)
+      sock:settimeout(20)
+      sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "5\r\nfirst\r\n")
+      -- Then nothing, as a command that prints nothing more.
+      local data, _, code = sock:read()
+      seen = data or code
+      upstream_saw:wake()
+      return false
+    end)
+    -- A read timeout longer than the wait below, so that only the check
+    -- can end the upstream connection in time.
+    local srv = assert(core.http.listen({ port = 0, access_log = false,
+      handler = function(req)
+        return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
+          timeout = 30 })
+      end }))
+    local sock = raw.connect(srv:port())
+    assert(sock:write(GET))
+    assert(sock:readuntil("first", 4096))
+    sock:close()
+    upstream_saw:wait(10)
+    assert.equal("closed", seen)
+    srv:close()
+    up:close()
+  end))
+
   it("streams a body to an upstream that answers while it reads",
     async(function()
       local got = {}

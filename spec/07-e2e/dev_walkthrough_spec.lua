@@ -427,6 +427,24 @@ describe("justavps dev walkthrough", function()
     assert.truthy(body:find('"exit_code":0', 1, true), body)
   end))
 
+  it("kills a silent command when its client leaves the edge",
+    async(function()
+      local pid_file = tmp .. "/silent.pid"
+      -- curl gives up after 1 s; the command would sleep for 40 and
+      -- print nothing.
+      curl(machine_url(slug, nil, "/_toolbox/exec"), { method = "POST",
+        key = stack.api_key, max_time = 1, stream = true,
+        json = { cmd = "sh", args = { "-c", 'echo $$ > "$1"; sleep 40',
+          "sh", pid_file }, timeout = 120 } })
+      local pid = tonumber((read_file(pid_file) or ""):match("^(%d+)"))
+      assert.is_number(pid, "the command did not start")
+      -- Each hop notices its client has gone within about a second.
+      local gone = eventually(15, function()
+        return not process_alive(pid)
+      end)
+      assert.truthy(gone, "the command outlived its client")
+    end, 60))
+
   it("starts an app and reaches it with the key", async(function()
     local status, _, body, process = curl(machine_url(slug, nil,
       "/_toolbox/processes"), { method = "POST", key = stack.api_key,
