@@ -102,7 +102,8 @@ local function valid_nonce(nonce)
 end
 
 
--- Verifies a signed call. req needs method, target and header(name) (a
+-- Verifies a signed call. req needs method, target and
+-- header_count(name), the number of fields and the first value (a
 -- core.http request fits). body is the whole request body ("" or nil when
 -- there is none). nonce_cache is a core.nonce cache whose TTL is at least
 -- NONCE_TTL. now (Unix seconds) defaults to the wall clock.
@@ -116,12 +117,13 @@ function _M.verify(token, req, body, nonce_cache, now)
   check_string(token, "token")
   now = now or core.time()
 
-  local timestamp = req:header(_M.HEADER_TIMESTAMP)
-  local nonce = req:header(_M.HEADER_NONCE)
-  local signature = req:header(_M.HEADER_SIGNATURE)
-  -- A header sent twice arrives as an array: treat it as malformed.
-  if type(timestamp) ~= "string" or type(nonce) ~= "string"
-      or type(signature) ~= "string" then
+  local nts, timestamp = req:header_count(_M.HEADER_TIMESTAMP)
+  local nnonce, nonce = req:header_count(_M.HEADER_NONCE)
+  local nsig, signature = req:header_count(_M.HEADER_SIGNATURE)
+  -- A header sent twice is malformed: which copy counts would depend on
+  -- the reader.
+  if nts ~= 1 or nnonce ~= 1 or nsig ~= 1 or type(timestamp) ~= "string"
+      or type(nonce) ~= "string" or type(signature) ~= "string" then
     return nil, "the call must carry the " .. _M.HEADER_TIMESTAMP .. ", "
       .. _M.HEADER_NONCE .. " and " .. _M.HEADER_SIGNATURE
       .. " headers once each", "missing_signature"

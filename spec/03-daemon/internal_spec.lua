@@ -228,6 +228,19 @@ describe("internal API", function()
     assert.equal("stale_timestamp", body.error.code)
   end, 20))
 
+  it("rejects a signature header sent twice", async(function()
+    -- Each field is sent twice with the same valid value: the count, not
+    -- the values, makes the call malformed.
+    for _, name in ipairs({ "X-JustAVPS-Machine-Timestamp",
+        "X-JustAVPS-Machine-Nonce", "X-JustAVPS-Machine-Signature" }) do
+      local headers = sign("GET", "/v1/health", "")
+      headers[name] = { headers[name], headers[name] }
+      local status, body = call(port, "GET", "/v1/health", headers)
+      assert.equal(401, status, name)
+      assert.equal("missing_signature", body.error.code, name)
+    end
+  end, 20))
+
   it("rejects a replayed call", async(function()
     local headers = sign("GET", "/v1/health", "")
     assert.equal(200, (call(port, "GET", "/v1/health", headers)))

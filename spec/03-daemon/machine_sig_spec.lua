@@ -41,6 +41,14 @@ local function make_req(method, target, headers)
     header = function(_, name)
       return lower[name:lower()]
     end,
+    -- As core.http's: a list value stands for a field sent several times.
+    header_count = function(_, name)
+      local v = lower[name:lower()]
+      if type(v) == "table" then
+        return #v, v[1]
+      end
+      return v and 1 or 0, v
+    end,
   }
 end
 

@@ -252,6 +252,24 @@ describe("platform API", function()
     assert.same({ "nul ? here" }, detail.log_tail)
   end))
 
+  it("rejects a body or ports that are not the right shape", async(function()
+    local path = "/api/v1/machines/hb-1/heartbeat"
+    for _, body in ipairs({ "[]", '[{"version":"1"}]',
+        '{"ports":{"a":1}}', '{"ports":"22"}' }) do
+      local status, reply = request("POST", path, sign(TOKEN, "POST", path,
+        body), body)
+      assert.equal(400, status, body)
+      assert.truthy(reply.error.code == "invalid_json"
+        or reply.error.code == "invalid_request", body)
+    end
+    -- No ports, empty ports and null ports are all a machine without any.
+    for _, body in ipairs({ "{}", '{"ports":[]}', '{"ports":{}}',
+        '{"ports":null}' }) do
+      assert.equal(200, (request("POST", path, sign(TOKEN, "POST", path,
+        body), body)), body)
+    end
+  end))
+
   for _, case in ipairs({
     { "a version longer than 64 bytes", ("9"):rep(65) },
     { "a version that is not UTF-8", "1.0\255" },

@@ -18,6 +18,7 @@ local machines = require("justavps.platform.machines")
 local heartbeat_batch = require("justavps.platform.heartbeat_batch")
 
 local type = type
+local next = next
 local pairs = pairs
 local ipairs = ipairs
 local getmetatable = getmetatable
@@ -51,6 +52,23 @@ local STAGE_ORDER = {
 
 local function number_or_nil(v)
   return type(v) == "number" and v or nil
+end
+
+
+-- Returns true when t is a JSON array: decoded empty arrays carry
+-- json.array_mt, others are tables with the keys 1..n only.
+local function is_list(t)
+  if type(t) ~= "table" then
+    return false
+  end
+  if json.is_array(t) then
+    return true
+  end
+  local n, count = #t, 0
+  for _ in pairs(t) do
+    count = count + 1
+  end
+  return n > 0 and count == n
 end
 
 
@@ -258,7 +276,7 @@ return function(api)
     handler = function(ctx)
       local machine = ctx.machine
       local body, derr = json.decode(ctx.raw_body)
-      if type(body) ~= "table" then
+      if type(body) ~= "table" or is_list(body) then
         return api_mod.error(400, "invalid_json", derr
           or "heartbeat body must be a JSON object")
       end
@@ -270,8 +288,16 @@ return function(api)
           .. "UTF-8 text of at most " .. MAX_VERSION .. " bytes without "
           .. "NUL characters")
       end
-      local ports = type(body.ports) == "table"
-        and storable_copy(body.ports) or {}
+      if body.ports == json.null then
+        body.ports = nil
+      end
+      if body.ports ~= nil and not is_list(body.ports)
+          and not (type(body.ports) == "table" and next(body.ports) == nil)
+      then
+        return api_mod.error(400, "invalid_request",
+          "ports must be an array of the machine's listening ports")
+      end
+      local ports = body.ports and storable_copy(body.ports) or {}
       local report = {
         version = version,
         ports = json.encode(json.array(ports)),
