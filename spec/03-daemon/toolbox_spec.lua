@@ -327,6 +327,25 @@ describe("daemon toolbox", function()
         reply.error.message)
     end, 30))
 
+    it("names no host path when the system refuses a path", async(function()
+      -- Each name fits NAME_MAX and the relative path PATH_MAX, but the
+      -- absolute path under the root passes PATH_MAX, so creating the
+      -- upload's file fails with a message that names the absolute path.
+      local seg = ("d"):rep(254)
+      local parts = {}
+      for i = 1, 16 do
+        parts[i] = seg
+      end
+      local rel = table.concat(parts, "/")
+      assert.is_true(#rel < 4095)
+      local res, body = th.request(D, "PUT", "/files/" .. rel
+        .. "/f.txt?parents=1", { body = "x" })
+      local reply = json.decode(body)
+      assert.is_true(res.status >= 400, tostring(res.status))
+      assert.falsy(reply.error.message:find(ROOT, 1, true),
+        reply.error.message)
+    end, 30))
+
     it("rejects a name longer than Linux allows", async(function()
       local long = ("n"):rep(300)
       local res, body = th.request(D, "PUT", "/files/" .. long,
@@ -495,11 +514,13 @@ describe("daemon toolbox", function()
 
     it("rejects content of more than one line", async(function()
       -- grep -F would match "needle" alone or "nothing" alone.
-      local res, reply = th.call(D, "GET",
-        "/search?content=needle%0Anothing&path=srch")
-      assert.equal(400, res.status)
-      assert.equal("invalid_request", reply.error.code)
-      assert.truthy(reply.error.message:find("one line", 1, true))
+      for _, content in ipairs({ "needle%0Anothing", "need%00zzz", "%00" }) do
+        local res, reply = th.call(D, "GET", "/search?content=" .. content
+          .. "&path=srch")
+        assert.equal(400, res.status, content)
+        assert.equal("invalid_request", reply.error.code)
+        assert.truthy(reply.error.message:find("one line", 1, true))
+      end
     end, 30))
 
     it("bounds the number of results", async(function()

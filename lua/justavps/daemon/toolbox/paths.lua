@@ -113,6 +113,8 @@ function _M.root()
     return nil, fail(500, "root_missing", "toolbox root " .. root
       .. " does not exist or is not accessible: " .. (err or ""))
   end
+  util.note_root(root)
+  util.note_root(out[1])
   return out[1]
 end
 

@@ -157,10 +157,12 @@ function _M.handle(query)
     return util.error_reply(fail(400, "invalid_request",
       "name and content must not be empty"))
   end
-  -- grep -F takes each line of a pattern as a pattern of its own.
-  if query.content and query.content:find("\n", 1, true) then
+  -- grep -F takes each line of a pattern as a pattern of its own, and
+  -- an argument ends at a NUL byte.
+  if query.content and (query.content:find("\n", 1, true)
+      or query.content:find("\0", 1, true)) then
     return util.error_reply(fail(400, "invalid_request",
-      "content must be one line of text"))
+      "content must be one line of text without NUL bytes"))
   end
   local limit = tonumber(query.limit or "") or _M.LIMIT
   if limit < 1 or limit > _M.MAX_LIMIT then

@@ -7,6 +7,8 @@ local log = require("justavps.log")
 
 local type = type
 local pairs = pairs
+local ipairs = ipairs
+local sort = table.sort
 local tonumber = tonumber
 local tostring = tostring
 local char = string.char
@@ -47,6 +49,54 @@ function _M.json_reply(status, value, headers)
 end
 
 
+-- Absolute paths of the toolbox root (as configured and resolved), which
+-- error messages from the system name and clients must not see.
+local root_paths = {}
+
+
+-- Records root, an absolute path of the toolbox root, for error_reply.
+function _M.note_root(root)
+  if type(root) == "string" and sfind(root, "^/.") and not root_paths[root]
+  then
+    root_paths[root] = true
+    root_paths[#root_paths + 1] = root
+    -- Longest first, so that a root inside another is replaced whole.
+    sort(root_paths, function(a, b)
+      return #a > #b
+    end)
+  end
+end
+
+
+-- Returns message with each absolute path under the toolbox root made
+-- relative to it.
+local function relative_paths(message)
+  if type(message) ~= "string" then
+    return message
+  end
+  for _, root in ipairs(root_paths) do
+    local out, pos = {}, 1
+    while true do
+      local at, last = sfind(message, root, pos, true)
+      if not at then
+        break
+      end
+      out[#out + 1] = ssub(message, pos, at - 1)
+      -- "ROOT/x" becomes "x", and ROOT alone becomes ".".
+      if ssub(message, last + 1, last + 1) == "/" then
+        last = last + 1
+      else
+        out[#out + 1] = "."
+      end
+      pos = last + 1
+    end
+    out[#out + 1] = ssub(message, pos)
+    message = concat(out)
+  end
+  return message
+end
+
+
 -- Returns the JSON error response for e. Server-side failures (5xx)
 -- are logged, because the client alone sees their message.
 function _M.error_reply(e)
@@ -54,7 +104,7 @@ function _M.error_reply(e)
     log.err("toolbox request failed", { code = e.code, error = e.message })
   end
   return _M.json_reply(e.status,
-    { error = { code = e.code, message = e.message } })
+    { error = { code = e.code, message = relative_paths(e.message) } })
 end
 
 
