@@ -409,8 +409,13 @@ function _M.handle(req)
   end
   ctx.cookie_lines = cookie_lines(req, cookie)
   ctx.origin = first_value(req, "origin", origin)
-  ctx.api_key_hash = access.api_key_hash(first_value(req, "authorization",
-    authorization))
+  if authorization == false then
+    -- Which of two credentials counts would depend on the reader, as at
+    -- the platform.
+    return fail(req, ctx, 401, "unauthorized",
+      "the request has more than one Authorization header; send one")
+  end
+  ctx.api_key_hash = access.api_key_hash(authorization)
 
   local decision, status, dcode, message = access.evaluate(req, ctx)
   if not decision then
