@@ -9,6 +9,7 @@
 -- host and port for reuse.
 local core = require("justavps.core")
 local json = require("justavps.json")
+local log = require("justavps.log")
 
 local ipairs = ipairs
 local pairs = pairs
@@ -287,8 +288,10 @@ local function client_body_reader(req)
   local body = { started = false }
   return function()
     body.started = true
-    local data, err = req:read()
+    local data, err, code = req:read()
     if data == nil and err then
+      -- forward turns this raise into its answer by failed_code.
+      body.failed_code = code or "closed"
       error("client body: " .. tostring(err))
     end
     return data
@@ -400,6 +403,27 @@ local function forward_upgrade(req, opts)
 end
 
 
+-- Sends the request and returns the response as exchange does. A
+-- pooled socket may still have been closed by the upstream just before
+-- it was used: the request is sent again on a fresh connection unless
+-- part of the client's body was already read, which cannot be read again.
+local function send(opts, host, port, head, mode, length, body_reader, body,
+                    is_head, request_close, timeout)
+  local res, err, code, body_pending
+  local pooled = pool_take(host, port, opts.tls, opts.server_name)
+  if pooled then
+    res, err, code, body_pending = exchange(pooled, host, port, head, mode,
+      length, body_reader, is_head, request_close, timeout)
+  end
+  if not pooled or (not res and not (body and body.started)) then
+    res, err, code, body_pending = exchange(nil, host, port, head, mode,
+      length, body_reader, is_head, request_close, timeout, opts.tls,
+      opts.server_name)
+  end
+  return res, err, code, body_pending
+end
+
+
 -- Forwards req to opts.host:opts.port and relays the answer. opts:
 --   host, port       upstream address (IP literal) and port
 --   target           request-target to send (default req.target)
@@ -445,21 +469,31 @@ function _M.forward(req, opts)
     body_reader, body = client_body_reader(req)
   end
 
-  -- A pooled socket may still have been closed by the upstream just
-  -- before it was used. The request is sent again on a fresh connection
-  -- unless part of the client's body was already read, which cannot be
-  -- read again.
   local is_head = req.method == "HEAD"
   local res, err, code, body_pending
-  local pooled = pool_take(host, port, opts.tls, opts.server_name)
-  if pooled then
-    res, err, code, body_pending = exchange(pooled, host, port, head, mode,
-      length, body_reader, is_head, request_close, timeout)
-  end
-  if not pooled or (not res and not (body and body.started)) then
-    res, err, code, body_pending = exchange(nil, host, port, head, mode,
-      length, body_reader, is_head, request_close, timeout, opts.tls,
-      opts.server_name)
+  if body_reader == nil then
+    res, err, code, body_pending = send(opts, host, port, head, mode, length,
+      nil, nil, is_head, request_close, timeout)
+  else
+    local ok
+    ok, res, err, code, body_pending = pcall(send, opts, host, port, head,
+      mode, length, body_reader, body, is_head, request_close, timeout)
+    if not ok then
+      if not body.failed_code then
+        error(res, 0)
+      end
+      -- The client's body failed: the rest of it, if any comes, cannot be
+      -- framed as a next request.
+      req:keepalive(false)
+      if body.failed_code == "timeout" then
+        return _M.error_response(408, "request_timeout",
+          "the request body stopped arriving")
+      end
+      log.info("client left before the end of its request body",
+        { error = tostring(res) })
+      return _M.error_response(400, "incomplete_body",
+        "the connection ended before the request body did")
+    end
   end
 
   if body_pending then

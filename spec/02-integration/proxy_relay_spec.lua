@@ -161,6 +161,38 @@ describe("proxy relay of the upstream response", function()
     up:close()
   end))
 
+  it("answers 408 when the client's body stops arriving", async(function()
+    local up = upstream({}, function(sock)
+      sock:settimeout(10)
+      while sock:read() do
+      end
+      return false
+    end)
+    local failed = 0
+    local srv = assert(core.http.listen({ port = 0, access_log = false,
+      idle_timeout = 0.5, handler = function(req)
+        local ok, status, headers, body = pcall(proxy.forward, req,
+          { host = "127.0.0.1", port = up:port(), timeout = 10 })
+        if not ok then
+          failed = failed + 1
+          error(status, 0)
+        end
+        return status, headers, body
+      end }))
+    local sock = raw.connect(srv:port())
+    sock:settimeout(5)
+    assert(sock:write("PUT /up HTTP/1.1\r\nHost: app\r\n"
+      .. "Content-Length: 100000\r\n\r\n" .. ("x"):rep(1000)))
+    local res = assert(raw.read_response(sock))
+    assert.equal(408, res.status, res.body)
+    assert.truthy(res.body:find("request_timeout", 1, true), res.body)
+    assert.is_true(raw.is_closed(sock))
+    assert.equal(0, failed)
+    sock:close()
+    srv:close()
+    up:close()
+  end))
+
   it("streams a body to an upstream that answers while it reads",
     async(function()
       local got = {}
