@@ -346,6 +346,21 @@ describe("daemon toolbox", function()
         reply.error.message)
     end, 30))
 
+    it("keeps its JSON UTF-8 for names that are not", async(function()
+      local res = th.request(D, "PUT", "/files/utf8dir/bad-%FF.txt?parents=1",
+        { body = "x" })
+      assert.equal(201, res.status)
+      local body
+      res, body = th.request(D, "GET", "/list/utf8dir")
+      assert.equal(200, res.status)
+      -- One such name used to make the whole listing invalid JSON text.
+      assert.is_true(core.ws.valid_utf8(body))
+      local listing = json.decode(body)
+      local entry = listing.entries[1]
+      assert.equal("bad-?.txt", entry.name)
+      assert.equal(crypto.base64_encode("bad-\255.txt"), entry.name_b64)
+    end, 30))
+
     it("rejects a name longer than Linux allows", async(function()
       local long = ("n"):rep(300)
       local res, body = th.request(D, "PUT", "/files/" .. long,

@@ -7,6 +7,8 @@ local log = require("justavps.log")
 
 local type = type
 local pairs = pairs
+local getmetatable = getmetatable
+local setmetatable = setmetatable
 local ipairs = ipairs
 local sort = table.sort
 local tonumber = tonumber
@@ -40,12 +42,51 @@ function _M.fail(status, code, message)
 end
 
 
+local valid_utf8 = core.ws.valid_utf8
+
+
+-- Returns v, or a copy of it where each string that is not UTF-8 (a file
+-- name can be any bytes) has its bytes from 0x80 up replaced with "?",
+-- and a field NAME of a record gains NAME_b64 with the exact bytes.
+-- JSON text must be UTF-8, and one such name would otherwise make a
+-- whole listing unreadable.
+local function utf8_text(v)
+  if type(v) ~= "table" then
+    return v
+  end
+  local copy
+  for k, x in pairs(v) do
+    local fixed = x
+    if type(x) == "string" then
+      if not valid_utf8(x) then
+        fixed = sgsub(x, "[\128-\255]", "?")
+      end
+    elseif type(x) == "table" then
+      fixed = utf8_text(x)
+    end
+    if fixed ~= x then
+      if not copy then
+        copy = setmetatable({}, getmetatable(v))
+        for ck, cx in pairs(v) do
+          copy[ck] = cx
+        end
+      end
+      copy[k] = fixed
+      if type(x) == "string" and type(k) == "string" then
+        copy[k .. "_b64"] = core.crypto.base64_encode(x)
+      end
+    end
+  end
+  return copy or v
+end
+
+
 function _M.json_reply(status, value, headers)
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(headers or {}) do
     h[k] = v
   end
-  return status, h, json.encode(value) .. "\n"
+  return status, h, json.encode(utf8_text(value)) .. "\n"
 end
 
 
