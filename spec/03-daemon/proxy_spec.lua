@@ -275,6 +275,24 @@ describe("daemon proxy", function()
     assert.is_false(other, "a port on 127.0.0.2 is listed")
   end, 20))
 
+  it("tells an app that closed apart from a closed port", async(function()
+    -- The app accepts, reads the request and closes without an answer.
+    local rude = assert(core.tcp.listen{ port = 0, on_accept = function(s)
+      s:settimeout(5)
+      s:readuntil("\r\n\r\n")
+      s:close()
+    end })
+    local rude_port = rude:port()
+    core.sleep(2.5)
+    local res, body = get(ports.public, "/_port/" .. rude_port .. "/")
+    rude:close()
+    assert.equal(502, res.status)
+    local err = json.decode(body).error
+    assert.equal("app_closed_connection", err.code)
+    assert.truthy(err.message:find(tostring(rude_port), 1, true),
+      err.message)
+  end, 20))
+
   it("delivers SSE event by event", async(function()
     local res = assert(core.http.request{ host = "127.0.0.1",
       port = ports.public, path = "/_port/" .. app:port() .. "/sse",

@@ -56,6 +56,12 @@ local function port_not_listening(port)
       listening[#listening + 1] = entry.port
     end
   end
+  if seen[port] then
+    -- Something listens there: it accepted, then closed or reset the
+    -- connection before its answer.
+    return error_response(502, "app_closed_connection", "the app on port "
+      .. port .. " closed the connection without an answer")
+  end
   table.sort(listening)
   local body = {
     error = {
