@@ -7,29 +7,12 @@ local json = require("cjson.safe")
 local helpers = require("support.helpers")
 
 local async = helpers.async
+local read_file = helpers.read_file
+local free_port = helpers.free_port
+local process_alive = helpers.process_alive
 
 local BIN = os.getenv("JUSTAVPS_TEST_BIN")
   or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
-
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-
-local function free_port()
-  local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
-    on_accept = function(sock) sock:close() end }))
-  local port = listener:port()
-  listener:close()
-  return port
-end
 
 
 -- Runs `justavps dev` in dir with ports (and extra arguments) until it is
@@ -92,13 +75,6 @@ local function new_dir(name)
   local dir = tmp .. "/" .. name
   assert(os.execute("mkdir -p '" .. dir .. "'") == 0)
   return tmp, dir
-end
-
-
--- True when pid is a process that has not exited (a zombie has).
-local function process_alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 

@@ -9,6 +9,10 @@ local helpers = require("support.helpers")
 local machine_sig = require("justavps.machine_sig")
 
 local async = helpers.async
+local read_file = helpers.read_file
+local free_port = helpers.free_port
+local eventually = helpers.eventually
+local process_alive = helpers.process_alive
 
 local BIN = os.getenv("JUSTAVPS_TEST_BIN")
   or ((os.getenv("JV_BUILD_DIR") or "build") .. "/justavps")
@@ -16,27 +20,6 @@ local TERM = "tools/term.py"
 -- Debian's interpreter, which has python3-websockets; another python3
 -- first in PATH may not.
 local PYTHON = "/usr/bin/python3"
-
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-
--- Returns a TCP port on 127.0.0.1 that was free a moment ago.
-local function free_port()
-  local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
-    on_accept = function(sock) sock:close() end }))
-  local port = listener:port()
-  listener:close()
-  return port
-end
 
 
 -- Runs a program and returns its exit status, stdout and stderr.
@@ -160,24 +143,6 @@ local function machine_url(slug, port, path)
 end
 
 
--- Polls fn every 0.2 s until it returns a true value, for at most timeout
--- seconds. Returns that value, or nil.
-local function eventually(timeout, fn)
-  local deadline = core.now() + timeout
-  while true do
-    local v = fn()
-    if v then
-      return v
-    end
-    core.update_time()
-    if core.now() > deadline then
-      return nil
-    end
-    core.sleep(0.2)
-  end
-end
-
-
 -- Starts `justavps dev` on free ports in dir and waits until it is ready.
 -- Returns the process; the log lines collect in dev_log.
 local function start_dev(dir, ports)
@@ -238,13 +203,6 @@ local function listening(host, port)
     return true
   end
   return false
-end
-
-
--- A zombie counts as gone: its parent may have exited before reaping it.
-local function process_alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 

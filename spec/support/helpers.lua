@@ -60,4 +60,47 @@ function _M.async(fn, timeout)
   end
 end
 
+-- Returns the contents of the file at path, or nil when it cannot be read.
+function _M.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local data = f:read("*a")
+  f:close()
+  return data
+end
+
+-- Returns a TCP port on 127.0.0.1 that was free a moment ago.
+function _M.free_port()
+  local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
+    on_accept = function(sock) sock:close() end }))
+  local port = listener:port()
+  listener:close()
+  return port
+end
+
+-- Returns true when pid is a process that has not exited (a zombie has).
+function _M.process_alive(pid)
+  local stat = _M.read_file("/proc/" .. pid .. "/stat")
+  return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+-- Polls fn every 0.2 s until it returns a true value, for at most timeout
+-- seconds. Returns that value, or nil.
+function _M.eventually(timeout, fn)
+  local deadline = core.now() + timeout
+  while true do
+    local v = fn()
+    if v then
+      return v
+    end
+    core.update_time()
+    if core.now() > deadline then
+      return nil
+    end
+    core.sleep(0.2)
+  end
+end
+
 return _M
