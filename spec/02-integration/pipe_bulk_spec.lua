@@ -114,26 +114,12 @@ local function frame(opcode, payload, mask)
 end
 
 
--- Reads what arrives on sock within seconds, as one string.
+-- Reads what arrives on sock within seconds, as one string, and sets the
+-- socket's timeout back to 20 s.
 local function read_for(sock, seconds)
-  core.update_time()
-  local deadline = core.now() + seconds
-  local parts = {}
-  while true do
-    core.update_time()
-    local left = deadline - core.now()
-    if left <= 0 then
-      break
-    end
-    sock:settimeout(left)
-    local data = sock:read()
-    if not data then
-      break
-    end
-    parts[#parts + 1] = data
-  end
+  local data = sockets.read_for(sock, seconds)
   sock:settimeout(20)
-  return table.concat(parts)
+  return data
 end
 
 

@@ -15,26 +15,7 @@ local INTERVAL = 0.3
 local socket_pair = sockets.pair
 
 
--- Reads what arrives on sock within seconds, as one string.
-local function read_for(sock, seconds)
-  core.update_time()
-  local deadline = core.now() + seconds
-  local parts = {}
-  while true do
-    core.update_time()
-    local left = deadline - core.now()
-    if left <= 0 then
-      break
-    end
-    sock:settimeout(left)
-    local data = sock:read()
-    if not data then
-      break
-    end
-    parts[#parts + 1] = data
-  end
-  return table.concat(parts)
-end
+local read_for = sockets.read_for
 
 
 -- A masked client frame with opcode and payload (mask key 1 2 3 4).

@@ -53,4 +53,27 @@ function _M.start_pipe(a, b, opts, pipe)
 end
 
 
+-- Returns what arrives on sock within seconds, as one string. The socket
+-- keeps the last read timeout it was given.
+function _M.read_for(sock, seconds)
+  core.update_time()
+  local deadline = core.now() + seconds
+  local parts = {}
+  while true do
+    core.update_time()
+    local left = deadline - core.now()
+    if left <= 0 then
+      break
+    end
+    sock:settimeout(left)
+    local data = sock:read()
+    if not data then
+      break
+    end
+    parts[#parts + 1] = data
+  end
+  return table.concat(parts)
+end
+
+
 return _M
