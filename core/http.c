@@ -2613,7 +2613,7 @@ check_header_lines(lua_State *L, const char *s, size_t len)
       }
     }
 
-    /* The value runs to the first LF, so it holds no LF; memchr finds a
+    /* The value runs to the first LF, so it contains no LF, and memchr finds a
      * CR or NUL in it faster than a loop over its bytes. */
     end = memchr(colon, '\n', len - (size_t) (colon - s));
     if (end == NULL || end[-1] != '\r' ||
@@ -2827,7 +2827,7 @@ l_req_forward_head(lua_State *L)
   c->out_len = 0;
   lua_pushstring(L, mode);
   if (mode[0] == 'l') {
-    /* The value is not NUL-terminated: the head buffer holds the next
+    /* The value is not NUL-terminated: the head buffer contains the next
      * field, or bytes of an earlier head, right after it. llhttp has
      * checked that it is all digits. */
     uint64_t n = 0;

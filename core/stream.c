@@ -726,7 +726,7 @@ jv_stream_peer_spoke(jv_stream_t *s)
 }
 
 
-/* Returns 1 when the kernel holds an end of stream or an error from the
+/* Returns 1 when the kernel has an end of stream or an error from the
  * peer and no byte before it: the peer closed or reset the connection.
  * Bytes waiting mean it is still talking (a pipelined request, or a TLS
  * record that may be a close_notify), so they give 0. */

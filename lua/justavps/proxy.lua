@@ -290,7 +290,7 @@ local function client_body_reader(req)
     body.started = true
     local data, err, code = req:read()
     if data == nil and err then
-      -- forward turns this raise into its answer by failed_code.
+      -- forward turns this raise into its response by failed_code.
       body.failed_code = code or "closed"
       error("client body: " .. tostring(err))
     end
@@ -436,10 +436,10 @@ end
 --                    names); drop_headers must name them
 --   timeout          seconds for connect and for each read or write
 --   on_unreachable   function(code, err, opts) returning status, headers,
---                    body, to answer a failed connect in the caller's
---                    words; opts is this table, so that the function
---                    can read the caller's own fields from it instead
---                    of being a new closure for each request
+--                    body, to respond to a failed connect in the caller's
+--                    words. opts is this table, so one function can read
+--                    the caller's own fields from it and need not be a
+--                    new closure for each request
 --   pipe_idle_timeout  seconds without a byte either way after which an
 --                    upgraded connection is closed (nil: no limit)
 --   ws_ping_interval seconds without a byte either way after which a
@@ -508,7 +508,7 @@ function _M.forward(req, opts)
     return upstream_error(code, err, host .. ":" .. tostring(port))
   end
   if err == true then
-    -- The upstream answered before it had the whole body, which is still
+    -- The upstream responded before it had the whole body, which is still
     -- on its way: the client's connection cannot carry another request.
     req:keepalive(false)
   end

@@ -91,7 +91,7 @@ describe("proxy relay of the upstream response", function()
     local srv = front(up:port())
     local sock = raw.connect(srv:port())
     sock:settimeout(3)
-    -- Three bytes of a million; the client waits for an answer.
+    -- Three bytes of a million, then the client waits for a response.
     assert(sock:write("PUT /up HTTP/1.1\r\nHost: app\r\n"
       .. "Content-Length: 1000000\r\n\r\nabc"))
     local res = assert(raw.read_response(sock))
@@ -117,8 +117,8 @@ describe("proxy relay of the upstream response", function()
       sock:settimeout(5)
       assert(sock:write("PUT /up HTTP/1.1\r\nHost: app\r\n"
         .. "Content-Length: 800000\r\n\r\n"))
-      -- The body goes out while the answer is read; the write ends with
-      -- an error once the proxy closes.
+      -- The body goes out while the response is read. The write ends
+      -- with an error once the proxy closes.
       core.spawn(function()
         sock:write(("x"):rep(800000))
       end)

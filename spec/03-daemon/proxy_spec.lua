@@ -276,7 +276,7 @@ describe("daemon proxy", function()
   end, 20))
 
   it("tells an app that closed apart from a closed port", async(function()
-    -- The app accepts, reads the request and closes without an answer.
+    -- The app accepts, reads the request and closes without a response.
     local rude = assert(core.tcp.listen{ port = 0, on_accept = function(s)
       s:settimeout(5)
       s:readuntil("\r\n\r\n")

@@ -193,7 +193,7 @@ describe("platform API keys", function()
   local bad_queries = {
     { "limit=0", "limit" }, { "limit=101", "limit" }, { "limit=abc", "limit" },
     { "limit=1.5", "limit" },
-    -- The machine list answers a bad cursor with the same code.
+    -- The machine list rejects a bad cursor with the same code.
     { "cursor=not-a-cursor", "cursor", "invalid_cursor" },
     { "cursor=" .. crypto.base64url_encode("2024-01-01 x"), "cursor",
       "invalid_cursor" },

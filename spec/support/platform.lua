@@ -41,7 +41,7 @@ local created = 0
 
 
 -- Returns a new database, created and migrated with `justavps migrate`.
--- Its name holds the time, this process's id and a count.
+-- Its name contains the time, this process's id and a count.
 function _M.database()
   created = created + 1
   local name = string.format("justavps_spec_%d_%d_%d", os.time(),

@@ -58,7 +58,7 @@ local function port_not_listening(port)
   end
   if seen[port] then
     -- Something listens there: it accepted, then closed or reset the
-    -- connection before its answer.
+    -- connection before its response.
     return error_response(502, "app_closed_connection", "the app on port "
       .. port .. " closed the connection without an answer")
   end
@@ -112,7 +112,7 @@ end
 
 -- Proxy decisions of the routing policy by path, for the current
 -- state.conf.routing, emptied when it reaches MAX_DECISIONS paths. The
--- policy's answer depends on the path and the settings only, and the
+-- policy's decision depends on the path and the settings only, and the
 -- proxy path reads a decision without changing it.
 local MAX_DECISIONS = 1024
 local decisions = { conf = nil, count = 0, by_path = {} }
@@ -137,7 +137,7 @@ local function decide(path)
 end
 
 
--- The proxy's answer to a refused connect: opts.port is the app's port.
+-- The proxy's response to a refused connect: opts.port is the app's port.
 -- One function for every request, so the request path creates no closure
 -- (which would end LuaJIT's trace there).
 local function on_unreachable(_, _, opts)

@@ -45,11 +45,11 @@ end
 local valid_utf8 = core.ws.valid_utf8
 
 
--- Returns v, or a copy of it where each string that is not UTF-8 (a file
--- name can be any bytes) has its bytes from 0x80 up replaced with "?",
--- and a field NAME of a record gains NAME_b64 with the exact bytes.
--- JSON text must be UTF-8, and one such name would otherwise make a
--- whole listing unreadable.
+-- Returns v, or a copy of it in which each string that is not UTF-8 has
+-- its bytes from 0x80 up replaced with "?". A record's field NAME then
+-- gains NAME_b64 with the exact bytes. JSON text must be UTF-8, and a
+-- file name can be any bytes, so one such name would otherwise make a
+-- whole listing invalid.
 local function utf8_text(v)
   if type(v) ~= "table" then
     return v
@@ -101,7 +101,7 @@ function _M.note_root(root)
   then
     root_paths[root] = true
     root_paths[#root_paths + 1] = root
-    -- Longest first, so that a root inside another is replaced whole.
+    -- Longer paths first, so that a root inside another is replaced whole.
     sort(root_paths, function(a, b)
       return #a > #b
     end)
