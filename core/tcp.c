@@ -820,18 +820,22 @@ l_sock_closed(lua_State *L)
 }
 
 
-/* sock:reusable(): true while an idle connection can carry another
- * request: it is open, no read failed or ended, nothing unread is buffered,
- * and the kernel has no end of stream, reset or bytes from the peer. */
+/* sock:reusable([ask_kernel]): true while an idle connection can carry
+ * another request: it is open, no read failed or ended, nothing unread is
+ * buffered, and the kernel has no end of stream, reset or bytes from the
+ * peer. An idle socket keeps reading, so the loop sees most closes
+ * itself; ask_kernel false skips the system call that catches one that
+ * arrived since the loop last polled, for a caller that can resend. */
 static int
 l_sock_reusable(lua_State *L)
 {
   jv_sock_box_t *box = check_udata(L, 1, JV_SOCK_MT, &sock_mt);
   jv_sock_t *sock = box->sock;
+  int ask_kernel = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
 
   lua_pushboolean(L, sock != NULL && !sock->closed && sock->stream != NULL &&
                          sock->read_error == 0 && sock->len == 0 &&
-                         !jv_stream_peer_spoke(sock->stream));
+                         !(ask_kernel && jv_stream_peer_spoke(sock->stream)));
   return 1;
 }
 

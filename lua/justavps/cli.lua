@@ -370,6 +370,14 @@ function _M.main(args, streams)
 end
 
 
+-- The file name of a JUSTAVPS_JIT_* setting, with "%r" and "%p" filled in.
+local function jit_file(name, role_name)
+  return (name:gsub("%%([rp])", function(c)
+    return c == "r" and role_name or tostring(core.proc.getpid())
+  end))
+end
+
+
 -- Runs role with validated opts on the main thread: sets the log role and
 -- level, calls role.run and maps its result to an exit status (nil or true
 -- 0, false 1, an integer 0-255 itself). An error raised by run is logged
@@ -381,17 +389,32 @@ function _M.run(role, opts)
   -- JUSTAVPS_JIT_PROFILE="MODE:FILE" samples the role with LuaJIT's
   -- profiler (jit.p, MODE as in `luajit -jp=MODE`) and writes the report
   -- to FILE when the role returns. For benchmarks, not for production.
+  -- In both this FILE and JUSTAVPS_JIT_VERBOSE's, "%r" is the role name
+  -- and "%p" the process id.
   local profile = os.getenv("JUSTAVPS_JIT_PROFILE")
   local jit_p
   if profile and profile ~= "" then
     local mode, file = profile:match("^([^:]*):(.+)$")
+    file = jit_file(file or profile, role.name)
     local found
     found, jit_p = pcall(require, "jit.p")
     if found then
-      jit_p.start(mode or "", file or profile)
+      jit_p.start(mode or "", file)
     else
       jit_p = nil
       log.warn("JUSTAVPS_JIT_PROFILE set but jit.p is not installed")
+    end
+  end
+
+  -- JUSTAVPS_JIT_VERBOSE=FILE logs LuaJIT's trace events (jit.v) to
+  -- FILE, to find the code the JIT gives up on.
+  local verbose = os.getenv("JUSTAVPS_JIT_VERBOSE")
+  if verbose and verbose ~= "" then
+    local found, jit_v = pcall(require, "jit.v")
+    if found then
+      jit_v.start(jit_file(verbose, role.name))
+    else
+      log.warn("JUSTAVPS_JIT_VERBOSE set but jit.v is not installed")
     end
   end
 

@@ -89,7 +89,11 @@ local function pool_list(host, port, tls, server_name, create)
 end
 
 
-local function pool_take(host, port, tls, server_name)
+-- resendable is true for a request that send() may repeat on a new
+-- connection when the pooled one fails (a GET or HEAD without a body):
+-- that request skips the system call that asks the kernel whether the
+-- upstream closed the socket since the event loop last polled.
+local function pool_take(host, port, tls, server_name, resendable)
   local list = pool_list(host, port, tls, server_name, false)
   if not list then
     return nil
@@ -104,7 +108,7 @@ local function pool_take(host, port, tls, server_name)
     n = n - 1
     -- reusable() detects a close or reset the upstream sent while the
     -- socket was idle, which closed() does not.
-    if now - put_at < POOL_IDLE_SECONDS and sock:reusable() then
+    if now - put_at < POOL_IDLE_SECONDS and sock:reusable(not resendable) then
       return sock
     end
     sock:close()
@@ -407,10 +411,12 @@ end
 -- pooled socket may still have been closed by the upstream just before
 -- it was used: the request is sent again on a fresh connection unless
 -- part of the client's body was already read, which cannot be read again.
+-- resendable is as for pool_take.
 local function send(opts, host, port, head, mode, length, body_reader, body,
-                    is_head, request_close, timeout)
+                    is_head, request_close, timeout, resendable)
   local res, err, code, body_pending
-  local pooled = pool_take(host, port, opts.tls, opts.server_name)
+  local pooled = pool_take(host, port, opts.tls, opts.server_name,
+    resendable)
   if pooled then
     res, err, code, body_pending = exchange(pooled, host, port, head, mode,
       length, body_reader, is_head, request_close, timeout)
@@ -469,11 +475,13 @@ function _M.forward(req, opts)
     body_reader, body = client_body_reader(req)
   end
 
-  local is_head = req.method == "HEAD"
+  local method = req.method
+  local is_head = method == "HEAD"
   local res, err, code, body_pending
   if body_reader == nil then
     res, err, code, body_pending = send(opts, host, port, head, mode, length,
-      nil, nil, is_head, request_close, timeout)
+      nil, nil, is_head, request_close, timeout,
+      is_head or method == "GET")
   else
     local ok
     ok, res, err, code, body_pending = pcall(send, opts, host, port, head,

@@ -107,6 +107,24 @@ describe("justavps executable", function()
         report)
     end)
 
+  it("names JUSTAVPS_JIT_VERBOSE's file with %r and %p filled in",
+    function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir " .. shell_quote(dir)) == 0)
+      local p = assert(io.popen("JUSTAVPS_JIT_VERBOSE=" .. shell_quote(dir
+        .. "/trace.%r.%p") .. " " .. shell_quote(BIN)
+        .. " hello 2>/dev/null; echo \"exit=$?\""))
+      local out = p:read("*a")
+      p:close()
+      assert.matches("exit=0", out, 1, true)
+      local ls = assert(io.popen("ls " .. shell_quote(dir)))
+      local names = ls:read("*a")
+      ls:close()
+      os.execute("rm -rf " .. shell_quote(dir))
+      assert.matches("^trace%.hello%.%d+\n$", names)
+    end)
+
   it("accepts --name=value and --name value", function()
     local status, _, err = run("hello", "--name=ada", "--count", "2",
       "--interval", "10ms")

@@ -291,6 +291,61 @@ describe("proxy relay of the upstream response", function()
       up:close()
     end))
 
+  describe("when the upstream closed the pooled connection", function()
+    -- The front closes the upstream's end of the pooled connection itself
+    -- right before it forwards, so the close reaches the kernel but not
+    -- the event loop: the proxy takes the pooled socket without having
+    -- seen the close.
+    local function run(method, body)
+      local stats, ends = {}, {}
+      local up = upstream(stats, function(sock, head)
+        ends[#ends + 1] = sock
+        local length = tonumber(head:match("[Cc]ontent%-[Ll]ength: (%d+)"))
+        local got = length and sock:readn(length) or ""
+        local reply = head:match("^(%u+)") .. " " .. got
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
+          .. "\r\n\r\n" .. reply)
+      end)
+      local srv = assert(core.http.listen({
+        port = 0,
+        access_log = false,
+        handler = function(req)
+          if req.target == "/second" then
+            ends[1]:close()
+          end
+          return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
+            timeout = 5 })
+        end,
+      }))
+      local sock = raw.connect(srv:port())
+      sock:settimeout(5)
+      assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
+        .. (body and "Content-Length: " .. #body .. "\r\n" or "")
+        .. "\r\n" .. (body or "")))
+      local res = assert(raw.read_response(sock))
+      sock:close()
+      srv:close()
+      up:close()
+      return res, stats.connections
+    end
+
+    it("sends a GET again on a new connection", async(function()
+      local res, connections = run("GET")
+      assert.equal(200, res.status)
+      assert.equal("GET ", res.body)
+      assert.equal(2, connections)
+    end))
+
+    it("keeps a request with a body off it", async(function()
+      local res, connections = run("POST", "data")
+      assert.equal(200, res.status)
+      assert.equal("POST data", res.body)
+      assert.equal(2, connections)
+    end))
+  end)
+
   it("answers pipelined requests in order", async(function()
     local up = upstream({}, function(sock, head)
       local path = head:match("^GET (%S+)")

@@ -17,10 +17,10 @@ local function pair(behave)
 end
 
 
--- Polls sock:reusable() until it equals want, for up to 5 s.
-local function settles(sock, want)
+-- Polls sock:reusable(ask_kernel) until it equals want, for up to 5 s.
+local function settles(sock, want, ask_kernel)
   for _ = 1, 100 do
-    if sock:reusable() == want then
+    if sock:reusable(ask_kernel) == want then
       return true
     end
     core.sleep(0.05)
@@ -64,6 +64,46 @@ describe("sock:reusable", function()
     sock:close()
     listener:close()
   end))
+
+  describe("with ask_kernel false", function()
+    -- A pooled socket has read its response, so it keeps reading and the
+    -- loop records a close the next time it polls.
+    local function read_pair()
+      local accepted
+      local sock, listener = pair(function(s)
+        accepted = s
+        s:write("hi")
+        core.sleep(5)
+      end)
+      assert.equal("hi", sock:readn(2))
+      return sock, listener, accepted
+    end
+
+    -- Spins without letting the event loop poll.
+    local function spin(seconds)
+      local stop = os.clock() + seconds
+      while os.clock() < stop do end
+    end
+
+    it("is false once the loop saw the peer close", async(function()
+      local sock, listener, accepted = read_pair()
+      accepted:close()
+      assert.is_true(settles(sock, false, false))
+      sock:close()
+      listener:close()
+    end))
+
+    it("skips the kernel check for a close the loop has not seen",
+      async(function()
+        local sock, listener, accepted = read_pair()
+        accepted:close()
+        spin(0.05)
+        assert.is_true(sock:reusable(false))
+        assert.is_false(sock:reusable())
+        sock:close()
+        listener:close()
+      end))
+  end)
 
   it("is false after close", async(function()
     local sock, listener = pair(function(s)

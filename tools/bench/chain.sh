@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark the proxy chain edge -> broker -> daemon -> backend on
 # 127.0.0.1 and print a Markdown report:
-#   1. HTTP: wrk through the justavps chain and through an nginx chain of
-#      the same three hops, and directly to the backend;
+#   1. HTTP: wrk through the justavps chain, through two nginx chains of
+#      the same three hops (one worker holding all three, and one process
+#      per hop like the justavps chain), and directly to the backend;
 #   2. WebSocket: echo throughput of 64 KiB messages through the chain and
 #      directly (tools/bench/chain_ws.lua);
 #   3. broker memory: RSS per idle connection (tools/bench/hold_conns.lua)
@@ -125,6 +126,12 @@ export JUSTAVPS_ROOT=$PWD
 # PG* variables of the test server and its database on top.
 clean_env=(env -i "PATH=$PATH" "HOME=$tmp/home" "LANG=C.UTF-8"
   "JUSTAVPS_ROOT=$PWD")
+# LuaJIT's profiler and trace log pass through (see lua/justavps/cli.lua).
+for var in JUSTAVPS_JIT_PROFILE JUSTAVPS_JIT_VERBOSE; do
+  if [[ -n ${!var:-} ]]; then
+    clean_env+=("$var=${!var}")
+  fi
+done
 
 cleanup() {
   local pid
@@ -245,6 +252,11 @@ cpu_ticks() {
     total=$((total + t))
   done
   echo "$total"
+}
+
+# sys_ticks pid: the system part (stime) of cpu_ticks.
+sys_ticks() {
+  sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $13 }'
 }
 
 # Converts a wrk duration such as 512.00us, 1.20ms or 1.00s to microseconds.
@@ -369,16 +381,17 @@ JSON
     "http://127.0.0.1:$edge_port/" "$edge_pid" "$auth"
 }
 
-# start_nginx: three server blocks in one worker, each proxy_pass with
-# upstream keep-alive to the next, the last to the backend. Sets
-# nginx_port, nginx_master_pid and nginx_worker_pid.
-start_nginx() {
-  local prefix=$tmp/nginx port2 port3
+# nginx_conf prefix listen_port upstream_port: writes prefix/nginx.conf
+# for one worker whose server blocks proxy_pass, with upstream
+# keep-alive, from listen_port to upstream_port. With extra "listen
+# upstream" pairs after those three arguments, one worker holds several
+# server blocks.
+nginx_conf() {
+  local prefix=$1
+  shift
   mkdir -p "$prefix/temp"
-  nginx_port=$(free_port)
-  port2=$(free_port)
-  port3=$(free_port)
-  cat >"$prefix/nginx.conf" <<CONF
+  {
+    cat <<CONF
 worker_processes 1;
 daemon off;
 pid $prefix/nginx.pid;
@@ -396,39 +409,67 @@ http {
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_set_header Host \$http_host;
-  upstream hop2 {
-    server 127.0.0.1:$port2;
-    keepalive 32;
-  }
-  upstream hop3 {
-    server 127.0.0.1:$port3;
-    keepalive 32;
-  }
-  upstream backend {
-    server 127.0.0.1:$backend_port;
-    keepalive 32;
-  }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / { proxy_pass http://hop2; }
-  }
-  server {
-    listen 127.0.0.1:$port2;
-    location / { proxy_pass http://hop3; }
-  }
-  server {
-    listen 127.0.0.1:$port3;
-    location / { proxy_pass http://backend; }
-  }
-}
 CONF
+    while [[ $# -gt 0 ]]; do
+      cat <<CONF
+  upstream to_$2 {
+    server 127.0.0.1:$2;
+    keepalive 32;
+  }
+  server {
+    listen 127.0.0.1:$1;
+    location / { proxy_pass http://to_$2; }
+  }
+CONF
+      shift 2
+    done
+    echo "}"
+  } >"$prefix/nginx.conf"
+}
+
+# run_nginx prefix port: starts nginx with prefix/nginx.conf on the server
+# CPU, waits until port answers and sets run_master and run_worker.
+run_nginx() {
+  local prefix=$1 port=$2
   taskset -c "$server_cpu" nginx -p "$prefix/" -c "$prefix/nginx.conf" \
     -e "$prefix/error.log" 2>"$prefix/stderr.log" &
-  nginx_master_pid=$!
-  started_pids+=("$nginx_master_pid")
-  wait_ready "nginx (log $prefix/error.log)" "http://127.0.0.1:$nginx_port/" \
-    "$nginx_master_pid"
-  nginx_worker_pid=$(pgrep -P "$nginx_master_pid" | head -n1)
+  run_master=$!
+  started_pids+=("$run_master")
+  wait_ready "nginx (log $prefix/error.log)" "http://127.0.0.1:$port/" \
+    "$run_master"
+  run_worker=$(pgrep -P "$run_master" | head -n1)
+}
+
+# start_nginx: the two nginx chains of three hops, each hop a proxy_pass
+# with upstream keep-alive to the next and the last to the backend.
+#   - nginx: the three hops as server blocks of one worker, so a request
+#     crosses no process boundary between hops;
+#   - nginx3: one nginx with one worker per hop, three processes like the
+#     justavps chain.
+# Sets nginx_port, nginx_master_pid, nginx_worker_pid, nginx3_port,
+# nginx3_masters and nginx3_workers.
+start_nginx() {
+  local port2 port3 i
+  local -a ports
+  nginx_port=$(free_port)
+  port2=$(free_port)
+  port3=$(free_port)
+  nginx_conf "$tmp/nginx" "$nginx_port" "$port2" "$port2" "$port3" \
+    "$port3" "$backend_port"
+  run_nginx "$tmp/nginx" "$nginx_port"
+  nginx_master_pid=$run_master
+  nginx_worker_pid=$run_worker
+
+  ports=("$(free_port)" "$(free_port)" "$(free_port)" "$backend_port")
+  nginx3_port=${ports[0]}
+  nginx3_masters=""
+  nginx3_workers=""
+  for i in 2 1 0; do
+    nginx_conf "$tmp/nginx3-$i" "${ports[$i]}" "${ports[$((i + 1))]}"
+    run_nginx "$tmp/nginx3-$i" "${ports[$i]}"
+    nginx3_masters+="$run_master "
+    nginx3_workers+="$run_worker "
+  done
 }
 
 log "starting the daemon, the broker, the edge and nginx"
@@ -627,22 +668,26 @@ echo
 # ---------------------------------------------------------------------------
 # HTTP
 
-sides=(chain nginx daemon direct)
+sides=(chain nginx nginx3 daemon direct)
 declare -A label url header busy
 label[chain]="justavps edge -> broker -> daemon"
 label[daemon]="justavps daemon alone, one hop"
 label[nginx]="nginx, 3 server blocks, 1 worker"
+label[nginx3]="nginx, 3 processes, 1 per hop"
 label[direct]="direct to the backend"
 url[chain]="http://127.0.0.1:$edge_port/"
 url[nginx]="http://127.0.0.1:$nginx_port/"
+url[nginx3]="http://127.0.0.1:$nginx3_port/"
 url[daemon]="http://127.0.0.1:$daemon_port/"
 url[direct]="http://127.0.0.1:$backend_port/"
 header[chain]=$auth
 header[nginx]="X-Bench: 1"
+header[nginx3]="X-Bench: 1"
 header[daemon]="X-Bench: 1"
 header[direct]="X-Bench: 1"
 busy[chain]="$edge_pid $chain_broker_pid $daemon_pid"
 busy[nginx]=$nginx_worker_pid
+busy[nginx3]=$nginx3_workers
 busy[daemon]=$daemon_pid
 busy[direct]=$backend_pid
 
@@ -659,7 +704,7 @@ echo "wrk -t1 -c$connections -d${duration}s --latency -H 'Host: $host'," \
   "a ${warmup} s wrk run before each measured run, $reps measured runs per" \
   "side, interleaved. The daemon-alone rows send wrk straight to the" \
   "daemon's public port, which loopback may reach as a broker. \"proxy CPU\" is the CPU time of the proxy processes" \
-  "(edge + broker + daemon, the nginx worker or the daemon; for the" \
+  "(edge + broker + daemon, the nginx worker or workers, or the daemon; for the" \
   "direct rows the backend on CPU $client_cpu) over the run's length, out of 100% for" \
   "CPU $server_cpu."
 echo
@@ -679,7 +724,9 @@ for rep in $(seq 1 "$reps"); do
     ticks_before=$(cpu_ticks ${busy[$side]})
     if [[ $side == chain ]]; then
       split_before=("$(cpu_ticks "$edge_pid")" \
-        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")")
+        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")" \
+        "$(sys_ticks "$edge_pid")" "$(sys_ticks "$chain_broker_pid")" \
+        "$(sys_ticks "$daemon_pid")")
     fi
     if ! run_wrk "$side" "$duration" "$out"; then
       log "wrk failed on ${label[$side]}:"
@@ -694,15 +741,21 @@ for rep in $(seq 1 "$reps"); do
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
     if [[ $side == chain ]]; then
       split_after=("$(cpu_ticks "$edge_pid")" \
-        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")")
+        "$(cpu_ticks "$chain_broker_pid")" "$(cpu_ticks "$daemon_pid")" \
+        "$(sys_ticks "$edge_pid")" "$(sys_ticks "$chain_broker_pid")" \
+        "$(sys_ticks "$daemon_pid")")
       split_rows+=("$(awk -v r="$rps" -v d="$duration" \
         -v hz="$(getconf CLK_TCK)" -v rep="$rep" \
         -v e=$((split_after[0] - split_before[0])) \
         -v b=$((split_after[1] - split_before[1])) \
-        -v m=$((split_after[2] - split_before[2])) 'BEGIN {
-        n = r * d
-        printf "| %d | %.1f | %.1f | %.1f | %.1f |", rep, e / hz * 1e6 / n,
-          b / hz * 1e6 / n, m / hz * 1e6 / n, (e + b + m) / hz * 1e6 / n
+        -v m=$((split_after[2] - split_before[2])) \
+        -v es=$((split_after[3] - split_before[3])) \
+        -v bs=$((split_after[4] - split_before[4])) \
+        -v ms=$((split_after[5] - split_before[5])) 'BEGIN {
+        u = 1e6 / hz / (r * d)
+        printf "| %d | %.1f (%.1f) | %.1f (%.1f) | %.1f (%.1f) | %.1f (%.1f) |",
+          rep, e * u, es * u, b * u, bs * u, m * u, ms * u,
+          (e + b + m) * u, (es + bs + ms) * u
       }')")
     fi
     p50=$(to_us "$(awk '$1 == "50%" { print $2 }' "$out")")
@@ -721,13 +774,14 @@ echo
 # shellcheck disable=SC2086 # the run lists are space-separated numbers
 {
   nginx_rps=$(median ${rps_runs[nginx]})
+  nginx3_rps=$(median ${rps_runs[nginx3]})
   direct_p50=$(median ${p50_runs[direct]})
 }
 echo "Medians over $reps runs; \"added p50\" is the side's p50 minus the" \
   "direct p50:"
 echo
-echo "| side | requests/s | x nginx chain | p50 | p99 | added p50 |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| side | requests/s | x nginx, 1 worker | x nginx, 3 processes | p50 | p99 | added p50 |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for side in "${sides[@]}"; do
   # shellcheck disable=SC2086
   {
@@ -735,16 +789,17 @@ for side in "${sides[@]}"; do
     p50=$(median ${p50_runs[$side]})
     p99=$(median ${p99_runs[$side]})
   }
-  awk -v l="${label[$side]}" -v r="$rps" -v nr="$nginx_rps" -v a="$p50" \
-    -v b="$p99" -v d="$direct_p50" 'BEGIN {
-    printf "| %s | %.0f | %.2f | %.0f us | %.0f us | %.0f us |\n",
-      l, r, r / nr, a, b, a - d
+  awk -v l="${label[$side]}" -v r="$rps" -v nr="$nginx_rps" \
+    -v n3="$nginx3_rps" -v a="$p50" -v b="$p99" -v d="$direct_p50" 'BEGIN {
+    printf "| %s | %.0f | %.2f | %.2f | %.0f us | %.0f us | %.0f us |\n",
+      l, r, r / nr, r / n3, a, b, a - d
   }'
 done
 echo
 echo "CPU time per request of each process in the justavps chain rows" \
   "(utime + stime from /proc/PID/stat over the run, divided by the" \
-  "requests served, in microseconds):"
+  "requests served, in microseconds; the system part, stime, in" \
+  "brackets):"
 echo
 echo "| run | edge | broker | daemon | total |"
 echo "| --- | ---: | ---: | ---: | ---: |"
@@ -801,6 +856,9 @@ echo
 
 stop_process "$edge_pid"
 stop_process "$nginx_master_pid"
+for pid in $nginx3_masters; do
+  stop_process "$pid"
+done
 stop_process "$chain_broker_pid"
 
 # ---------------------------------------------------------------------------

@@ -114,11 +114,13 @@ build=$tmp/build
 # JUSTAVPS_ROOT, and the terminal's login shell starts in the empty HOME.
 clean_env=(env -i "PATH=$PATH" "HOME=$tmp/home" "LANG=C.UTF-8"
   "JUSTAVPS_ROOT=$PWD")
-# LuaJIT's profiler (see lua/justavps/cli.lua) is the one setting that
-# passes through.
-if [[ -n ${JUSTAVPS_JIT_PROFILE:-} ]]; then
-  clean_env+=("JUSTAVPS_JIT_PROFILE=$JUSTAVPS_JIT_PROFILE")
-fi
+# LuaJIT's profiler and trace log (see lua/justavps/cli.lua) are the
+# settings that pass through.
+for var in JUSTAVPS_JIT_PROFILE JUSTAVPS_JIT_VERBOSE; do
+  if [[ -n ${!var:-} ]]; then
+    clean_env+=("$var=${!var}")
+  fi
+done
 
 cleanup() {
   local pid

@@ -104,11 +104,12 @@ fi
 
 # The platform's heartbeat settings (JUSTAVPS_PLATFORM_HEARTBEAT_*) pass
 # through from this script's environment, so runs can compare them, and
-# so does JUSTAVPS_JIT_PROFILE (LuaJIT's profiler, see lua/justavps/cli.lua).
+# so do JUSTAVPS_JIT_PROFILE and JUSTAVPS_JIT_VERBOSE (LuaJIT's profiler
+# and trace log, see lua/justavps/cli.lua).
 platform_env=()
 while IFS= read -r setting; do
   platform_env+=("$setting")
-done < <(env | grep -E '^JUSTAVPS_(PLATFORM_HEARTBEAT_|JIT_PROFILE=)' || true)
+done < <(env | grep -E '^JUSTAVPS_(PLATFORM_HEARTBEAT_|JIT_PROFILE=|JIT_VERBOSE=)' || true)
 
 tmp=$(mktemp -d /tmp/justavps-platform-bench.XXXXXX)
 started_pids=()
