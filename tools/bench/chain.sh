@@ -4,8 +4,8 @@
 #   1. HTTP: wrk through the justavps chain, through two nginx chains of
 #      the same three hops (one worker holding all three, and one process
 #      per hop like the justavps chain), and directly to the backend;
-#   2. WebSocket: echo throughput of 64 KiB messages through the chain and
-#      directly (tools/bench/chain_ws.lua);
+#   2. WebSocket: echo throughput of 64 KiB messages through the chain, the
+#      one-worker nginx chain and directly (tools/bench/chain_ws.lua);
 #   3. broker memory: RSS per idle connection (tools/bench/hold_conns.lua)
 #      and per recorded nonce (tools/bench/chain_nonces.lua).
 #
@@ -14,8 +14,8 @@
 #                        [--quick] [--cost N] [--keep]
 #
 #   --duration S    seconds of each measured wrk run (default 10)
-#   --warmup S      seconds of the unmeasured wrk run before each one
-#                   (default 2)
+#   --warmup S      seconds of the unmeasured wrk or WebSocket run before
+#                   each measured one (default 2)
 #   --reps N        measured runs per side, interleaved, for HTTP and
 #                   WebSocket; the report shows the median (default 3)
 #   --ws-seconds S  seconds of each WebSocket run (default 5)
@@ -259,6 +259,15 @@ sys_ticks() {
   sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $13 }'
 }
 
+# sys_sum pid...: the sum of sys_ticks.
+sys_sum() {
+  local pid total=0
+  for pid in "$@"; do
+    total=$((total + $(sys_ticks "$pid")))
+  done
+  echo "$total"
+}
+
 # Converts a wrk duration such as 512.00us, 1.20ms or 1.00s to microseconds.
 to_us() {
   awk -v v="$1" 'BEGIN {
@@ -407,8 +416,19 @@ http {
   uwsgi_temp_path $prefix/temp/uwsgi;
   scgi_temp_path $prefix/temp/scgi;
   proxy_http_version 1.1;
-  proxy_set_header Connection "";
   proxy_set_header Host \$http_host;
+  # Upstream keep-alive for requests, and WebSocket upgrades passed on.
+  map \$http_upgrade \$upstream_connection {
+    default upgrade;
+    "" "";
+  }
+  proxy_set_header Upgrade \$http_upgrade;
+  proxy_set_header Connection \$upstream_connection;
+  # An upgraded connection is relayed through one buffer of this size
+  # each way: the size the justavps pipe reads.
+  proxy_buffer_size 256k;
+  proxy_buffers 4 256k;
+  proxy_busy_buffers_size 256k;
 CONF
     while [[ $# -gt 0 ]]; do
       cat <<CONF
@@ -815,42 +835,71 @@ echo "## WebSocket: echo of 64 KiB binary messages"
 echo
 echo "tools/bench/chain_ws.lua: one connection, ${ws_seconds} s per run," \
   "at most 8 messages unanswered, MB/s of echoed payload received" \
-  "(10^6 bytes), $reps runs per side, interleaved."
+  "(10^6 bytes), a ${warmup} s run on a connection of its own before each" \
+  "measured run, $reps measured runs per side, interleaved."
 echo
-echo "| run | side | MB/s | messages |"
-echo "| --- | --- | ---: | ---: |"
+echo "\"proxy CPU\" is as for HTTP, with the system part in brackets."
+echo
+echo "| run | side | MB/s | messages | proxy CPU |"
+echo "| --- | --- | ---: | ---: | ---: |"
 declare -A ws_runs
-ws_sides=(chain direct)
+ws_sides=(chain nginx direct)
 for rep in $(seq 1 "$reps"); do
   for k in "${!ws_sides[@]}"; do
-    side=${ws_sides[$(((k + rep - 1) % 2))]}
+    side=${ws_sides[$(((k + rep - 1) % ${#ws_sides[@]}))]}
     log "WebSocket run $rep/$reps: ${label[$side]}"
     if [[ $side == chain ]]; then
       args=("$edge_port" "$ws_seconds" "$host" "Bearer $api_key" "$build")
+    elif [[ $side == nginx ]]; then
+      args=("$nginx_port" "$ws_seconds" "$host" "" "$build")
     else
       args=("$backend_port" "$ws_seconds" "127.0.0.1" "" "$build")
     fi
     out=$tmp/ws-$side-$rep.txt
+    # As for HTTP, a run before the measured one: the first WebSocket run
+    # after the HTTP runs was the slowest of its series every time.
+    warm_args=("${args[@]}")
+    warm_args[1]=$warmup
+    if ! taskset -c "$client_cpu" luajit tools/bench/chain_ws.lua \
+      "${warm_args[@]}" >"$tmp/ws-warmup.txt"; then
+      log "chain_ws.lua failed on ${label[$side]}"
+      exit 1
+    fi
+    # shellcheck disable=SC2086 # busy lists space-separated pids
+    {
+      ticks_before=$(cpu_ticks ${busy[$side]})
+      sys_before=$(sys_sum ${busy[$side]})
+    }
     if ! taskset -c "$client_cpu" luajit tools/bench/chain_ws.lua \
       "${args[@]}" >"$out"; then
       log "chain_ws.lua failed on ${label[$side]}"
       exit 1
     fi
+    # shellcheck disable=SC2086
+    {
+      ticks_after=$(cpu_ticks ${busy[$side]})
+      sys_after=$(sys_sum ${busy[$side]})
+    }
+    cpu=$(awk -v t=$((ticks_after - ticks_before)) \
+      -v st=$((sys_after - sys_before)) -v hz="$(getconf CLK_TCK)" \
+      -v d="$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' "$out")" \
+      'BEGIN { printf "%.0f%% (%.0f%%)", 100 * t / hz / d, 100 * st / hz / d }')
     mbps=$(sed -n 's/.*mb_per_s=\([0-9.]*\).*/\1/p' "$out")
     messages=$(sed -n 's/.*messages=\([0-9]*\).*/\1/p' "$out")
     ws_runs[$side]+="$mbps "
-    echo "| $rep | ${label[$side]} | $mbps | $messages |"
+    echo "| $rep | ${label[$side]} | $mbps | $messages | $cpu |"
   done
 done
 echo
 # shellcheck disable=SC2086
 {
   ws_chain=$(median ${ws_runs[chain]})
+  ws_nginx=$(median ${ws_runs[nginx]})
   ws_direct=$(median ${ws_runs[direct]})
 }
-awk -v c="$ws_chain" -v d="$ws_direct" 'BEGIN {
-  printf "Medians: %.1f MB/s through the chain, %.1f MB/s direct, %.0f%% of direct.\n",
-    c, d, 100 * c / d
+awk -v c="$ws_chain" -v n="$ws_nginx" -v d="$ws_direct" 'BEGIN {
+  printf "Medians: %.1f MB/s through the chain (%.0f%% of direct), %.1f MB/s through the nginx chain (%.0f%% of direct), %.1f MB/s direct.\n",
+    c, 100 * c / d, n, 100 * n / d, d
 }'
 echo
 
