@@ -89,7 +89,7 @@ local function pool_list(host, port, tls, server_name, create)
 end
 
 
--- resendable is true for a request that send() may repeat on a new
+-- resendable is true for a request that send() repeats on a new
 -- connection when the pooled one fails (a GET or HEAD without a body):
 -- that request skips the system call that asks the kernel whether the
 -- upstream closed the socket since the event loop last polled.
@@ -407,26 +407,32 @@ local function forward_upgrade(req, opts)
 end
 
 
+-- The methods RFC 9110 section 9.2.2 calls idempotent. The upstream may
+-- have acted on a request before its connection failed, so only these
+-- are sent a second time.
+local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true,
+  PUT = true, DELETE = true }
+
+
 -- Sends the request and returns the response as exchange does. A
 -- pooled socket may still have been closed by the upstream just before
--- it was used: the request is sent again on a fresh connection unless
--- part of the client's body was already read, which cannot be read again.
--- resendable is as for pool_take.
+-- it was used: an idempotent request is sent again on a fresh connection
+-- unless part of the client's body was already read, which cannot be read
+-- again, or the upstream was only slow to answer.
 local function send(opts, host, port, head, mode, length, body_reader, body,
-                    is_head, request_close, timeout, resendable)
-  local res, err, code, body_pending
+                    is_head, request_close, timeout, method)
   local pooled = pool_take(host, port, opts.tls, opts.server_name,
-    resendable)
+    body_reader == nil and (is_head or method == "GET"))
   if pooled then
-    res, err, code, body_pending = exchange(pooled, host, port, head, mode,
-      length, body_reader, is_head, request_close, timeout)
+    local res, err, code, body_pending = exchange(pooled, host, port, head,
+      mode, length, body_reader, is_head, request_close, timeout)
+    if res or code == "timeout" or not IDEMPOTENT[method]
+        or (body and body.started) then
+      return res, err, code, body_pending
+    end
   end
-  if not pooled or (not res and not (body and body.started)) then
-    res, err, code, body_pending = exchange(nil, host, port, head, mode,
-      length, body_reader, is_head, request_close, timeout, opts.tls,
-      opts.server_name)
-  end
-  return res, err, code, body_pending
+  return exchange(nil, host, port, head, mode, length, body_reader, is_head,
+    request_close, timeout, opts.tls, opts.server_name)
 end
 
 
@@ -480,12 +486,12 @@ function _M.forward(req, opts)
   local res, err, code, body_pending
   if body_reader == nil then
     res, err, code, body_pending = send(opts, host, port, head, mode, length,
-      nil, nil, is_head, request_close, timeout,
-      is_head or method == "GET")
+      nil, nil, is_head, request_close, timeout, method)
   else
     local ok
     ok, res, err, code, body_pending = pcall(send, opts, host, port, head,
-      mode, length, body_reader, body, is_head, request_close, timeout)
+      mode, length, body_reader, body, is_head, request_close, timeout,
+      method)
     if not ok then
       if not body.failed_code then
         error(res, 0)

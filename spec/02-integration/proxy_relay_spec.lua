@@ -346,6 +346,66 @@ describe("proxy relay of the upstream response", function()
     end))
   end)
 
+  describe("when a pooled connection fails after the request went out",
+    function()
+      -- The upstream reads the second request on the pooled connection
+      -- and closes it unanswered, the first time only; later ones get an
+      -- answer. seen counts the second requests that reached it.
+      local function run(method, timeout, delay)
+        local seen = 0
+        local up = upstream({}, function(sock, head)
+          if head:find(" /second ", 1, true) then
+            seen = seen + 1
+            if seen == 1 then
+              if delay then
+                core.sleep(delay)
+              end
+              return false
+            end
+          end
+          sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        end)
+        local srv = assert(core.http.listen({
+          port = 0,
+          access_log = false,
+          handler = function(req)
+            return proxy.forward(req, { host = "127.0.0.1",
+              port = up:port(), timeout = timeout or 5 })
+          end,
+        }))
+        local sock = raw.connect(srv:port())
+        sock:settimeout(5)
+        assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
+        assert.equal(200, assert(raw.read_response(sock)).status)
+        assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
+          .. "Content-Length: 0\r\n\r\n"))
+        local res = assert(raw.read_response(sock))
+        sock:close()
+        srv:close()
+        up:close()
+        return res, seen
+      end
+
+      it("sends an idempotent request again", async(function()
+        local res, seen = run("DELETE")
+        assert.equal(200, res.status)
+        assert.equal(2, seen)
+      end))
+
+      it("answers 502 to a POST rather than send it twice", async(function()
+        local res, seen = run("POST")
+        assert.equal(502, res.status)
+        assert.equal(1, seen)
+      end))
+
+      it("answers 504 to a GET that timed out rather than send it twice",
+        async(function()
+          local res, seen = run("GET", 0.2, 0.5)
+          assert.equal(504, res.status)
+          assert.equal(1, seen)
+        end))
+    end)
+
   it("answers pipelined requests in order", async(function()
     local up = upstream({}, function(sock, head)
       local path = head:match("^GET (%S+)")
