@@ -214,20 +214,27 @@ function _M.string_to_sign(f)
 end
 
 
--- Returns the raw 32-byte HMAC-SHA256 of text under secret, or nil when
--- OpenSSL failed. crypto.hmac_sha256 keeps a keyed context per secret.
-function _M.hmac_sha256(secret, text)
-  return (crypto.hmac_sha256(secret, text))
+-- Returns the hex HMAC-SHA256 of the string to sign under secret, or
+-- nil when OpenSSL failed. Same as hashing string_to_sign(f), without
+-- building it.
+local function signature_hex(secret, method, host, target, target_ip,
+                             target_port, slug, client_ip, timestamp, nonce,
+                             broker_id)
+  return (crypto.hmac_sha256_join(secret, "\n", _M.PREFIX, method,
+    slower(host), target, target_ip, target_port, slug, client_ip,
+    timestamp, nonce, broker_id))
 end
 
 
 -- Returns the signature header value for fields under secret.
 function _M.signature(secret, f)
-  local mac = _M.hmac_sha256(secret, _M.string_to_sign(f))
-  if not mac then
+  local hex = signature_hex(secret, f.method, f.host, f.target, f.target_ip,
+    tostring(f.target_port), f.slug, f.client_ip, tostring(f.timestamp),
+    f.nonce, f.broker_id)
+  if not hex then
     error("edge_sig: HMAC-SHA256 failed", 2)
   end
-  return "v1=" .. crypto.hex_encode(mac)
+  return "v1=" .. hex
 end
 
 
@@ -256,21 +263,18 @@ end
 
 
 -- Signs fields under secret. Returns the timestamp, the nonce and the
--- target port as strings, and the raw MAC.
+-- target port as strings, and the hex MAC.
 local function sign_fields(secret, fields)
   local timestamp = tostring(fields.timestamp or floor(core.time()))
   local nonce = fields.nonce or next_nonce()
   local port = tostring(fields.target_port)
-  local text = _M.PREFIX .. "\n" .. fields.method .. "\n"
-    .. slower(fields.host) .. "\n" .. fields.target .. "\n"
-    .. fields.target_ip .. "\n" .. port .. "\n" .. fields.slug .. "\n"
-    .. fields.client_ip .. "\n" .. timestamp .. "\n" .. nonce .. "\n"
-    .. fields.broker_id
-  local mac = _M.hmac_sha256(secret, text)
-  if not mac then
+  local hex = signature_hex(secret, fields.method, fields.host,
+    fields.target, fields.target_ip, port, fields.slug, fields.client_ip,
+    timestamp, nonce, fields.broker_id)
+  if not hex then
     error("edge_sig: HMAC-SHA256 failed", 3)
   end
-  return timestamp, nonce, port, mac
+  return timestamp, nonce, port, hex
 end
 
 
@@ -282,7 +286,7 @@ function _M.sign(secret, fields)
   if type(secret) ~= "string" or secret == "" then
     error("edge_sig.sign: secret must be a non-empty string", 2)
   end
-  local timestamp, nonce, port, mac = sign_fields(secret, fields)
+  local timestamp, nonce, port, hex = sign_fields(secret, fields)
   return {
     ["X-JustAVPS-Target-IP"] = fields.target_ip,
     ["X-JustAVPS-Target-Port"] = port,
@@ -291,7 +295,7 @@ function _M.sign(secret, fields)
     ["X-JustAVPS-Timestamp"] = timestamp,
     ["X-JustAVPS-Nonce"] = nonce,
     ["X-JustAVPS-Broker"] = fields.broker_id,
-    ["X-JustAVPS-Signature"] = "v1=" .. crypto.hex_encode(mac),
+    ["X-JustAVPS-Signature"] = "v1=" .. hex,
   }
 end
 
@@ -304,7 +308,7 @@ function _M.sign_lines(secret, fields)
   if type(secret) ~= "string" or secret == "" then
     error("edge_sig.sign_lines: secret must be a non-empty string", 2)
   end
-  local timestamp, nonce, port, mac = sign_fields(secret, fields)
+  local timestamp, nonce, port, hex = sign_fields(secret, fields)
   return "X-JustAVPS-Target-IP: " .. fields.target_ip
     .. "\r\nX-JustAVPS-Target-Port: " .. port
     .. "\r\nX-JustAVPS-Slug: " .. fields.slug
@@ -312,7 +316,7 @@ function _M.sign_lines(secret, fields)
     .. "\r\nX-JustAVPS-Timestamp: " .. timestamp
     .. "\r\nX-JustAVPS-Nonce: " .. nonce
     .. "\r\nX-JustAVPS-Broker: " .. fields.broker_id
-    .. "\r\nX-JustAVPS-Signature: v1=" .. crypto.hex_encode(mac) .. "\r\n"
+    .. "\r\nX-JustAVPS-Signature: v1=" .. hex .. "\r\n"
 end
 
 

@@ -63,10 +63,12 @@ function _M.string_to_sign(method, target, timestamp, nonce, body)
 end
 
 
--- Returns the "v1=..." signature value of a call.
+-- Returns the "v1=..." signature value of a call: the HMAC of
+-- string_to_sign's result, without building it.
 function _M.signature(token, method, target, timestamp, nonce, body)
-  local s = _M.string_to_sign(method, target, timestamp, nonce, body)
-  return "v1=" .. crypto.hex_encode(crypto.hmac_sha256(token, s))
+  local body_hash = crypto.hex_encode(crypto.sha256(body or ""))
+  return "v1=" .. crypto.hmac_sha256_join(token, "\n", _M.PREFIX, method,
+    target, timestamp, nonce, body_hash)
 end
 
 

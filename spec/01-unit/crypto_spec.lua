@@ -88,6 +88,86 @@ describe("crypto.hmac_sha256", function()
 end)
 
 
+describe("crypto.hmac_sha256_join", function()
+  local fixture = cjson.decode(read_fixture("hmac_sha256_rfc4231.json"))
+
+  -- Splits s at each occurrence of sep.
+  local function split(s, sep)
+    local parts, from = {}, 1
+    while true do
+      local at = s:find(sep, from, true)
+      if not at then
+        parts[#parts + 1] = s:sub(from)
+        return parts
+      end
+      parts[#parts + 1] = s:sub(from, at - 1)
+      from = at + #sep
+    end
+  end
+
+  it("matches the RFC 4231 cases with their text split at spaces",
+    function()
+      local checked = 0
+      for _, case in ipairs(fixture.cases) do
+        if case.data_ascii and case.data_ascii:find(" ", 1, true)
+            and not case.truncate_to_bits then
+          local parts = split(case.data_ascii, " ")
+          assert.is_true(#parts > 1)
+          assert.equal(case.expected_hex, crypto.hmac_sha256_join(
+            unhex(case.key_hex), " ", unpack(parts)), case.test_case)
+          checked = checked + 1
+        end
+      end
+      assert.is_true(checked >= 2)
+    end)
+
+  it("equals the MAC of the joined text around its 512-byte chunk",
+    function()
+      -- Fields and separators shorter than, equal to and longer than the
+      -- chunk the fields are copied through.
+      local fields = { "", "a", ("b"):rep(511), ("c"):rep(512), ("d"):rep(513),
+        ("e"):rep(2000), "f" }
+      for _, sep in ipairs({ "", "\n", ("-"):rep(600) }) do
+        for _, key in ipairs({ "k", ("K"):rep(256) }) do
+          assert.equal(hex(crypto.hmac_sha256(key, table.concat(fields, sep))),
+            crypto.hmac_sha256_join(key, sep, unpack(fields)),
+            "separator of " .. #sep .. ", key of " .. #key)
+        end
+      end
+    end)
+
+  it("takes numbers and one field", function()
+    assert.equal(hex(crypto.hmac_sha256("key", "443\n1700000000")),
+      crypto.hmac_sha256_join("key", "\n", 443, 1700000000))
+    assert.equal(hex(crypto.hmac_sha256("key", "only")),
+      crypto.hmac_sha256_join("key", ",", "only"))
+  end)
+
+  it("signs with an empty key and with one longer than the cache takes",
+    function()
+      for _, key in ipairs({ "", ("z"):rep(257), ("y"):rep(5000) }) do
+        assert.equal(hex(crypto.hmac_sha256(key, "a\nb\nc")),
+          crypto.hmac_sha256_join(key, "\n", "a", "b", "c"),
+          "key of " .. #key)
+      end
+    end)
+
+  it("raises without a field or on a field that is not text", function()
+    assert.has_error(function() crypto.hmac_sha256_join("k", "\n") end)
+    assert.has_error(function()
+      crypto.hmac_sha256_join("k", "\n", "a", {})
+    end)
+    assert.has_error(function()
+      crypto.hmac_sha256_join("k", "\n", "a", nil, "c")
+    end)
+    assert.has_error(function() crypto.hmac_sha256_join(nil, "\n", "a") end)
+    -- A cached key's context left halfway by the raise signs right next.
+    assert.equal(hex(crypto.hmac_sha256("k", "a")),
+      crypto.hmac_sha256_join("k", "\n", "a"))
+  end)
+end)
+
+
 describe("crypto.sha256", function()
   -- The FIPS 180-2 example messages plus the empty string, with digests
   -- recomputed by python3 hashlib.

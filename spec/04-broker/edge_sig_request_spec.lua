@@ -129,11 +129,3 @@ describe("edge_sig.sign nonces", function()
   end)
 end)
 
-
-describe("edge_sig.hmac_sha256", function()
-  it("matches the RFC 4231 test case 2", function()
-    local mac = edge_sig.hmac_sha256("Jefe", "what do ya want for nothing?")
-    assert.equal("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
-      core.crypto.hex_encode(mac))
-  end)
-end)
