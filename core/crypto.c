@@ -220,10 +220,9 @@ l_hmac_sha256(lua_State *L)
 
 
 /* crypto.hmac_sha256_join(key, sep, field, ...) -> lowercase hex of the
- * HMAC-SHA256 of the fields (strings or numbers) joined with sep. It
- * signs a canonical string without building it, or its raw MAC and hex
- * form, as Lua strings: a signed request at the edge and its check at the
- * broker each made those three. */
+ * HMAC-SHA256 of the fields (strings or numbers) joined with sep. No Lua
+ * string is made for the joined text, the raw MAC or its hex; a signed
+ * request at the edge, and its check at the broker, made all three. */
 static int
 l_hmac_sha256_join(lua_State *L)
 {
@@ -251,8 +250,8 @@ l_hmac_sha256_join(lua_State *L)
     luaL_buffinit(L, &b);
   }
 
-  /* Fields go through chunk, so that OpenSSL sees a few large updates
-   * rather than two small ones per field. */
+  /* Fields are copied into chunk, so that OpenSSL gets a few large
+   * updates rather than two small ones per field. */
   for (i = 3; i <= n; i++) {
     field = luaL_checklstring(L, i, &len);
     if (ctx == NULL) {
@@ -490,8 +489,8 @@ l_hex_encode(lua_State *L)
     return jv__push_error(L, JV_ETOOLARGE);
   }
 
-  /* A digest's hex fits the stack, and needs no garbage-collected
-   * scratch. */
+  /* The hex of a digest fits on the stack, so it needs no scratch
+   * userdata for the garbage collector. */
   out = len <= sizeof(small) / 2 ? small : push_scratch(L, len * 2);
 
   for (i = 0; i < len; i++) {
