@@ -26,8 +26,9 @@
 #                   --idle 500 --nonces 20000
 #   --cost N        instead of the measurements above, count the work of
 #                   each hop for N requests: user-space instructions per
-#                   request under callgrind and system calls per request
-#                   under strace (needs valgrind and strace)
+#                   request under callgrind (with one nginx hop for
+#                   reference) and system calls per request under strace
+#                   (needs valgrind and strace)
 #   --keep          keep the temporary directory with raw output and logs
 #
 # Needs wrk and nginx (tools/setup.sh --bench), luajit, taskset, curl, ss,
@@ -69,7 +70,7 @@ while [[ $# -gt 0 ]]; do
     --cost) cost=$2; shift ;;
     --keep) keep=1 ;;
     -h | --help)
-      sed -n '2,38s/^# \{0,1\}//p' "$0"
+      sed -n '2,40s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     *)
@@ -513,10 +514,11 @@ cost_load() {
     "$mode" "$port" "$count" 8 "$host" "$@"
 }
 
-# cost_callgrind role: starts a second instance of role with the chain's
-# config under callgrind, instrumentation off. It warms the instance with
-# 400 requests and then counts the instructions of $cost more. Prints the
-# instructions per request.
+# cost_callgrind role: starts a second instance of role (edge, broker or
+# daemon) with the chain's config under callgrind, instrumentation off, or
+# for "nginx" one nginx worker proxying to the backend. It warms the
+# instance with 400 requests and then counts the instructions of $cost
+# more. Prints the instructions per request.
 cost_callgrind() {
   local role=$1 config listener env_extra=() vlog out vpid port ir
   case $role in
@@ -535,21 +537,38 @@ cost_callgrind() {
   esac
   vlog=$tmp/callgrind-$role.log
   out=$tmp/callgrind-$role.out
-  "${clean_env[@]}" "${env_extra[@]}" taskset -c "$server_cpu" valgrind \
-    --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
-    --callgrind-out-file="$out" "$build/justavps" "$role" \
-    --config "$config" --access-log=false 2>"$vlog" &
-  vpid=$!
-  started_pids+=("$vpid")
-
   port=
-  for _ in $(seq 1 600); do
-    port=$(sed -n \
-      "s/.*msg=listening .*listener=$listener .*port=\([0-9]*\).*/\1/p" \
-      "$vlog" | head -n1)
-    [[ -n $port ]] && break
-    sleep 0.1
-  done
+  if [[ $role == nginx ]]; then
+    # One nginx process (no master) proxying to the backend, as each hop
+    # of the three-process nginx chain does.
+    port=$(free_port)
+    nginx_conf "$tmp/nginx-cost" "$port" "$backend_port"
+    sed -i '1i master_process off;' "$tmp/nginx-cost/nginx.conf"
+    taskset -c "$server_cpu" valgrind --tool=callgrind --instr-atstart=no \
+      --callgrind-out-file="$out" nginx -p "$tmp/nginx-cost/" \
+      -c "$tmp/nginx-cost/nginx.conf" -e "$tmp/nginx-cost/error.log" \
+      2>"$vlog" &
+    vpid=$!
+    started_pids+=("$vpid")
+    for _ in $(seq 1 600); do
+      curl -s --max-time 1 -o /dev/null "http://127.0.0.1:$port/" && break
+      sleep 0.1
+    done
+  else
+    "${clean_env[@]}" "${env_extra[@]}" taskset -c "$server_cpu" valgrind \
+      --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
+      --callgrind-out-file="$out" "$build/justavps" "$role" \
+      --config "$config" --access-log=false 2>"$vlog" &
+    vpid=$!
+    started_pids+=("$vpid")
+    for _ in $(seq 1 600); do
+      port=$(sed -n \
+        "s/.*msg=listening .*listener=$listener .*port=\([0-9]*\).*/\1/p" \
+        "$vlog" | head -n1)
+      [[ -n $port ]] && break
+      sleep 0.1
+    done
+  fi
   if [[ -z $port ]]; then
     log "$role under callgrind did not start; its log:"
     cat "$vlog" >&2
@@ -559,7 +578,7 @@ cost_callgrind() {
 
   local args=()
   case $role in
-    daemon) args=(plain "$port") ;;
+    daemon | nginx) args=(plain "$port") ;;
     broker)
       args=(broker "$port" "$broker_secret" "$broker_id" "$slug"
         "$daemon_port")
@@ -646,10 +665,14 @@ if ((cost > 0)); then
   echo
   echo "| hop | instructions per request |"
   echo "| --- | ---: |"
-  for role in edge broker daemon; do
+  for role in edge broker daemon nginx; do
     log "callgrind: $role"
     echo "| $role | $(cost_callgrind "$role") |"
   done
+  echo
+  echo "The nginx row is one nginx worker, without a master process," \
+    "proxying the same plain requests to the backend with upstream" \
+    "keep-alive: one hop of the nginx chains."
   echo
   echo "System calls per request of the chain's processes (strace -c -f," \
     "children included) over $cost requests through the edge." \
