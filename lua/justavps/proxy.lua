@@ -13,6 +13,7 @@ local log = require("justavps.log")
 
 local ipairs = ipairs
 local pairs = pairs
+local next = next
 local type = type
 local tostring = tostring
 local slower = string.lower
@@ -34,7 +35,9 @@ local HOP_BY_HOP = {
   ["proxy-authenticate"] = true,
 }
 
--- Failure codes that mean nothing answered at the target address.
+-- Failure codes that mean nothing answered at the target address, when
+-- the connect failed, or that the upstream closed or reset a connection
+-- before its answer, after it.
 local UNREACHABLE = {
   ECONNREFUSED = true,
   ECONNRESET = true,
@@ -51,6 +54,15 @@ local pool = {}
 local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
 local POOL_IDLE_SECONDS = 30
+
+-- Seconds between sweeps of the pools while they hold sockets (a field so
+-- that specs can shorten it). A sweep closes the sockets idle for
+-- POOL_IDLE_SECONDS and those whose upstream closed them meanwhile, which
+-- would otherwise keep their descriptors until the next request to the
+-- same target, for a deleted machine never.
+_M.pool_sweep_seconds = 5
+local pooled_count = 0
+local sweeper = nil
 
 -- Seconds a proxied WebSocket may stay silent before this hop pings both
 -- ends. Common load balancers cut idle connections after 60 s.
@@ -106,6 +118,7 @@ local function pool_take(host, port, tls, server_name, resendable)
     local sock, put_at = socks[n], at[n]
     socks[n], at[n] = nil, nil
     n = n - 1
+    pooled_count = pooled_count - 1
     -- reusable() detects a close or reset the upstream sent while the
     -- socket was idle, which closed() does not.
     if now - put_at < POOL_IDLE_SECONDS and sock:reusable(not resendable) then
@@ -114,6 +127,54 @@ local function pool_take(host, port, tls, server_name, resendable)
     sock:close()
   end
   return nil
+end
+
+
+-- Keeps in list the sockets that may still be reused and closes the
+-- others. Returns how many it kept and how many it closed.
+local function sweep_list(list, now)
+  local socks, at = list.socks, list.at
+  local kept, closed = 0, 0
+  for i = 1, #socks do
+    local sock, put_at = socks[i], at[i]
+    socks[i], at[i] = nil, nil
+    if now - put_at < POOL_IDLE_SECONDS and sock:reusable(false) then
+      kept = kept + 1
+      socks[kept], at[kept] = sock, put_at
+    else
+      sock:close()
+      closed = closed + 1
+    end
+  end
+  return kept, closed
+end
+
+
+local function sweep()
+  local now = core.now()
+  for key, list in pairs(tls_pool) do
+    local kept, closed = sweep_list(list, now)
+    pooled_count = pooled_count - closed
+    if kept == 0 then
+      tls_pool[key] = nil
+    end
+  end
+  for host, by_port in pairs(pool) do
+    for port, list in pairs(by_port) do
+      local kept, closed = sweep_list(list, now)
+      pooled_count = pooled_count - closed
+      if kept == 0 then
+        by_port[port] = nil
+      end
+    end
+    if next(by_port) == nil then
+      pool[host] = nil
+    end
+  end
+  if pooled_count <= 0 and sweeper then
+    sweeper:stop()
+    sweeper = nil
+  end
 end
 
 
@@ -126,6 +187,11 @@ local function pool_put(host, port, sock, tls, server_name)
   end
   list.socks[n + 1] = sock
   list.at[n + 1] = core.now()
+  pooled_count = pooled_count + 1
+  if sweeper == nil then
+    sweeper = core.timer(_M.pool_sweep_seconds, sweep,
+      _M.pool_sweep_seconds)
+  end
 end
 
 
@@ -148,6 +214,17 @@ function _M.close_pool()
     end
     pool[host] = nil
   end
+  pooled_count = 0
+  if sweeper then
+    sweeper:stop()
+    sweeper = nil
+  end
+end
+
+
+-- The number of idle upstream sockets in the pools, for specs.
+function _M.pooled()
+  return pooled_count
 end
 
 
@@ -215,17 +292,34 @@ function _M.error_response(status, code, message)
 end
 
 
-local function upstream_error(code, err, target)
+-- The proxy's own answer to a failed exchange. connected is true when
+-- the failure came after the connection was made.
+local function upstream_error(code, err, target, connected)
   if code == "timeout" then
     return _M.error_response(504, "upstream_timeout",
       "upstream " .. target .. " did not answer in time")
   end
   if UNREACHABLE[code] then
+    if connected then
+      return _M.error_response(502, "upstream_closed",
+        "upstream " .. target .. " closed the connection before its answer")
+    end
     return _M.error_response(502, "upstream_unreachable",
       "nothing accepted the connection at " .. target)
   end
   return _M.error_response(502, "upstream_error",
     "upstream " .. target .. " failed: " .. tostring(err))
+end
+
+
+-- Answers a failed exchange: through opts.on_unreachable for the codes
+-- of UNREACHABLE when the caller gave one, else with upstream_error.
+local function failed(opts, code, err, connected)
+  if opts.on_unreachable and UNREACHABLE[code] then
+    return opts.on_unreachable(code, err, opts, connected)
+  end
+  return upstream_error(code, err, opts.host .. ":" .. tostring(opts.port),
+    connected)
 end
 
 
@@ -304,7 +398,8 @@ end
 
 
 -- Sends head on sock, or on a new connection when sock is nil, and
--- returns the response as core.http._exchange does.
+-- returns the response as core.http._exchange does, with a fifth value
+-- true when the connect failed.
 local function exchange(sock, host, port, head, mode, length, body_reader,
                         is_head, request_close, timeout, tls, server_name)
   if sock == nil then
@@ -313,7 +408,7 @@ local function exchange(sock, host, port, head, mode, length, body_reader,
       tls = tls, server_name = server_name })
     if sock == nil then
       return nil, "connecting to " .. host .. " port " .. port
-        .. " failed: " .. err, code
+        .. " failed: " .. err, code, nil, true
     end
   end
   return core.http._exchange(sock, head, mode, length, body_reader, is_head,
@@ -364,7 +459,15 @@ local function forward_upgrade(req, opts)
 
   -- An upgraded connection is never pooled, so the request goes out on a
   -- new one.
-  local res, err, code = core.http.request({
+  local sock, err, code = core.tcp.connect(host, port, {
+    timeout = opts.timeout or 60, tls = opts.tls,
+    server_name = opts.server_name })
+  if not sock then
+    return failed(opts, code, err, false)
+  end
+  local res
+  res, err, code = core.http.request({
+    sock = sock,
     method = req.method,
     host = host,
     port = port,
@@ -377,10 +480,7 @@ local function forward_upgrade(req, opts)
   })
 
   if not res then
-    if opts.on_unreachable and UNREACHABLE[code] then
-      return opts.on_unreachable(code, err, opts)
-    end
-    return upstream_error(code, err, host .. ":" .. tostring(port))
+    return failed(opts, code, err, true)
   end
 
   local out = _M.end_to_end(res:header_list())
@@ -426,9 +526,15 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
   if pooled then
     local res, err, code, body_pending = exchange(pooled, host, port, head,
       mode, length, body_reader, is_head, request_close, timeout)
-    if res or code == "timeout" or not IDEMPOTENT[method]
+    -- Many servers send a 408 before they close an idle connection; read
+    -- on a reused connection, it is no answer to this request.
+    local stale = res and res.status == 408
+    if (res and not stale) or code == "timeout" or not IDEMPOTENT[method]
         or (body and body.started) then
       return res, err, code, body_pending
+    end
+    if stale then
+      res:close()
     end
   end
   return exchange(nil, host, port, head, mode, length, body_reader, is_head,
@@ -447,11 +553,14 @@ end
 --                    as they are (no Host, Content-Length or hop-by-hop
 --                    names); drop_headers must name them
 --   timeout          seconds for connect and for each read or write
---   on_unreachable   function(code, err, opts) returning status, headers,
---                    body, to respond to a failed connect in the caller's
---                    words. opts is this table, so one function can read
---                    the caller's own fields from it and need not be a
---                    new closure for each request
+--   on_unreachable   function(code, err, opts, connected) returning
+--                    status, headers, body, to respond in the caller's
+--                    words to a refused or failed connect (connected
+--                    false) or to a connection the upstream closed or
+--                    reset before its answer (connected true). opts is
+--                    this table, so one function can read the caller's
+--                    own fields from it and need not be a new closure for
+--                    each request
 --   pipe_idle_timeout  seconds without a byte either way after which an
 --                    upgraded connection is closed (nil: no limit)
 --   ws_ping_interval seconds without a byte either way after which a
@@ -483,15 +592,15 @@ function _M.forward(req, opts)
 
   local method = req.method
   local is_head = method == "HEAD"
-  local res, err, code, body_pending
+  local res, err, code, body_pending, connect_failed
   if body_reader == nil then
-    res, err, code, body_pending = send(opts, host, port, head, mode, length,
-      nil, nil, is_head, request_close, timeout, method)
+    res, err, code, body_pending, connect_failed = send(opts, host, port,
+      head, mode, length, nil, nil, is_head, request_close, timeout, method)
   else
     local ok
-    ok, res, err, code, body_pending = pcall(send, opts, host, port, head,
-      mode, length, body_reader, body, is_head, request_close, timeout,
-      method)
+    ok, res, err, code, body_pending, connect_failed = pcall(send, opts,
+      host, port, head, mode, length, body_reader, body, is_head,
+      request_close, timeout, method)
     if not ok then
       if not body.failed_code then
         error(res, 0)
@@ -516,10 +625,7 @@ function _M.forward(req, opts)
     req:keepalive(false)
   end
   if not res then
-    if opts.on_unreachable and UNREACHABLE[code] then
-      return opts.on_unreachable(code, err, opts)
-    end
-    return upstream_error(code, err, host .. ":" .. tostring(port))
+    return failed(opts, code, err, not connect_failed)
   end
   if err == true then
     -- The upstream responded before it had the whole body, which is still

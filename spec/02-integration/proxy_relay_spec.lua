@@ -6,6 +6,7 @@
 -- client connection with the upstream connection reused. Also covers
 -- req:peer on a kept-alive connection and req:forward_head with small and
 -- large set_headers and drop_headers tables.
+local cjson = require("cjson")
 local core = require("justavps.core")
 local helpers = require("support.helpers")
 local raw = require("support.rawhttp")
@@ -346,6 +347,138 @@ describe("proxy relay of the upstream response", function()
     end))
   end)
 
+  describe("when the upstream wrote a 408 on the pooled connection",
+    function()
+      -- As many servers do before they close an idle connection. The front
+      -- writes it from the upstream's end right before it forwards, so it
+      -- reaches the kernel but not the event loop.
+      local STALE = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+        .. "Content-Length: 5\r\n\r\nstale"
+
+      local function run(method)
+        local stats, ends = {}, {}
+        local up = upstream(stats, function(sock, head)
+          ends[#ends + 1] = sock
+          local reply = head:match("^(%u+ %S+)")
+          sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
+            .. "\r\n\r\n" .. reply)
+        end)
+        local srv = assert(core.http.listen({
+          port = 0,
+          access_log = false,
+          handler = function(req)
+            if req.target == "/second" then
+              assert(ends[1]:write(STALE))
+            end
+            return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
+              timeout = 5 })
+          end,
+        }))
+        local sock = raw.connect(srv:port())
+        sock:settimeout(5)
+        assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
+        assert.equal(200, assert(raw.read_response(sock)).status)
+        assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
+          .. "Content-Length: 0\r\n\r\n"))
+        local res = assert(raw.read_response(sock))
+        sock:close()
+        srv:close()
+        up:close()
+        return res, stats.connections
+      end
+
+      it("sends a GET again on a new connection", async(function()
+        local res, connections = run("GET")
+        assert.equal(200, res.status)
+        assert.equal("GET /second", res.body)
+        assert.equal(2, connections)
+      end))
+
+      it("keeps a POST off the connection", async(function()
+        local res, connections = run("POST")
+        assert.equal(200, res.status)
+        assert.equal("POST /second", res.body)
+        assert.equal(2, connections)
+      end))
+
+      it("relays a 408 read on a new connection", async(function()
+        local up = upstream({}, function(sock)
+          sock:write(STALE)
+          return false
+        end)
+        local srv = front(up:port())
+        local sock = raw.connect(srv:port())
+        assert(sock:write(GET))
+        local res = assert(raw.read_response(sock))
+        assert.equal(408, res.status)
+        assert.equal("stale", res.body)
+        sock:close()
+        srv:close()
+        up:close()
+      end))
+    end)
+
+  describe("pool sweep", function()
+    local saved
+
+    before_each(function()
+      saved = proxy.pool_sweep_seconds
+      proxy.pool_sweep_seconds = 0.1
+    end)
+
+    after_each(function()
+      proxy.pool_sweep_seconds = saved
+    end)
+
+    it("closes pooled sockets whose upstream closed them", async(function()
+      local ends = {}
+      local up = upstream({}, function(sock)
+        ends[#ends + 1] = sock
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+      end)
+      local srv = front(up:port())
+      local clients = {}
+      for i = 1, 3 do
+        clients[i] = raw.connect(srv:port())
+        assert(clients[i]:write(GET))
+      end
+      for i = 1, 3 do
+        assert.equal(200, assert(raw.read_response(clients[i])).status)
+      end
+      assert.equal(3, proxy.pooled())
+      for _, sock in ipairs(ends) do
+        sock:close()
+      end
+      assert.truthy(helpers.eventually(3, function()
+        return proxy.pooled() == 0
+      end))
+      for i = 1, 3 do
+        clients[i]:close()
+      end
+      srv:close()
+      up:close()
+    end))
+
+    it("keeps live sockets and reuses them", async(function()
+      local stats = {}
+      local up = upstream(stats, function(sock)
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+      end)
+      local srv = front(up:port())
+      local sock = raw.connect(srv:port())
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      core.sleep(0.5)
+      assert.equal(1, proxy.pooled())
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      assert.equal(1, stats.connections)
+      sock:close()
+      srv:close()
+      up:close()
+    end))
+  end)
+
   describe("when a pooled connection fails after the request went out",
     function()
       -- The upstream reads the second request on the pooled connection
@@ -395,6 +528,7 @@ describe("proxy relay of the upstream response", function()
       it("answers 502 to a POST rather than send it twice", async(function()
         local res, seen = run("POST")
         assert.equal(502, res.status)
+        assert.equal("upstream_closed", cjson.decode(res.body).error.code)
         assert.equal(1, seen)
       end))
 

@@ -445,6 +445,21 @@ describe("broker", function()
       assert.equal("upstream_unreachable", body.error.code)
     end))
 
+    it("is a 502 upstream_closed when the machine closes unanswered",
+      async(function()
+        local rude = assert(core.tcp.listen{ host = "127.0.0.1", port = 0,
+          on_accept = function(s)
+            s:settimeout(5)
+            s:readuntil("\r\n\r\n")
+            s:close()
+          end })
+        local f = bp.fields(backend_port, { port = tostring(rude:port()) })
+        local res, _, body = bp.send(port, f)
+        rude:close()
+        assert.equal(502, res.status)
+        assert.equal("upstream_closed", body.error.code)
+      end))
+
     it("is a 504 when the machine is slow", async(function()
       local f = bp.fields(backend_port, { target = "/slow" })
       local res, _, body = bp.send(port, f)

@@ -155,10 +155,18 @@ end
 
 -- The on_unreachable of proxy.forward: opts.request and opts.fields are
 -- the request and its signed fields.
-local function machine_unreachable(_, _, opts)
+local function machine_unreachable(code, _, opts, connected)
   local fields = opts.fields
+  if connected then
+    log.warn("machine closed the connection before its answer",
+      { req_id = opts.request.id, slug = fields.slug,
+        target_port = opts.port, code = code })
+    return error_response(502, "upstream_closed",
+      "machine " .. fields.slug .. " closed the connection on port "
+        .. opts.port .. " before its answer")
+  end
   log.warn("machine refused the connection", { req_id = opts.request.id,
-    slug = fields.slug, target_port = opts.port })
+    slug = fields.slug, target_port = opts.port, code = code })
   return error_response(502, "upstream_unreachable",
     "machine " .. fields.slug .. " refused the connection on port "
       .. opts.port)

@@ -43,6 +43,12 @@ local REACHABLE = {
 }
 
 
+local function app_closed_connection(port)
+  return error_response(502, "app_closed_connection", "the app on port "
+    .. port .. " closed the connection without an answer")
+end
+
+
 -- Returns a 502 for a closed port, naming it and the ports that do listen
 -- where the proxy connects, so the user sees at once where the app
 -- really is. A port bound to another address, such as this daemon's own
@@ -59,8 +65,7 @@ local function port_not_listening(port)
   if seen[port] then
     -- Something listens there: it accepted, then closed or reset the
     -- connection before its response.
-    return error_response(502, "app_closed_connection", "the app on port "
-      .. port .. " closed the connection without an answer")
+    return app_closed_connection(port)
   end
   table.sort(listening)
   local body = {
@@ -137,10 +142,14 @@ local function decide(path)
 end
 
 
--- The proxy's response to a refused connect: opts.port is the app's port.
--- One function for every request, so the request path creates no closure
--- (which would end LuaJIT's trace there).
-local function on_unreachable(_, _, opts)
+-- The proxy's response to a refused connect, or to a connection the app
+-- closed before its answer: opts.port is the app's port. One function for
+-- every request, so the request path creates no closure (which would end
+-- LuaJIT's trace there).
+local function on_unreachable(_, _, opts, connected)
+  if connected then
+    return app_closed_connection(opts.port)
+  end
   return port_not_listening(opts.port)
 end
 

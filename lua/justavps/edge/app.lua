@@ -223,12 +223,12 @@ end
 
 -- The on_unreachable of proxy.forward for a broker: opts.request and
 -- opts.broker are the request and the broker tried.
-local function broker_unreachable(code, _, opts)
-  if code == "ECONNREFUSED" then
+local function broker_unreachable(code, _, opts, connected)
+  if code == "ECONNREFUSED" and not connected then
     return RETRY
   end
   log.warn("broker connection failed", { req_id = opts.request.id,
-    broker_id = opts.broker.id, code = code })
+    broker_id = opts.broker.id, code = code, connected = connected })
   return proxy.error_response(502, "broker_unreachable",
     "the broker connection failed; retry shortly")
 end
