@@ -519,6 +519,8 @@ local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true,
 -- it was used: an idempotent request is sent again on a fresh connection
 -- unless part of the client's body was already read, which cannot be read
 -- again, or the upstream was only slow to answer.
+-- TODO: keep a small body (a PUT of a few KiB) as it is read, so that a
+-- request with a body can be resent too.
 local function send(opts, host, port, head, mode, length, body_reader, body,
                     is_head, request_close, timeout, method)
   local pooled = pool_take(host, port, opts.tls, opts.server_name,
