@@ -4,8 +4,8 @@
 #   1. HTTP: wrk through the justavps chain, through two nginx chains of
 #      the same three hops (one worker holding all three, and one process
 #      per hop like the justavps chain), and directly to the backend;
-#   2. WebSocket: echo throughput of 64 KiB messages through the chain, the
-#      one-worker nginx chain and directly (tools/bench/chain_ws.lua);
+#   2. WebSocket: echo throughput of 64 KiB messages through the chain,
+#      both nginx chains and directly (tools/bench/chain_ws.lua);
 #   3. broker memory: RSS per idle connection (tools/bench/hold_conns.lua)
 #      and per recorded nonce (tools/bench/chain_nonces.lua).
 #
@@ -866,7 +866,7 @@ echo
 echo "| run | side | MB/s | messages | proxy CPU |"
 echo "| --- | --- | ---: | ---: | ---: |"
 declare -A ws_runs
-ws_sides=(chain nginx direct)
+ws_sides=(chain nginx nginx3 direct)
 for rep in $(seq 1 "$reps"); do
   for k in "${!ws_sides[@]}"; do
     side=${ws_sides[$(((k + rep - 1) % ${#ws_sides[@]}))]}
@@ -875,6 +875,8 @@ for rep in $(seq 1 "$reps"); do
       args=("$edge_port" "$ws_seconds" "$host" "Bearer $api_key" "$build")
     elif [[ $side == nginx ]]; then
       args=("$nginx_port" "$ws_seconds" "$host" "" "$build")
+    elif [[ $side == nginx3 ]]; then
+      args=("$nginx3_port" "$ws_seconds" "$host" "" "$build")
     else
       args=("$backend_port" "$ws_seconds" "127.0.0.1" "" "$build")
     fi
@@ -916,14 +918,17 @@ done
 echo
 # shellcheck disable=SC2086
 {
-  ws_chain=$(median ${ws_runs[chain]})
-  ws_nginx=$(median ${ws_runs[nginx]})
   ws_direct=$(median ${ws_runs[direct]})
 }
-awk -v c="$ws_chain" -v n="$ws_nginx" -v d="$ws_direct" 'BEGIN {
-  printf "Medians: %.1f MB/s through the chain (%.0f%% of direct), %.1f MB/s through the nginx chain (%.0f%% of direct), %.1f MB/s direct.\n",
-    c, 100 * c / d, n, 100 * n / d, d
-}'
+echo "Medians, and their share of the direct median:"
+echo
+echo "| side | MB/s | of direct |"
+echo "| --- | ---: | ---: |"
+for side in "${ws_sides[@]}"; do
+  # shellcheck disable=SC2086
+  awk -v l="${label[$side]}" -v m="$(median ${ws_runs[$side]})" \
+    -v d="$ws_direct" 'BEGIN { printf "| %s | %.1f | %.0f%% |\n", l, m, 100 * m / d }'
+done
 echo
 
 stop_process "$edge_pid"
