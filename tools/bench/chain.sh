@@ -523,10 +523,14 @@ cost_callgrind() {
   local role=$1 config listener env_extra=() vlog out vpid port ir
   case $role in
     daemon)
-      # The port watcher's scans would land in the counted window, more of
-      # them the slower the build: this instance scans once an hour.
+      # The port watcher's scans and the heartbeats would land in the
+      # counted window, more of them the slower the build: this instance
+      # scans once an hour, after the first scan that the wait below lets
+      # finish, and sends no heartbeat.
       config=$tmp/daemon-cost.json listener=public
-      sed '1s/^{/{ "ports_interval": 3600,/' "$tmp/daemon.json" >"$config"
+      sed -e '1s/^{/{ "ports_interval": 3600,/' \
+        -e 's/"platform_url": "[^"]*"/"platform_url": ""/' \
+        "$tmp/daemon.json" >"$config"
       ;;
     broker) config=$tmp/broker-chain.json listener=main ;;
     edge)
@@ -574,6 +578,13 @@ cost_callgrind() {
     cat "$vlog" >&2
     stop_process "$vpid"
     return 1
+  fi
+
+  if [[ $role == daemon ]]; then
+    for _ in $(seq 1 600); do
+      grep -q 'msg="port opened"' "$vlog" && break
+      sleep 0.1
+    done
   fi
 
   local args=()
