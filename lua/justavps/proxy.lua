@@ -48,8 +48,10 @@ local UNREACHABLE = {
 
 -- Idle upstream sockets: pool[host][port] for a plain upstream, so that a
 -- request builds no key string, and tls_pool["host port tls name"] for a
--- TLS one. Each list is { socks = {...}, at = {...} }, the sockets and the
--- times they were put back, newest last.
+-- TLS one. Each list is { socks = {...}, at = {...}, idle = seconds }, the
+-- sockets and the times they were put back, newest last, and how long one
+-- may stay idle (the pool_idle of proxy.forward, POOL_IDLE_SECONDS by
+-- default).
 local pool = {}
 local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
@@ -94,7 +96,7 @@ local function pool_list(host, port, tls, server_name, create)
   end
   local list = by_key[key]
   if list == nil and create then
-    list = { socks = {}, at = {} }
+    list = { socks = {}, at = {}, idle = POOL_IDLE_SECONDS }
     by_key[key] = list
   end
   return list
@@ -111,7 +113,7 @@ local function pool_take(host, port, tls, server_name, resendable)
     return nil
   end
 
-  local socks, at = list.socks, list.at
+  local socks, at, idle = list.socks, list.at, list.idle
   local now = core.now()
   local n = #socks
   while n > 0 do
@@ -121,7 +123,7 @@ local function pool_take(host, port, tls, server_name, resendable)
     pooled_count = pooled_count - 1
     -- reusable() detects a close or reset the upstream sent while the
     -- socket was idle, which closed() does not.
-    if now - put_at < POOL_IDLE_SECONDS and sock:reusable(not resendable) then
+    if now - put_at < idle and sock:reusable(not resendable) then
       return sock
     end
     sock:close()
@@ -133,12 +135,12 @@ end
 -- Keeps in list the sockets that may still be reused and closes the
 -- others. Returns how many it kept and how many it closed.
 local function sweep_list(list, now)
-  local socks, at = list.socks, list.at
+  local socks, at, idle = list.socks, list.at, list.idle
   local kept, closed = 0, 0
   for i = 1, #socks do
     local sock, put_at = socks[i], at[i]
     socks[i], at[i] = nil, nil
-    if now - put_at < POOL_IDLE_SECONDS and sock:reusable(false) then
+    if now - put_at < idle and sock:reusable(false) then
       kept = kept + 1
       socks[kept], at[kept] = sock, put_at
     else
@@ -178,8 +180,9 @@ local function sweep()
 end
 
 
-local function pool_put(host, port, sock, tls, server_name)
+local function pool_put(host, port, sock, tls, server_name, idle)
   local list = pool_list(host, port, tls, server_name, true)
+  list.idle = idle or POOL_IDLE_SECONDS
   local n = #list.socks
   if n >= POOL_MAX_PER_TARGET then
     sock:close()
@@ -335,7 +338,7 @@ end
 
 -- Relays the body of res to the client of req, then keeps the upstream
 -- connection for reuse when both sides allow it.
-local function relay_body(req, res, host, port, tls, server_name)
+local function relay_body(req, res, host, port, tls, server_name, idle)
   -- An upstream that sends nothing for a while (a silent command on
   -- /_toolbox/exec) would keep this hop, and each hop behind it, waiting
   -- for it after the client has gone. The check closes the upstream
@@ -368,7 +371,7 @@ local function relay_body(req, res, host, port, tls, server_name)
   watch:stop()
 
   if res:keepalive() then
-    pool_put(host, port, res:socket(), tls, server_name)
+    pool_put(host, port, res:socket(), tls, server_name, idle)
   else
     res:close()
   end
@@ -503,7 +506,8 @@ local function forward_upgrade(req, opts)
   -- Keep the upstream's framing when it sent a length, so the client sees
   -- the same Content-Length; otherwise the server chunks the body.
   req:send_head(res.status, out)
-  relay_body(req, res, host, port, opts.tls, opts.server_name)
+  relay_body(req, res, host, port, opts.tls, opts.server_name,
+    opts.pool_idle)
 end
 
 
@@ -570,6 +574,11 @@ end
 --                    WS_PING_INTERVAL; 0 sends none)
 --   tls, server_name a core.tls client context and the name its
 --                    certificate must carry, for a TLS upstream
+--   pool_idle        seconds an upstream connection may stay idle in the
+--                    pool (default POOL_IDLE_SECONDS). Below the
+--                    upstream's own keep-alive limit, the pool never
+--                    sends a request on a connection the upstream is
+--                    closing, which a request with a body cannot survive
 -- Returns status, headers, body for the handler to return when the
 -- proxy answered itself (an error), or nothing when it relayed the
 -- upstream response. Except for a WebSocket upgrade, header fields keep
@@ -646,14 +655,16 @@ function _M.forward(req, opts)
   end
   if progress == "done" then
     if res:keepalive() then
-      pool_put(host, port, res:socket(), opts.tls, opts.server_name)
+      pool_put(host, port, res:socket(), opts.tls, opts.server_name,
+        opts.pool_idle)
     else
       res:close()
     end
     return
   end
 
-  relay_body(req, res, host, port, opts.tls, opts.server_name)
+  relay_body(req, res, host, port, opts.tls, opts.server_name,
+    opts.pool_idle)
 end
 
 

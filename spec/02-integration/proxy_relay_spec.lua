@@ -459,6 +459,36 @@ describe("proxy relay of the upstream response", function()
       up:close()
     end))
 
+    it("closes sockets idle longer than pool_idle", async(function()
+      local stats = {}
+      local up = upstream(stats, function(sock)
+        sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+      end)
+      local srv = assert(core.http.listen({
+        port = 0,
+        access_log = false,
+        handler = function(req)
+          return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
+            timeout = 5, pool_idle = 0.3 })
+        end,
+      }))
+      local sock = raw.connect(srv:port())
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      assert.equal(1, stats.connections)
+      assert.truthy(helpers.eventually(3, function()
+        return proxy.pooled() == 0
+      end))
+      assert(sock:write(GET))
+      assert.equal(200, assert(raw.read_response(sock)).status)
+      assert.equal(2, stats.connections)
+      sock:close()
+      srv:close()
+      up:close()
+    end))
+
     it("keeps live sockets and reuses them", async(function()
       local stats = {}
       local up = upstream(stats, function(sock)

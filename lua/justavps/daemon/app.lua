@@ -142,6 +142,14 @@ local function decide(path)
 end
 
 
+-- Seconds a connection to an app stays pooled. App servers close idle
+-- keep-alive connections early (gunicorn after 2 s, Node.js and uvicorn
+-- after 5 s). A request sent just as the app closes fails, and a POST
+-- cannot be sent again; below those limits that cannot happen, and a new
+-- connection on loopback costs little.
+local APP_POOL_IDLE = 1
+
+
 -- The proxy's response to a refused connect, or to a connection the app
 -- closed before its answer: opts.port is the app's port. One function for
 -- every request, so the request path creates no closure (which would end
@@ -190,6 +198,7 @@ local function public(req)
     target = target,
     set_headers = set,
     timeout = 60,
+    pool_idle = APP_POOL_IDLE,
     on_unreachable = on_unreachable,
   })
 end
