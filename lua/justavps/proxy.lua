@@ -18,6 +18,7 @@ local type = type
 local tostring = tostring
 local slower = string.lower
 local sgmatch = string.gmatch
+local sfind = string.find
 
 local _M = {}
 
@@ -43,6 +44,7 @@ local UNREACHABLE = {
   ECONNRESET = true,
   ENETUNREACH = true,
   EHOSTUNREACH = true,
+  EPIPE = true,
   closed = true,
 }
 
@@ -511,6 +513,17 @@ local function forward_upgrade(req, opts)
 end
 
 
+-- True when the response head says the upstream closes the connection
+-- after it: Connection: close, or HTTP/1.0 without keep-alive.
+local function closes(res)
+  local connection = res:header("connection")
+  if connection then
+    return sfind(slower(connection), "close", 1, true) ~= nil
+  end
+  return res.version == "1.0"
+end
+
+
 -- The methods RFC 9110 section 9.2.2 calls idempotent. The upstream may
 -- have acted on a request before its connection failed, so only these
 -- are sent a second time.
@@ -532,9 +545,12 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
   if pooled then
     local res, err, code, body_pending = exchange(pooled, host, port, head,
       mode, length, body_reader, is_head, request_close, timeout)
-    -- Many servers send a 408 before they close an idle connection; read
-    -- on a reused connection, it is no answer to this request.
-    local stale = res and res.status == 408
+    -- Many app servers send a 408 with Connection: close before they
+    -- close an idle connection. With opts.stale_408, such an answer read
+    -- on a reused connection is taken for that, not for an answer to this
+    -- request.
+    local stale = res and opts.stale_408 and res.status == 408
+      and closes(res)
     if (res and not stale) or code == "timeout" or not IDEMPOTENT[method]
         or (body and body.started) then
       return res, err, code, body_pending
@@ -574,6 +590,12 @@ end
 --                    WS_PING_INTERVAL; 0 sends none)
 --   tls, server_name a core.tls client context and the name its
 --                    certificate must carry, for a TLS upstream
+--   stale_408        true when the upstream is an app server that may send
+--                    a 408 before it closes an idle connection: a 408
+--                    with Connection: close on a reused connection then
+--                    counts as a failed connection, and an idempotent
+--                    request goes out again. Not for a justavps hop,
+--                    whose 408 is always an answer it relays
 --   pool_idle        seconds an upstream connection may stay idle in the
 --                    pool (default POOL_IDLE_SECONDS). Below the
 --                    upstream's own keep-alive limit, the pool never

@@ -199,6 +199,7 @@ local function public(req)
     set_headers = set,
     timeout = 60,
     pool_idle = APP_POOL_IDLE,
+    stale_408 = true,
     on_unreachable = on_unreachable,
   })
 end
