@@ -382,13 +382,21 @@ local function relay_body(req, res, host, port, tls, server_name, idle)
 end
 
 
+-- Bytes of a request body kept so that the request can be sent again
+-- when its pooled connection fails: a PUT of a JSON document fits.
+local REPLAY_MAX = 64 * 1024
+
+
 -- Returns a body_reader for exchange that streams the body of req, and
--- a table whose started field turns true once it was first called. It is
--- made here rather than in forward, so that forward creates no closure
+-- a table whose started field turns true once it was first called. With
+-- keep, the table also keeps the body read so far in chunks while it
+-- stays within REPLAY_MAX bytes, and complete turns true at its end. It
+-- is made here rather than in forward, so that forward creates no closure
 -- and closes no upvalue: LuaJIT 2.1 (Debian's 2.1.0~beta3+git20220320)
 -- compiles neither, and aborts the trace of the whole request there.
-local function client_body_reader(req)
-  local body = { started = false }
+local function client_body_reader(req, keep)
+  local body = { started = false, complete = false,
+    chunks = keep and {} or nil, size = 0 }
   return function()
     body.started = true
     local data, err, code = req:read()
@@ -397,8 +405,28 @@ local function client_body_reader(req)
       body.failed_code = code or "closed"
       error("client body: " .. tostring(err))
     end
+    if data == nil then
+      body.complete = true
+    elseif body.chunks then
+      body.size = body.size + #data
+      if body.size <= REPLAY_MAX then
+        body.chunks[#body.chunks + 1] = data
+      else
+        body.chunks = nil
+      end
+    end
     return data
   end, body
+end
+
+
+-- Returns a body_reader that sends the kept chunks of body again.
+local function replay_reader(body)
+  local i = 0
+  return function()
+    i = i + 1
+    return body.chunks[i]
+  end
 end
 
 
@@ -533,11 +561,10 @@ local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true,
 
 -- Sends the request and returns the response as exchange does. A
 -- pooled socket may still have been closed by the upstream just before
--- it was used: an idempotent request is sent again on a fresh connection
--- unless part of the client's body was already read, which cannot be read
--- again, or the upstream was only slow to answer.
--- TODO: keep a small body (a PUT of a few KiB) as it is read, so that a
--- request with a body can be resent too.
+-- it was used: an idempotent request is sent again on a fresh connection,
+-- unless the upstream was only slow to answer or part of the client's
+-- body was already read and not kept (it was over REPLAY_MAX bytes or
+-- still arriving).
 local function send(opts, host, port, head, mode, length, body_reader, body,
                     is_head, request_close, timeout, method)
   local pooled = pool_take(host, port, opts.tls, opts.server_name,
@@ -551,12 +578,17 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
     -- request.
     local stale = res and opts.stale_408 and res.status == 408
       and closes(res)
+    -- A body read in full and kept can be sent again.
+    local replay = body and body.started and body.complete and body.chunks
     if (res and not stale) or code == "timeout" or not IDEMPOTENT[method]
-        or (body and body.started) then
+        or (body and body.started and not replay) then
       return res, err, code, body_pending
     end
     if stale then
       res:close()
+    end
+    if replay then
+      body_reader = replay_reader(body)
     end
   end
   return exchange(nil, host, port, head, mode, length, body_reader, is_head,
@@ -618,12 +650,13 @@ function _M.forward(req, opts)
   local head, mode, length, request_close = req:forward_head(host, port,
     opts.target, opts.set_headers, opts.drop_headers, opts.extra_headers)
 
+  local method = req.method
   local body_reader, body
   if mode ~= "none" then
-    body_reader, body = client_body_reader(req)
+    body_reader, body = client_body_reader(req, IDEMPOTENT[method]
+      and (mode ~= "length" or length <= REPLAY_MAX))
   end
 
-  local method = req.method
   local is_head = method == "HEAD"
   local res, err, code, body_pending, connect_failed
   if body_reader == nil then

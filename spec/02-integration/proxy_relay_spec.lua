@@ -546,7 +546,7 @@ describe("proxy relay of the upstream response", function()
       -- The upstream reads the second request on the pooled connection
       -- and closes it unanswered, the first time only; later ones get an
       -- answer. seen counts the second requests that reached it.
-      local function run(method, timeout, delay)
+      local function run(method, timeout, delay, body, chunked)
         local seen = 0
         local up = upstream({}, function(sock, head)
           if head:find(" /second ", 1, true) then
@@ -558,7 +558,24 @@ describe("proxy relay of the upstream response", function()
               return false
             end
           end
-          sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+          local reply = "ok"
+          local length = tonumber(head:match("[Cc]ontent%-[Ll]ength: (%d+)"))
+          if length and length > 0 then
+            reply = sock:readn(length)
+          elseif head:find("[Cc]hunked") then
+            reply = ""
+            while true do
+              local size = tonumber(sock:readuntil("\r\n"), 16)
+              if size == 0 then
+                sock:readuntil("\r\n")
+                break
+              end
+              reply = reply .. sock:readn(size)
+              sock:readuntil("\r\n")
+            end
+          end
+          sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
+            .. "\r\n\r\n" .. reply)
         end)
         local srv = assert(core.http.listen({
           port = 0,
@@ -572,8 +589,15 @@ describe("proxy relay of the upstream response", function()
         sock:settimeout(5)
         assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
         assert.equal(200, assert(raw.read_response(sock)).status)
-        assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
-          .. "Content-Length: 0\r\n\r\n"))
+        body = body or ""
+        if chunked then
+          assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
+            .. "Transfer-Encoding: chunked\r\n\r\n"
+            .. string.format("%x", #body) .. "\r\n" .. body .. "\r\n0\r\n\r\n"))
+        else
+          assert(sock:write(method .. " /second HTTP/1.1\r\nHost: app\r\n"
+            .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+        end
         local res = assert(raw.read_response(sock))
         sock:close()
         srv:close()
@@ -586,6 +610,34 @@ describe("proxy relay of the upstream response", function()
         assert.equal(200, res.status)
         assert.equal(2, seen)
       end))
+
+      it("sends a PUT again with the body it kept", async(function()
+        local res, seen = run("PUT", nil, nil, '{"name":"value"}')
+        assert.equal(200, res.status)
+        assert.equal('{"name":"value"}', res.body)
+        assert.equal(2, seen)
+      end))
+
+      it("sends a chunked PUT again with the body it kept", async(function()
+        local res, seen = run("PUT", nil, nil, ("c"):rep(3000), true)
+        assert.equal(200, res.status)
+        assert.equal(("c"):rep(3000), res.body)
+        assert.equal(2, seen)
+      end))
+
+      it("answers 502 to a PUT whose body was too large to keep",
+        async(function()
+          local res, seen = run("PUT", nil, nil, ("b"):rep(64 * 1024 + 1))
+          assert.equal(502, res.status)
+          assert.equal(1, seen)
+        end))
+
+      it("answers 502 to a POST with a body rather than send it twice",
+        async(function()
+          local res, seen = run("POST", nil, nil, "data")
+          assert.equal(502, res.status)
+          assert.equal(1, seen)
+        end))
 
       it("answers 502 to a POST rather than send it twice", async(function()
         local res, seen = run("POST")
