@@ -50,10 +50,11 @@ local UNREACHABLE = {
 
 -- Idle upstream sockets: pool[host][port] for a plain upstream, so that a
 -- request builds no key string, and tls_pool["host port tls name"] for a
--- TLS one. Each list is { socks = {...}, at = {...}, idle = seconds }, the
--- sockets and the times they were put back, newest last, and how long one
--- may stay idle (the pool_idle of proxy.forward, POOL_IDLE_SECONDS by
--- default).
+-- TLS one. Each list is { socks = {...}, at = {...}, idle = seconds,
+-- shun_until = time }: the sockets and the times they were put back,
+-- newest last, how long one may stay idle (the pool_idle of
+-- proxy.forward, POOL_IDLE_SECONDS by default), and until when the target
+-- gets no pooled connection, after a reused one failed (see shun).
 local pool = {}
 local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
@@ -154,31 +155,71 @@ local function sweep_list(list, now)
 end
 
 
+-- Targets whose lists are kept only for their shun_until mark; the
+-- sweeper runs while there are any.
+local shunned_count = 0
+
+
 local function sweep()
   local now = core.now()
+  local shunned = 0
   for key, list in pairs(tls_pool) do
     local kept, closed = sweep_list(list, now)
     pooled_count = pooled_count - closed
-    if kept == 0 then
+    if kept == 0 and (list.shun_until or 0) <= now then
       tls_pool[key] = nil
+    elseif kept == 0 then
+      shunned = shunned + 1
     end
   end
   for host, by_port in pairs(pool) do
     for port, list in pairs(by_port) do
       local kept, closed = sweep_list(list, now)
       pooled_count = pooled_count - closed
-      if kept == 0 then
+      if kept == 0 and (list.shun_until or 0) <= now then
         by_port[port] = nil
+      elseif kept == 0 then
+        shunned = shunned + 1
       end
     end
     if next(by_port) == nil then
       pool[host] = nil
     end
   end
-  if pooled_count <= 0 and sweeper then
+  shunned_count = shunned
+  if pooled_count <= 0 and shunned_count == 0 and sweeper then
     sweeper:stop()
     sweeper = nil
   end
+end
+
+
+local function start_sweeper()
+  if sweeper == nil then
+    sweeper = core.timer(_M.pool_sweep_seconds, sweep,
+      _M.pool_sweep_seconds)
+  end
+end
+
+
+-- Seconds a target gets only new connections after a reused one failed
+-- before its answer. An app that closes each connection after its answer
+-- without saying so would otherwise fail every request that a reused
+-- connection carries and that cannot be sent again, such as a POST.
+local SHUN_SECONDS = 30
+
+
+-- Stops pooling connections to the target for SHUN_SECONDS.
+local function shun(host, port, tls, server_name)
+  local list = pool_list(host, port, tls, server_name, true)
+  list.shun_until = core.now() + SHUN_SECONDS
+  for i = #list.socks, 1, -1 do
+    list.socks[i]:close()
+    list.socks[i], list.at[i] = nil, nil
+    pooled_count = pooled_count - 1
+  end
+  shunned_count = shunned_count + 1
+  start_sweeper()
 end
 
 
@@ -186,17 +227,15 @@ local function pool_put(host, port, sock, tls, server_name, idle)
   local list = pool_list(host, port, tls, server_name, true)
   list.idle = idle or POOL_IDLE_SECONDS
   local n = #list.socks
-  if n >= POOL_MAX_PER_TARGET then
+  local now = core.now()
+  if n >= POOL_MAX_PER_TARGET or (list.shun_until or 0) > now then
     sock:close()
     return
   end
   list.socks[n + 1] = sock
-  list.at[n + 1] = core.now()
+  list.at[n + 1] = now
   pooled_count = pooled_count + 1
-  if sweeper == nil then
-    sweeper = core.timer(_M.pool_sweep_seconds, sweep,
-      _M.pool_sweep_seconds)
-  end
+  start_sweeper()
 end
 
 
@@ -220,6 +259,7 @@ function _M.close_pool()
     pool[host] = nil
   end
   pooled_count = 0
+  shunned_count = 0
   if sweeper then
     sweeper:stop()
     sweeper = nil
@@ -580,6 +620,9 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
       and closes(res)
     -- A body read in full and kept can be sent again.
     local replay = body and body.started and body.complete and body.chunks
+    if not res and UNREACHABLE[code] then
+      shun(host, port, opts.tls, opts.server_name)
+    end
     if (res and not stale) or code == "timeout" or not IDEMPOTENT[method]
         or (body and body.started and not replay) then
       return res, err, code, body_pending

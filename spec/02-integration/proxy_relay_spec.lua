@@ -605,6 +605,41 @@ describe("proxy relay of the upstream response", function()
         return res, seen
       end
 
+      it("stops pooling connections to the upstream for a while",
+        async(function()
+          -- An app that closes each connection after its answer without
+          -- saying so fails every POST a reused connection carries: after
+          -- the first failure, requests get new connections.
+          local stats = {}
+          local up = upstream(stats, function(sock, head)
+            if head:find(" /second ", 1, true) then
+              return false
+            end
+            sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+          end)
+          local srv = front(up:port())
+          local sock = raw.connect(srv:port())
+          sock:settimeout(5)
+          assert(sock:write(GET))
+          assert.equal(200, assert(raw.read_response(sock)).status)
+          assert.equal(1, proxy.pooled())
+          assert(sock:write("POST /second HTTP/1.1\r\nHost: app\r\n"
+            .. "Content-Length: 0\r\n\r\n"))
+          assert.equal(502, assert(raw.read_response(sock)).status)
+          sock:close()
+          local before = stats.connections
+          for _ = 1, 3 do
+            sock = raw.connect(srv:port())
+            assert(sock:write(GET))
+            assert.equal(200, assert(raw.read_response(sock)).status)
+            sock:close()
+            assert.equal(0, proxy.pooled())
+          end
+          assert.equal(before + 3, stats.connections)
+          srv:close()
+          up:close()
+        end))
+
       it("sends an idempotent request again", async(function()
         local res, seen = run("DELETE")
         assert.equal(200, res.status)
