@@ -209,10 +209,17 @@ end
 local SHUN_SECONDS = 30
 
 
--- Stops pooling connections to the target for SHUN_SECONDS.
-local function shun(host, port, tls, server_name)
+-- Stops pooling connections to the target for SHUN_SECONDS; code is the
+-- failure of the reused connection.
+local function shun(host, port, tls, server_name, code)
   local list = pool_list(host, port, tls, server_name, true)
-  list.shun_until = core.now() + SHUN_SECONDS
+  local now = core.now()
+  if (list.shun_until or 0) <= now then
+    log.info("a reused upstream connection failed; new connections only "
+      .. "for a while", { host = host, port = port, code = code,
+        seconds = SHUN_SECONDS })
+  end
+  list.shun_until = now + SHUN_SECONDS
   for i = #list.socks, 1, -1 do
     list.socks[i]:close()
     list.socks[i], list.at[i] = nil, nil
@@ -621,7 +628,7 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
     -- A body read in full and kept can be sent again.
     local replay = body and body.started and body.complete and body.chunks
     if not res and UNREACHABLE[code] then
-      shun(host, port, opts.tls, opts.server_name)
+      shun(host, port, opts.tls, opts.server_name, code)
     end
     if (res and not stale) or code == "timeout" or not IDEMPOTENT[method]
         or (body and body.started and not replay) then

@@ -11,6 +11,7 @@ local core = require("justavps.core")
 local helpers = require("support.helpers")
 local raw = require("support.rawhttp")
 local proxy = require("justavps.proxy")
+local log = require("justavps.log")
 
 local async = helpers.async
 
@@ -623,9 +624,21 @@ describe("proxy relay of the upstream response", function()
           assert(sock:write(GET))
           assert.equal(200, assert(raw.read_response(sock)).status)
           assert.equal(1, proxy.pooled())
+          local messages = {}
+          local previous = log.set_default(log.new({
+            write = function(_, msg, fields)
+              messages[#messages + 1] = msg .. " port=" .. tostring(fields.port)
+            end,
+            enabled = function() return true end,
+          }))
           assert(sock:write("POST /second HTTP/1.1\r\nHost: app\r\n"
             .. "Content-Length: 0\r\n\r\n"))
-          assert.equal(502, assert(raw.read_response(sock)).status)
+          local res = raw.read_response(sock)
+          log.set_default(previous)
+          assert.equal(502, assert(res).status)
+          local logged = table.concat(messages, "\n")
+          assert.truthy(logged:find("new connections only for a while port="
+            .. up:port(), 1, true), logged)
           sock:close()
           local before = stats.connections
           for _ = 1, 3 do
