@@ -673,11 +673,11 @@ end
 --   tls, server_name a core.tls client context and the name its
 --                    certificate must carry, for a TLS upstream
 --   stale_408        true when the upstream is an app server that may send
---                    a 408 before it closes an idle connection: a 408
---                    with Connection: close on a reused connection then
---                    counts as a failed connection, and an idempotent
---                    request goes out again. Not for a justavps hop,
---                    whose 408 is always an answer it relays
+--                    a 408 before it closes an idle connection. Then a
+--                    408 with Connection: close on a reused connection
+--                    counts as a failed one, and an idempotent request
+--                    goes out again. Not for a justavps hop, whose 408 is
+--                    always an answer it relays
 --   pool_idle        seconds an upstream connection may stay idle in the
 --                    pool (default POOL_IDLE_SECONDS). Below the
 --                    upstream's own keep-alive limit, the pool never
