@@ -138,12 +138,41 @@ static hmac_slot_t hmac_slots[HMAC_CACHE_SLOTS];
 static unsigned hmac_next_slot;
 
 
+/* Returns a new HMAC-SHA256 context keyed with key, or NULL when OpenSSL
+ * fails. */
+static EVP_MAC_CTX *
+hmac_new_context(const unsigned char *key, size_t key_len)
+{
+  OSSL_PARAM params[2];
+  EVP_MAC_CTX *ctx;
+
+  if (hmac_algorithm == NULL) {
+    hmac_algorithm = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    if (hmac_algorithm == NULL) {
+      return NULL;
+    }
+  }
+
+  ctx = EVP_MAC_CTX_new(hmac_algorithm);
+  if (ctx == NULL) {
+    return NULL;
+  }
+  params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+                                               (char *) "SHA256", 0);
+  params[1] = OSSL_PARAM_construct_end();
+  if (EVP_MAC_init(ctx, key, key_len, params) != 1) {
+    EVP_MAC_CTX_free(ctx);
+    return NULL;
+  }
+  return ctx;
+}
+
+
 /* Returns a keyed context for key, from the cache or made now (evicting
  * the oldest slot), or NULL when OpenSSL fails. */
 static EVP_MAC_CTX *
 hmac_context(const unsigned char *key, size_t key_len)
 {
-  OSSL_PARAM params[2];
   hmac_slot_t *slot;
   unsigned i;
 
@@ -155,29 +184,14 @@ hmac_context(const unsigned char *key, size_t key_len)
     }
   }
 
-  if (hmac_algorithm == NULL) {
-    hmac_algorithm = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    if (hmac_algorithm == NULL) {
-      return NULL;
-    }
-  }
-
   slot = &hmac_slots[hmac_next_slot];
   hmac_next_slot = (hmac_next_slot + 1) % HMAC_CACHE_SLOTS;
   EVP_MAC_CTX_free(slot->ctx);
   OPENSSL_cleanse(slot->key, sizeof(slot->key));
   slot->key_len = 0;
 
-  slot->ctx = EVP_MAC_CTX_new(hmac_algorithm);
+  slot->ctx = hmac_new_context(key, key_len);
   if (slot->ctx == NULL) {
-    return NULL;
-  }
-  params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
-                                               (char *) "SHA256", 0);
-  params[1] = OSSL_PARAM_construct_end();
-  if (EVP_MAC_init(slot->ctx, key, key_len, params) != 1) {
-    EVP_MAC_CTX_free(slot->ctx);
-    slot->ctx = NULL;
     return NULL;
   }
   memcpy(slot->key, key, key_len);
@@ -219,98 +233,87 @@ l_hmac_sha256(lua_State *L)
 }
 
 
+/* Bytes collected for one EVP_MAC_update, so that OpenSSL gets a few
+ * large updates rather than two small ones per field. */
+typedef struct {
+  EVP_MAC_CTX *ctx;
+  size_t used;
+  unsigned char buf[512];
+} mac_chunk_t;
+
+
+/* Adds len bytes of data to the MAC through chunk. Returns 0, or -1 when
+ * OpenSSL fails. */
+static int
+mac_chunk_add(mac_chunk_t *chunk, const char *data, size_t len)
+{
+  if (chunk->used + len > sizeof(chunk->buf)) {
+    if (EVP_MAC_update(chunk->ctx, chunk->buf, chunk->used) != 1) {
+      return -1;
+    }
+    chunk->used = 0;
+  }
+  if (len > sizeof(chunk->buf)) {
+    return EVP_MAC_update(chunk->ctx, (const unsigned char *) data, len) == 1
+               ? 0
+               : -1;
+  }
+  memcpy(chunk->buf + chunk->used, data, len);
+  chunk->used += len;
+  return 0;
+}
+
+
 /* crypto.hmac_sha256_join(key, sep, field, ...) -> lowercase hex of the
- * HMAC-SHA256 of the fields (strings or numbers) joined with sep. No Lua
- * string is made for the joined text, the raw MAC or its hex; a signed
- * request at the edge, and its check at the broker, made all three. */
+ * HMAC-SHA256 of the fields (strings or numbers) joined with sep. It
+ * makes no Lua string for the joined text, the raw MAC or its hex, which
+ * signing at the edge and checking at the broker would otherwise make. */
 static int
 l_hmac_sha256_join(lua_State *L)
 {
   static const char digits[] = "0123456789abcdef";
-  size_t key_len, sep_len, len, used = 0, out_len = 0;
+  size_t key_len, sep_len, len, out_len = 0, i;
   const unsigned char *key = check_bytes(L, 1, &key_len);
   const char *sep = luaL_checklstring(L, 2, &sep_len);
   const char *field;
   unsigned char mac[EVP_MAX_MD_SIZE];
   char hex[2 * EVP_MAX_MD_SIZE];
-  char chunk[512];
-  unsigned int mac_len = 0;
-  int n = lua_gettop(L), i;
-  EVP_MAC_CTX *ctx = NULL;
-  luaL_Buffer b;
+  mac_chunk_t chunk;
+  int n = lua_gettop(L), arg, owned, failed = 0;
 
   luaL_argcheck(L, n >= 3, 3, "at least one field expected");
-  if (key_len > 0 && key_len <= HMAC_CACHE_KEY_MAX) {
-    ctx = hmac_context(key, key_len);
-    if (ctx == NULL) {
-      return push_openssl_error(L, "EVP_MAC");
-    }
-  } else {
-    luaL_argcheck(L, key_len <= INT_MAX, 1, "key too long");
-    luaL_buffinit(L, &b);
+  /* Every field is checked before a context is made, so that a raise
+   * cannot leave one behind. */
+  for (arg = 3; arg <= n; arg++) {
+    luaL_checklstring(L, arg, NULL);
   }
 
-  /* Fields are copied into chunk, so that OpenSSL gets a few large
-   * updates rather than two small ones per field. */
-  for (i = 3; i <= n; i++) {
-    field = luaL_checklstring(L, i, &len);
-    if (ctx == NULL) {
-      if (i > 3) {
-        luaL_addlstring(&b, sep, sep_len);
-      }
-      luaL_addlstring(&b, field, len);
-      continue;
-    }
-    if (i > 3) {
-      if (used + sep_len > sizeof(chunk)) {
-        if (EVP_MAC_update(ctx, (unsigned char *) chunk, used) != 1) {
-          return push_openssl_error(L, "EVP_MAC");
-        }
-        used = 0;
-      }
-      if (sep_len > sizeof(chunk)) {
-        if (EVP_MAC_update(ctx, (const unsigned char *) sep, sep_len) != 1) {
-          return push_openssl_error(L, "EVP_MAC");
-        }
-      } else {
-        memcpy(chunk + used, sep, sep_len);
-        used += sep_len;
-      }
-    }
-    if (used + len > sizeof(chunk)) {
-      if (EVP_MAC_update(ctx, (unsigned char *) chunk, used) != 1) {
-        return push_openssl_error(L, "EVP_MAC");
-      }
-      used = 0;
-    }
-    if (len > sizeof(chunk)) {
-      if (EVP_MAC_update(ctx, (const unsigned char *) field, len) != 1) {
-        return push_openssl_error(L, "EVP_MAC");
-      }
-    } else {
-      memcpy(chunk + used, field, len);
-      used += len;
-    }
+  /* Keys the cache does not take get a context of their own. */
+  owned = key_len == 0 || key_len > HMAC_CACHE_KEY_MAX;
+  chunk.ctx =
+      owned ? hmac_new_context(key, key_len) : hmac_context(key, key_len);
+  if (chunk.ctx == NULL) {
+    return push_openssl_error(L, "EVP_MAC");
+  }
+  chunk.used = 0;
+
+  for (arg = 3; arg <= n && !failed; arg++) {
+    field = lua_tolstring(L, arg, &len);
+    failed = (arg > 3 && mac_chunk_add(&chunk, sep, sep_len) != 0) ||
+             mac_chunk_add(&chunk, field, len) != 0;
+  }
+  failed = failed || EVP_MAC_update(chunk.ctx, chunk.buf, chunk.used) != 1 ||
+           EVP_MAC_final(chunk.ctx, mac, &out_len, sizeof(mac)) != 1;
+  if (owned) {
+    EVP_MAC_CTX_free(chunk.ctx);
+  }
+  if (failed) {
+    return push_openssl_error(L, "EVP_MAC");
   }
 
-  if (ctx != NULL) {
-    if (EVP_MAC_update(ctx, (unsigned char *) chunk, used) != 1 ||
-        EVP_MAC_final(ctx, mac, &out_len, sizeof(mac)) != 1) {
-      return push_openssl_error(L, "EVP_MAC");
-    }
-  } else {
-    luaL_pushresult(&b);
-    field = lua_tolstring(L, -1, &len);
-    if (HMAC(EVP_sha256(), key, (int) key_len, (const unsigned char *) field,
-             len, mac, &mac_len) == NULL) {
-      return push_openssl_error(L, "HMAC");
-    }
-    out_len = mac_len;
-  }
-
-  for (used = 0; used < out_len; used++) {
-    hex[2 * used] = digits[mac[used] >> 4];
-    hex[2 * used + 1] = digits[mac[used] & 0x0f];
+  for (i = 0; i < out_len; i++) {
+    hex[2 * i] = digits[mac[i] >> 4];
+    hex[2 * i + 1] = digits[mac[i] & 0x0f];
   }
   lua_pushlstring(L, hex, 2 * out_len);
   return 1;

@@ -36,9 +36,8 @@ local HOP_BY_HOP = {
   ["proxy-authenticate"] = true,
 }
 
--- Failure codes that mean nothing answered at the target address, when
--- the connect failed, or that the upstream closed or reset a connection
--- before its answer, after it.
+-- Failure codes of a connect that nothing accepted, or of a connection
+-- that the upstream closed or reset before it sent a response.
 local UNREACHABLE = {
   ECONNREFUSED = true,
   ECONNRESET = true,
@@ -50,23 +49,20 @@ local UNREACHABLE = {
 
 -- Idle upstream sockets: pool[host][port] for a plain upstream, so that a
 -- request builds no key string, and tls_pool["host port tls name"] for a
--- TLS one. Each list is { socks = {...}, at = {...}, idle = seconds,
--- shun_until = time }: the sockets and the times they were put back,
--- newest last, how long one may stay idle (the pool_idle of
--- proxy.forward, POOL_IDLE_SECONDS by default), and until when the target
--- gets no pooled connection, after a reused one failed (see shun).
+-- TLS one. Each list is { socks, at, idle, shun_until }:
+--   socks, at   the sockets and the times they were put back, newest last
+--   idle        seconds a socket may stay (pool_idle of proxy.forward)
+--   shun_until  time before which the target gets no pooled socket (shun)
 local pool = {}
 local tls_pool = {}
 local POOL_MAX_PER_TARGET = 32
 local POOL_IDLE_SECONDS = 30
 
--- Seconds between sweeps of the pools while they hold sockets (a field so
--- that specs can shorten it). A sweep closes the sockets idle for
--- POOL_IDLE_SECONDS and those whose upstream closed them meanwhile, which
--- would otherwise keep their descriptors until the next request to the
--- same target, for a deleted machine never.
+-- Seconds between sweeps of the pools while any list exists (a field so
+-- that specs can shorten it). A sweep closes expired sockets and those the
+-- upstream closed. Without it, their descriptors stay open until the next
+-- request to the same target, which for a deleted machine never comes.
 _M.pool_sweep_seconds = 5
-local pooled_count = 0
 local sweeper = nil
 
 -- Seconds a proxied WebSocket may stay silent before this hop pings both
@@ -106,10 +102,11 @@ local function pool_list(host, port, tls, server_name, create)
 end
 
 
--- resendable is true for a request that send() repeats on a new
--- connection when the pooled one fails (a GET or HEAD without a body):
--- that request skips the system call that asks the kernel whether the
--- upstream closed the socket since the event loop last polled.
+-- Returns a pooled socket for the target, or nil. resendable is true for a
+-- request that send() repeats on a new connection when the pooled one
+-- fails (a GET or HEAD without a body). Such a request skips the system
+-- call that checks whether the upstream closed the socket since the event
+-- loop last polled.
 local function pool_take(host, port, tls, server_name, resendable)
   local list = pool_list(host, port, tls, server_name, false)
   if not list then
@@ -123,7 +120,6 @@ local function pool_take(host, port, tls, server_name, resendable)
     local sock, put_at = socks[n], at[n]
     socks[n], at[n] = nil, nil
     n = n - 1
-    pooled_count = pooled_count - 1
     -- reusable() detects a close or reset the upstream sent while the
     -- socket was idle, which closed() does not.
     if now - put_at < idle and sock:reusable(not resendable) then
@@ -136,10 +132,11 @@ end
 
 
 -- Keeps in list the sockets that may still be reused and closes the
--- others. Returns how many it kept and how many it closed.
+-- others. Returns true when the list can be dropped: it has no socket
+-- left and no shun mark in force.
 local function sweep_list(list, now)
   local socks, at, idle = list.socks, list.at, list.idle
-  local kept, closed = 0, 0
+  local kept = 0
   for i = 1, #socks do
     local sock, put_at = socks[i], at[i]
     socks[i], at[i] = nil, nil
@@ -148,46 +145,32 @@ local function sweep_list(list, now)
       socks[kept], at[kept] = sock, put_at
     else
       sock:close()
-      closed = closed + 1
     end
   end
-  return kept, closed
+  return kept == 0 and (list.shun_until or 0) <= now
 end
 
 
--- Targets whose lists are kept only for their shun_until mark; the
--- sweeper runs while there are any.
-local shunned_count = 0
-
-
+-- Sweeps every list, drops the lists sweep_list allows, and stops the
+-- sweeper once no list is left.
 local function sweep()
   local now = core.now()
-  local shunned = 0
   for key, list in pairs(tls_pool) do
-    local kept, closed = sweep_list(list, now)
-    pooled_count = pooled_count - closed
-    if kept == 0 and (list.shun_until or 0) <= now then
+    if sweep_list(list, now) then
       tls_pool[key] = nil
-    elseif kept == 0 then
-      shunned = shunned + 1
     end
   end
   for host, by_port in pairs(pool) do
     for port, list in pairs(by_port) do
-      local kept, closed = sweep_list(list, now)
-      pooled_count = pooled_count - closed
-      if kept == 0 and (list.shun_until or 0) <= now then
+      if sweep_list(list, now) then
         by_port[port] = nil
-      elseif kept == 0 then
-        shunned = shunned + 1
       end
     end
     if next(by_port) == nil then
       pool[host] = nil
     end
   end
-  shunned_count = shunned
-  if pooled_count <= 0 and shunned_count == 0 and sweeper then
+  if next(pool) == nil and next(tls_pool) == nil and sweeper then
     sweeper:stop()
     sweeper = nil
   end
@@ -202,15 +185,26 @@ local function start_sweeper()
 end
 
 
+local function close_list(list)
+  for _, sock in ipairs(list.socks) do
+    sock:close()
+  end
+  list.socks, list.at = {}, {}
+end
+
+
 -- Seconds a target gets only new connections after a reused one failed
--- before its answer. An app that closes each connection after its answer
--- without saying so would otherwise fail every request that a reused
--- connection carries and that cannot be sent again, such as a POST.
+-- before the response. An app that closes each connection after its
+-- response without Connection: close would otherwise fail every request
+-- that a reused connection carries and that cannot be resent, such as a
+-- POST.
+-- NOTE: 30 s is a chosen value, not tuned on real apps: such an app still
+-- fails about one request per target each time the mark expires.
 local SHUN_SECONDS = 30
 
 
--- Stops pooling connections to the target for SHUN_SECONDS; code is the
--- failure of the reused connection.
+-- Closes the target's pooled sockets and stops pooling new ones for
+-- SHUN_SECONDS. code is the failure of the reused connection.
 local function shun(host, port, tls, server_name, code)
   local list = pool_list(host, port, tls, server_name, true)
   local now = core.now()
@@ -220,12 +214,7 @@ local function shun(host, port, tls, server_name, code)
         seconds = SHUN_SECONDS })
   end
   list.shun_until = now + SHUN_SECONDS
-  for i = #list.socks, 1, -1 do
-    list.socks[i]:close()
-    list.socks[i], list.at[i] = nil, nil
-    pooled_count = pooled_count - 1
-  end
-  shunned_count = shunned_count + 1
+  close_list(list)
   start_sweeper()
 end
 
@@ -241,15 +230,7 @@ local function pool_put(host, port, sock, tls, server_name, idle)
   end
   list.socks[n + 1] = sock
   list.at[n + 1] = now
-  pooled_count = pooled_count + 1
   start_sweeper()
-end
-
-
-local function close_list(list)
-  for _, sock in ipairs(list.socks) do
-    sock:close()
-  end
 end
 
 
@@ -265,8 +246,6 @@ function _M.close_pool()
     end
     pool[host] = nil
   end
-  pooled_count = 0
-  shunned_count = 0
   if sweeper then
     sweeper:stop()
     sweeper = nil
@@ -274,9 +253,18 @@ function _M.close_pool()
 end
 
 
--- The number of idle upstream sockets in the pools, for specs.
+-- Returns the number of idle upstream sockets in the pools, for specs.
 function _M.pooled()
-  return pooled_count
+  local n = 0
+  for _, list in pairs(tls_pool) do
+    n = n + #list.socks
+  end
+  for _, by_port in pairs(pool) do
+    for _, list in pairs(by_port) do
+      n = n + #list.socks
+    end
+  end
+  return n
 end
 
 
@@ -344,8 +332,8 @@ function _M.error_response(status, code, message)
 end
 
 
--- The proxy's own answer to a failed exchange. connected is true when
--- the failure came after the connection was made.
+-- Builds the proxy's error response to a failed exchange. connected is
+-- true when the failure came after the connection was made.
 local function upstream_error(code, err, target, connected)
   if code == "timeout" then
     return _M.error_response(504, "upstream_timeout",
@@ -354,7 +342,8 @@ local function upstream_error(code, err, target, connected)
   if UNREACHABLE[code] then
     if connected then
       return _M.error_response(502, "upstream_closed",
-        "upstream " .. target .. " closed the connection before its answer")
+        "upstream " .. target
+          .. " closed the connection before sending a response")
     end
     return _M.error_response(502, "upstream_unreachable",
       "nothing accepted the connection at " .. target)
@@ -364,8 +353,8 @@ local function upstream_error(code, err, target, connected)
 end
 
 
--- Answers a failed exchange: through opts.on_unreachable for the codes
--- of UNREACHABLE when the caller gave one, else with upstream_error.
+-- Returns the response to a failed exchange: opts.on_unreachable's for
+-- the codes of UNREACHABLE when the caller gave one, else upstream_error's.
 local function failed(opts, code, err, connected)
   if opts.on_unreachable and UNREACHABLE[code] then
     return opts.on_unreachable(code, err, opts, connected)
@@ -588,8 +577,8 @@ local function forward_upgrade(req, opts)
 end
 
 
--- True when the response head says the upstream closes the connection
--- after it: Connection: close, or HTTP/1.0 without keep-alive.
+-- Returns true when the response head announces that the upstream closes
+-- the connection after it (Connection: close, or HTTP/1.0 without it).
 local function closes(res)
   local connection = res:header("connection")
   if connection then
@@ -606,12 +595,11 @@ local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true,
   PUT = true, DELETE = true }
 
 
--- Sends the request and returns the response as exchange does. A
--- pooled socket may still have been closed by the upstream just before
--- it was used: an idempotent request is sent again on a fresh connection,
--- unless the upstream was only slow to answer or part of the client's
--- body was already read and not kept (it was over REPLAY_MAX bytes or
--- still arriving).
+-- Sends the request and returns the response as exchange does. The
+-- upstream may have closed a pooled socket just before its reuse, so an
+-- idempotent request is then sent again on a new connection. It is not
+-- when the request timed out, or when part of the client's body was read
+-- and not kept (over REPLAY_MAX bytes, or still arriving).
 local function send(opts, host, port, head, mode, length, body_reader, body,
                     is_head, request_close, timeout, method)
   local pooled = pool_take(host, port, opts.tls, opts.server_name,
@@ -619,10 +607,10 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
   if pooled then
     local res, err, code, body_pending = exchange(pooled, host, port, head,
       mode, length, body_reader, is_head, request_close, timeout)
-    -- Many app servers send a 408 with Connection: close before they
-    -- close an idle connection. With opts.stale_408, such an answer read
-    -- on a reused connection is taken for that, not for an answer to this
-    -- request.
+    -- Some app servers send a 408 with Connection: close before they
+    -- close an idle connection. With opts.stale_408, such a response on a
+    -- reused connection counts as a failed connection, not as the
+    -- response to this request.
     local stale = res and opts.stale_408 and res.status == 408
       and closes(res)
     -- A body read in full and kept can be sent again.
@@ -661,7 +649,7 @@ end
 --                    status, headers, body, to respond in the caller's
 --                    words to a refused or failed connect (connected
 --                    false) or to a connection the upstream closed or
---                    reset before its answer (connected true). opts is
+--                    reset before its response (connected true). opts is
 --                    this table, so one function can read the caller's
 --                    own fields from it and need not be a new closure for
 --                    each request
@@ -676,8 +664,8 @@ end
 --                    a 408 before it closes an idle connection. Then a
 --                    408 with Connection: close on a reused connection
 --                    counts as a failed one, and an idempotent request
---                    goes out again. Not for a justavps hop, whose 408 is
---                    always an answer it relays
+--                    goes out again. Not for a justavps hop, which sends
+--                    a 408 only as the response it relays
 --   pool_idle        seconds an upstream connection may stay idle in the
 --                    pool (default POOL_IDLE_SECONDS). Below the
 --                    upstream's own keep-alive limit, the pool never

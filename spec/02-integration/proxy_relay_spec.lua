@@ -42,13 +42,22 @@ local function upstream(stats, respond)
 end
 
 
-local function front(port)
+-- Starts a server that forwards each request to the upstream at port,
+-- with the options in extra added to proxy.forward's, after before(req)
+-- when given.
+local function front(port, extra, before)
   return assert(core.http.listen({
     port = 0,
     access_log = false,
     handler = function(req)
-      return proxy.forward(req, { host = "127.0.0.1", port = port,
-        timeout = 5 })
+      if before then
+        before(req)
+      end
+      local opts = { host = "127.0.0.1", port = port, timeout = 5 }
+      for name, value in pairs(extra or {}) do
+        opts[name] = value
+      end
+      return proxy.forward(req, opts)
     end,
   }))
 end
@@ -311,17 +320,11 @@ describe("proxy relay of the upstream response", function()
         sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
           .. "\r\n\r\n" .. reply)
       end)
-      local srv = assert(core.http.listen({
-        port = 0,
-        access_log = false,
-        handler = function(req)
-          if req.target == "/second" then
-            ends[1]:close()
-          end
-          return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
-            timeout = 5 })
-        end,
-      }))
+      local srv = front(up:port(), nil, function(req)
+        if req.target == "/second" then
+          ends[1]:close()
+        end
+      end)
       local sock = raw.connect(srv:port())
       sock:settimeout(5)
       assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
@@ -353,7 +356,7 @@ describe("proxy relay of the upstream response", function()
 
   describe("when the upstream wrote a 408 on the pooled connection",
     function()
-      -- As many app servers do before they close an idle connection. The
+      -- As some app servers do before they close an idle connection. The
       -- front writes it from the upstream's end right before it forwards,
       -- so it reaches the kernel but not the event loop.
       local STALE = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -369,17 +372,12 @@ describe("proxy relay of the upstream response", function()
           sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
             .. "\r\n\r\n" .. reply)
         end)
-        local srv = assert(core.http.listen({
-          port = 0,
-          access_log = false,
-          handler = function(req)
+        local srv = front(up:port(), { stale_408 = stale_408 },
+          function(req)
             if req.target == "/second" then
               assert(ends[1]:write(stale))
             end
-            return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
-              timeout = 5, stale_408 = stale_408 })
-          end,
-        }))
+          end)
         local sock = raw.connect(srv:port())
         sock:settimeout(5)
         assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
@@ -393,7 +391,7 @@ describe("proxy relay of the upstream response", function()
         return res, stats.connections
       end
 
-      it("sends a GET again on a new connection with stale_408",
+      it("resends a GET with stale_408",
         async(function()
           local res, connections = run("GET", STALE, true)
           assert.equal(200, res.status)
@@ -408,11 +406,11 @@ describe("proxy relay of the upstream response", function()
         assert.equal(2, connections)
       end))
 
-      it("relays it without stale_408, as a justavps hop must",
+      it("relays it without stale_408",
         async(function()
-          -- Behind a broker or an edge, a 408 is an answer the next hop
-          -- relayed: sending the request again would run it twice, and
-          -- through the edge it would repeat a signed nonce.
+          -- At a broker or an edge, a 408 is a response the next hop
+          -- relayed. Resending would run the request twice, and through
+          -- the edge it would repeat a signed nonce.
           local res, connections = run("GET", STALE, nil)
           assert.equal(408, res.status)
           assert.equal("stale", res.body)
@@ -432,14 +430,7 @@ describe("proxy relay of the upstream response", function()
           sock:write(STALE)
           return false
         end)
-        local srv = assert(core.http.listen({
-          port = 0,
-          access_log = false,
-          handler = function(req)
-            return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
-              timeout = 5, stale_408 = true })
-          end,
-        }))
+        local srv = front(up:port(), { stale_408 = true })
         local sock = raw.connect(srv:port())
         assert(sock:write(GET))
         local res = assert(raw.read_response(sock))
@@ -497,14 +488,7 @@ describe("proxy relay of the upstream response", function()
       local up = upstream(stats, function(sock)
         sock:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
       end)
-      local srv = assert(core.http.listen({
-        port = 0,
-        access_log = false,
-        handler = function(req)
-          return proxy.forward(req, { host = "127.0.0.1", port = up:port(),
-            timeout = 5, pool_idle = 0.3 })
-        end,
-      }))
+      local srv = front(up:port(), { pool_idle = 0.3 })
       local sock = raw.connect(srv:port())
       assert(sock:write(GET))
       assert.equal(200, assert(raw.read_response(sock)).status)
@@ -545,8 +529,8 @@ describe("proxy relay of the upstream response", function()
   describe("when a pooled connection fails after the request went out",
     function()
       -- The upstream reads the second request on the pooled connection
-      -- and closes it unanswered, the first time only; later ones get an
-      -- answer. seen counts the second requests that reached it.
+      -- and closes it without a response, the first time only. seen
+      -- counts the second requests that reached it.
       local function run(method, timeout, delay, body, chunked)
         local seen = 0
         local up = upstream({}, function(sock, head)
@@ -578,14 +562,7 @@ describe("proxy relay of the upstream response", function()
           sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #reply
             .. "\r\n\r\n" .. reply)
         end)
-        local srv = assert(core.http.listen({
-          port = 0,
-          access_log = false,
-          handler = function(req)
-            return proxy.forward(req, { host = "127.0.0.1",
-              port = up:port(), timeout = timeout or 5 })
-          end,
-        }))
+        local srv = front(up:port(), { timeout = timeout })
         local sock = raw.connect(srv:port())
         sock:settimeout(5)
         assert(sock:write("GET /first HTTP/1.1\r\nHost: app\r\n\r\n"))
@@ -606,11 +583,11 @@ describe("proxy relay of the upstream response", function()
         return res, seen
       end
 
-      it("stops pooling connections to the upstream for a while",
+      it("stops pooling for a while",
         async(function()
-          -- An app that closes each connection after its answer without
-          -- saying so fails every POST a reused connection carries: after
-          -- the first failure, requests get new connections.
+          -- An app that closes each connection after its response without
+          -- Connection: close fails every POST on a reused connection, so
+          -- after the first failure requests get new connections.
           local stats = {}
           local up = upstream(stats, function(sock, head)
             if head:find(" /second ", 1, true) then
@@ -659,42 +636,42 @@ describe("proxy relay of the upstream response", function()
         assert.equal(2, seen)
       end))
 
-      it("sends a PUT again with the body it kept", async(function()
+      it("resends a PUT with its body", async(function()
         local res, seen = run("PUT", nil, nil, '{"name":"value"}')
         assert.equal(200, res.status)
         assert.equal('{"name":"value"}', res.body)
         assert.equal(2, seen)
       end))
 
-      it("sends a chunked PUT again with the body it kept", async(function()
+      it("resends a chunked PUT with its body", async(function()
         local res, seen = run("PUT", nil, nil, ("c"):rep(3000), true)
         assert.equal(200, res.status)
         assert.equal(("c"):rep(3000), res.body)
         assert.equal(2, seen)
       end))
 
-      it("answers 502 to a PUT whose body was too large to keep",
+      it("answers 502 to a large PUT",
         async(function()
           local res, seen = run("PUT", nil, nil, ("b"):rep(64 * 1024 + 1))
           assert.equal(502, res.status)
           assert.equal(1, seen)
         end))
 
-      it("answers 502 to a POST with a body rather than send it twice",
+      it("answers 502 to a POST with a body",
         async(function()
           local res, seen = run("POST", nil, nil, "data")
           assert.equal(502, res.status)
           assert.equal(1, seen)
         end))
 
-      it("answers 502 to a POST rather than send it twice", async(function()
+      it("answers 502 to a bodyless POST", async(function()
         local res, seen = run("POST")
         assert.equal(502, res.status)
         assert.equal("upstream_closed", cjson.decode(res.body).error.code)
         assert.equal(1, seen)
       end))
 
-      it("answers 504 to a GET that timed out rather than send it twice",
+      it("answers 504 to a timed-out GET",
         async(function()
           local res, seen = run("GET", 0.2, 0.5)
           assert.equal(504, res.status)
