@@ -823,9 +823,9 @@ l_sock_closed(lua_State *L)
 /* sock:reusable([ask_kernel]): true while an idle connection can carry
  * another request: it is open, no read failed or ended, nothing unread is
  * buffered, and the kernel has no end of stream, reset or bytes from the
- * peer. An idle socket keeps reading, so the loop sees most closes
- * itself; ask_kernel false skips the system call that catches one that
- * arrived since the loop last polled, for a caller that can resend. */
+ * peer. An idle socket keeps reading, so the event loop records most
+ * closes by itself. ask_kernel false skips the system call that catches a
+ * close since the last poll, for a caller that resends on failure. */
 static int
 l_sock_reusable(lua_State *L)
 {

@@ -105,7 +105,7 @@ describe("crypto.hmac_sha256_join", function()
     end
   end
 
-  it("matches the RFC 4231 cases with their text split at spaces",
+  it("matches RFC 4231 split at spaces",
     function()
       local checked = 0
       for _, case in ipairs(fixture.cases) do
@@ -121,7 +121,7 @@ describe("crypto.hmac_sha256_join", function()
       assert.is_true(checked >= 2)
     end)
 
-  it("equals the MAC of the joined text around its 512-byte chunk",
+  it("matches hmac_sha256 across chunks",
     function()
       -- Fields and separators shorter than, equal to and longer than the
       -- chunk the fields are copied through.
@@ -143,7 +143,7 @@ describe("crypto.hmac_sha256_join", function()
       crypto.hmac_sha256_join("key", ",", "only"))
   end)
 
-  it("signs with an empty key and with one longer than the cache takes",
+  it("signs with empty and long keys",
     function()
       for _, key in ipairs({ "", ("z"):rep(257), ("y"):rep(5000) }) do
         assert.equal(hex(crypto.hmac_sha256(key, "a\nb\nc")),
@@ -152,7 +152,7 @@ describe("crypto.hmac_sha256_join", function()
       end
     end)
 
-  it("raises without a field or on a field that is not text", function()
+  it("raises on missing or bad fields", function()
     assert.has_error(function() crypto.hmac_sha256_join("k", "\n") end)
     assert.has_error(function()
       crypto.hmac_sha256_join("k", "\n", "a", {})
@@ -161,7 +161,7 @@ describe("crypto.hmac_sha256_join", function()
       crypto.hmac_sha256_join("k", "\n", "a", nil, "c")
     end)
     assert.has_error(function() crypto.hmac_sha256_join(nil, "\n", "a") end)
-    -- A cached key's context left halfway by the raise signs right next.
+    -- The cached key still signs correctly after the raises.
     assert.equal(hex(crypto.hmac_sha256("k", "a")),
       crypto.hmac_sha256_join("k", "\n", "a"))
   end)

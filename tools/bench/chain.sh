@@ -449,7 +449,7 @@ CONF
 }
 
 # run_nginx prefix port: starts nginx with prefix/nginx.conf on the server
-# CPU, waits until port answers and sets run_master and run_worker.
+# CPU, waits until port responds and sets run_master and run_worker.
 run_nginx() {
   local prefix=$1 port=$2
   taskset -c "$server_cpu" nginx -p "$prefix/" -c "$prefix/nginx.conf" \
@@ -892,8 +892,8 @@ for rep in $(seq 1 "$reps"); do
       args=("$backend_port" "$ws_seconds" "127.0.0.1" "" "$build")
     fi
     out=$tmp/ws-$side-$rep.txt
-    # As for HTTP, a run before the measured one: the first WebSocket run
-    # after the HTTP runs was the slowest of its series every time.
+    # As for HTTP, a run before the measured one, because the first
+    # WebSocket run after the HTTP runs was often the slowest of its series.
     warm_args=("${args[@]}")
     warm_args[1]=$warmup
     if ! taskset -c "$client_cpu" luajit tools/bench/chain_ws.lua \

@@ -158,12 +158,12 @@ end
 local function machine_unreachable(code, _, opts, connected)
   local fields = opts.fields
   if connected then
-    log.warn("machine closed the connection before its answer",
+    log.warn("machine closed the connection before sending a response",
       { req_id = opts.request.id, slug = fields.slug,
         target_port = opts.port, code = code })
     return error_response(502, "upstream_closed",
       "machine " .. fields.slug .. " closed the connection on port "
-        .. opts.port .. " before its answer")
+        .. opts.port .. " before sending a response")
   end
   log.warn("machine refused the connection", { req_id = opts.request.id,
     slug = fields.slug, target_port = opts.port, code = code })

@@ -143,17 +143,17 @@ end
 
 
 -- Seconds a connection to an app stays pooled. App servers close idle
--- keep-alive connections early (gunicorn after 2 s, Node.js and uvicorn
--- after 5 s). A request sent just as the app closes fails, and a POST
--- cannot be sent again; below those limits that cannot happen, and a new
--- connection on loopback costs little.
+-- keep-alive connections after a few seconds (5 s by default in gunicorn
+-- and in Node.js's http server). A request sent just as the app closes
+-- fails, and a POST cannot be resent. Below those limits that race is
+-- gone, and a new connection on loopback costs little.
 local APP_POOL_IDLE = 1
 
 
--- The proxy's response to a refused connect, or to a connection the app
--- closed before its answer: opts.port is the app's port. One function for
--- every request, so the request path creates no closure (which would end
--- LuaJIT's trace there).
+-- Builds the response to a refused connect, or to a connection the app
+-- closed before its response. opts.port is the app's port. One function
+-- serves every request, so the request path creates no closure (which
+-- would end LuaJIT's trace there).
 local function on_unreachable(_, _, opts, connected)
   if connected then
     return app_closed_connection(opts.port)
