@@ -16,7 +16,7 @@
  * Each rejection is an error status (400, 408, 413, 414, 431 or 501) with
  * Connection: close.
  */
-#include "http_internal.h"
+#include "http_server.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,124 +26,6 @@
 
 #define JV_HTTP_SERVER_MT  "justavps.http_server"
 #define JV_HTTP_REQUEST_MT "justavps.http_request"
-
-/* A handler writing faster than the client reads waits above this. */
-#define HTTP_WRITE_HIGH_WATER (256 * 1024)
-
-/* Reading stops once this much body is buffered unread. */
-#define HTTP_BODY_HIGH_WATER (64 * 1024)
-
-enum {
-  CONN_HEAD = 0, /* reading a request head */
-  CONN_HANDLER,  /* a handler owns the current request */
-  CONN_CLOSING,
-};
-
-typedef struct jv_http_server_s jv_http_server_t;
-typedef struct jv_http_conn_s jv_http_conn_t;
-
-typedef struct {
-  jv_http_conn_t *conn; /* NULL once the request is over */
-} jv_http_req_box_t;
-
-struct jv_http_server_s {
-  jv_listener_t *listener;
-  int handler_ref; /* the Lua wrapper that calls the handler */
-  jv_http_limits_t limits;
-  jv_http_conn_t *conns; /* every open connection */
-  unsigned nconns;
-  unsigned nbusy; /* connections inside a handler */
-  int draining;
-  int drain_ref; /* coroutine parked in server:drain() */
-  uv_timer_t *drain_timer;
-  int drain_timed_out;
-  int access_log;
-  int closed;
-  uint64_t refused; /* connections closed at max_connections */
-};
-
-struct jv_http_conn_s {
-  jv_http_server_t *server;
-  jv_sock_t *sock;
-  int sock_ref;
-  jv_stream_t *stream;
-  llhttp_t parser;
-  uv_timer_t timer; /* header and keep-alive idle timeouts */
-  int handles;      /* open handles: timer (+ stream via sock) */
-  int state;
-
-  /* Request head: URL and header bytes, referred to by offsets. */
-  char *head;
-  size_t head_len;
-  size_t head_cap;
-  uint32_t url_off;
-  uint32_t url_len;
-  jv_http_header_t *hdrs;
-  unsigned nhdrs;
-  unsigned hdr_cap;
-  int last_was_value;
-  unsigned crlf_run; /* bare-LF scan of the head */
-  char prev_byte;
-  int head_scanned;
-
-  /* Input the parser has not consumed because it is paused. */
-  char *pending;
-  size_t pending_len;
-  size_t pending_cap;
-  int paused;
-  int upgrade;
-
-  /* Request body read so far but not yet taken by the handler. */
-  char *body;
-  size_t body_len;
-  size_t body_cap;
-  uint64_t body_total;
-  int body_done;
-  int discard_body;
-  int reader_ref;
-  int writer_ref;
-
-  /* Response head being built; reused across requests. */
-  char *out;
-  size_t out_len;
-  size_t out_cap;
-
-  /* Response. */
-  jv_http_req_box_t *box;
-  int req_ref; /* anchors the request userdata */
-  uint64_t start_ms;
-  uint64_t requests;
-  char req_id[24];
-  int status;
-  uint64_t bytes_sent;
-  int keep_alive;
-  int head_sent;
-  int chunked;
-  int response_done;
-  int is_head;
-  int expect_continue;
-  int continue_sent;
-  int hijacked;
-  int message_done;
-  int head_started; /* bytes of the next request have arrived */
-  int head_content; /* the head scan has passed leading empty lines */
-  int wait_drain;   /* the next request waits for output to drain */
-  size_t ext_len;   /* chunk-extension bytes in the current chunk */
-  int peer_eof;     /* the client closed its side */
-
-  /* The client's address, looked up once per connection by req:peer. */
-  char peer_ip[64];
-  int peer_port;
-  int peer_known;
-
-  /* A limit a parser callback hit, sent instead of llhttp's reason. */
-  int reject_status;
-  const char *reject_code;
-  const char *reject_message;
-
-  jv_http_conn_t *next;
-  jv_http_conn_t *prev;
-};
 
 static llhttp_settings_t parser_settings;
 static char date_buf[40];
@@ -895,6 +777,11 @@ conn_timer_cb(uv_timer_t *t)
 {
   jv_http_conn_t *c = t->data;
 
+  if (c->passing) {
+    jv__pass_tick(c);
+    return;
+  }
+
   if (c->state == CONN_HANDLER) {
     if (c->response_done) {
       /* Skipping a body that stopped arriving. */
@@ -1089,6 +976,9 @@ conn_close(jv_http_conn_t *c)
   }
 
   c->state = CONN_CLOSING;
+  if (c->pass != NULL) {
+    jv__pass_conn_closed(c);
+  }
   conn_resume_reader(c, JV_ECLOSED);
 
   if (c->writer_ref != LUA_NOREF) {
@@ -1139,6 +1029,11 @@ conn_drain_cb(jv_stream_t *s)
   jv_http_conn_t *c = s->data;
   int ref = c->writer_ref;
   lua_State *co;
+
+  if (c->passing) {
+    jv__pass_drained(c);
+    return;
+  }
 
   if (c->wait_drain && c->state == CONN_HEAD) {
     c->wait_drain = 0;
@@ -1238,8 +1133,6 @@ static void
 conn_dispatch(jv_http_conn_t *c)
 {
   jv_http_server_t *srv = c->server;
-  lua_State *L = jv__lua();
-  jv_http_req_box_t *box;
 
   uv_timer_stop(&c->timer);
   c->state = CONN_HANDLER;
@@ -1255,6 +1148,24 @@ conn_dispatch(jv_http_conn_t *c)
   c->discard_body = 0;
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
   c->req_id[0] = '\0'; /* made on first use: most requests never ask */
+  c->pass_failed = 0;
+
+  if (srv->pass != NULL && jv__pass_try(c)) {
+    return;
+  }
+
+  jv__http_conn_to_lua(c);
+}
+
+
+/* Runs the server's Lua handler on c's request, in an idle worker
+ * coroutine or a new one. */
+void
+jv__http_conn_to_lua(jv_http_conn_t *c)
+{
+  jv_http_server_t *srv = c->server;
+  lua_State *L = jv__lua();
+  jv_http_req_box_t *box;
 
   box = lua_newuserdata(L, sizeof(*box));
   box->conn = c;
@@ -1804,26 +1715,9 @@ l_req_read(lua_State *L)
 }
 
 
-static int
-header_name_ok(const char *v, size_t len)
-{
-  size_t i;
-
-  if (len == 0) {
-    return 0;
-  }
-
-  for (i = 0; i < len; i++) {
-    unsigned char ch = (unsigned char) v[i];
-
-    if (ch <= ' ' || ch >= 0x7f || ch == ':') {
-      return 0;
-    }
-  }
-
-  return 1;
-}
-
+/* Set when out_add ran out of memory for a caller that gave no Lua
+ * state to raise in. */
+static int out_oom;
 
 static void
 out_add(lua_State *L, jv_http_conn_t *c, const char *data, size_t len)
@@ -1840,6 +1734,11 @@ out_add(lua_State *L, jv_http_conn_t *c, const char *data, size_t len)
 
     nb = realloc(c->out, cap);
     if (nb == NULL) {
+      if (L == NULL) {
+        /* A caller outside Lua (http_pass.c) checks out_oom. */
+        out_oom = 1;
+        return;
+      }
       luaL_error(L, "out of memory");
       return;
     }
@@ -1935,7 +1834,7 @@ write_head(lua_State *L, jv_http_conn_t *c, int status, int headers_index,
       }
 
       name = lua_tolstring(L, -2, &nlen);
-      if (!header_name_ok(name, nlen)) {
+      if (!jv__http_name_ok(name, nlen)) {
         return luaL_error(L, "invalid header name '%s'", name);
       }
 
@@ -2526,7 +2425,7 @@ add_set_headers(lua_State *L, jv_http_conn_t *c, int set_index,
     }
 
     name = lua_tolstring(L, -2, &nlen);
-    if (!header_name_ok(name, nlen)) {
+    if (!jv__http_name_ok(name, nlen)) {
       luaL_error(L, "set_headers: invalid header name '%s'", name);
     }
 
@@ -2593,7 +2492,7 @@ check_header_lines(lua_State *L, const char *s, size_t len)
     const char *end;
     size_t nlen, j;
 
-    if (colon == NULL || !header_name_ok(line, (size_t) (colon - line))) {
+    if (colon == NULL || !jv__http_name_ok(line, (size_t) (colon - line))) {
       luaL_error(L, "extra_headers: invalid header name at byte %d",
                  (int) pos + 1);
     }
@@ -2845,6 +2744,10 @@ l_req_forward_head(lua_State *L)
 }
 
 
+static void relay_head_into(lua_State *L, jv_http_conn_t *c, int status,
+                            const char *head, const jv_http_header_t *hdrs,
+                            unsigned n);
+
 /* Builds the relayed response head into c->out (see jv__http_relay_head).
  * Returns the connection, or raises. */
 static jv_http_conn_t *
@@ -2854,10 +2757,6 @@ build_relay_head(lua_State *L, int req_index, int status, const char *head,
   jv_http_req_box_t *box =
       jv__check_udata(L, req_index, JV_HTTP_REQUEST_MT, &req_mt);
   jv_http_conn_t *c = box->conn;
-  int has_length = 0, has_date = 0;
-  int bodyless = (status < 200 || status == 204 || status == 304);
-  int connection = has_connection(head, hdrs, n);
-  unsigned i;
 
   if (c == NULL) {
     luaL_error(L, "request is over: its response was sent or its "
@@ -2874,6 +2773,22 @@ build_relay_head(lua_State *L, int req_index, int status, const char *head,
     luaL_error(L, "invalid status %d", status);
     return NULL;
   }
+
+  relay_head_into(L, c, status, head, hdrs, n);
+  return c;
+}
+
+
+/* The part of build_relay_head after its checks. L is NULL for a caller
+ * outside Lua, which checks out_oom. */
+static void
+relay_head_into(lua_State *L, jv_http_conn_t *c, int status, const char *head,
+                const jv_http_header_t *hdrs, unsigned n)
+{
+  int has_length = 0, has_date = 0;
+  int bodyless = (status < 200 || status == 204 || status == 304);
+  int connection = has_connection(head, hdrs, n);
+  unsigned i;
 
   c->out_len = 0;
   out_add(L, c, "HTTP/1.1 ", 9);
@@ -2937,7 +2852,6 @@ build_relay_head(lua_State *L, int req_index, int status, const char *head,
   }
 
   out_add(L, c, "\r\n", 2);
-  return c;
 }
 
 
@@ -3028,6 +2942,116 @@ jv__http_relay_response(lua_State *L, int req_index, int status,
   lua_pushboolean(L, 1);
   lua_pushstring(L, complete ? "done" : "more");
   return 2;
+}
+
+
+/* ---- for http_pass.c ---- */
+
+int
+jv__http_conn_write(jv_http_conn_t *c, const uv_buf_t *bufs, unsigned n)
+{
+  return conn_write(c, bufs, n);
+}
+
+
+void
+jv__http_conn_done(jv_http_conn_t *c)
+{
+  conn_response_done(c);
+}
+
+
+void
+jv__http_conn_close(jv_http_conn_t *c)
+{
+  conn_close(c);
+}
+
+
+void
+jv__http_conn_timer_cb(uv_timer_t *t)
+{
+  conn_timer_cb(t);
+}
+
+
+jv_http_conn_t *
+jv__http_check_req(lua_State *L)
+{
+  return check_req(L);
+}
+
+
+int
+jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
+                   const char *const *skip, const size_t *skip_len,
+                   unsigned nskip, const char *lines, size_t lines_len,
+                   const char *host, int port)
+{
+  const char *url = c->head + c->url_off;
+  const char *q = memchr(url, '?', c->url_len);
+  int has_host = 0, connection = has_connection(c->head, c->hdrs, c->nhdrs);
+  unsigned i, j;
+
+  out_oom = 0;
+  c->out_len = 0;
+  out_str(NULL, c, llhttp_method_name(c->parser.method));
+  out_add(NULL, c, " ", 1);
+  out_add(NULL, c, target, tlen);
+  if (q != NULL) {
+    out_add(NULL, c, q, c->url_len - (size_t) (q - url));
+  }
+  out_add(NULL, c, " HTTP/1.1\r\n", 11);
+
+  for (i = 0; i < c->nhdrs; i++) {
+    const jv_http_header_t *h = &c->hdrs[i];
+    const char *name = c->head + h->name_off;
+
+    if (!is_end_to_end(c->head, c->hdrs, c->nhdrs, i, connection)) {
+      continue;
+    }
+    for (j = 0; j < nskip; j++) {
+      if (h->name_len == skip_len[j] &&
+          strncasecmp(name, skip[j], h->name_len) == 0) {
+        break;
+      }
+    }
+    if (j < nskip) {
+      continue;
+    }
+    if (name_is(name, h->name_len, "host")) {
+      has_host = 1;
+    }
+    out_add(NULL, c, name, h->name_len);
+    out_add(NULL, c, ": ", 2);
+    out_add(NULL, c, c->head + h->value_off, h->value_len);
+    out_add(NULL, c, "\r\n", 2);
+  }
+
+  out_add(NULL, c, lines, lines_len);
+  if (!has_host) {
+    /* The fast path forwards only to IPv4 literals (http_pass.c). */
+    out_str(NULL, c, "Host: ");
+    out_str(NULL, c, host);
+    if (port != 80) {
+      out_add(NULL, c, ":", 1);
+      out_uint(NULL, c, (uint64_t) port);
+    }
+    out_add(NULL, c, "\r\n", 2);
+  }
+  out_add(NULL, c, "\r\n", 2);
+
+  return out_oom ? JV_ENOMEM : 0;
+}
+
+
+int
+jv__http_pass_relay_head(jv_http_conn_t *c, int status, const char *head,
+                         const jv_http_header_t *hdrs, unsigned n)
+{
+  out_oom = 0;
+  relay_head_into(NULL, c, status, head, hdrs, n);
+  return out_oom ? JV_ENOMEM : 0;
 }
 
 
@@ -3444,6 +3468,7 @@ jv__open_http(lua_State *L)
    * request's fields (method, target, ...) cost a call into C. */
   lua_newtable(L);
   luaL_setfuncs(L, req_methods, 0);
+  jv__pass_register(L, lua_gettop(L), 1);
   luaL_newmetatable(L, JV_HTTP_REQUEST_MT);
   if (luaL_loadbuffer(L, jv__http_index_src, jv__http_index_src_len,
                       "=http request") != 0) {
@@ -3459,5 +3484,6 @@ jv__open_http(lua_State *L)
   luaL_setfuncs(L, funcs, 0);
   jv__http_client_register(L, lua_gettop(L));
   jv__http_names_register(L, lua_gettop(L));
+  jv__pass_register(L, lua_gettop(L), 0);
   return 1;
 }

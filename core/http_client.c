@@ -376,34 +376,8 @@ on_message_complete(llhttp_t *p)
 static int
 scan_head(jv_http_response_t *res, const char *data, size_t len)
 {
-  size_t i = 0;
-
-  while (i < len && !res->head_scanned) {
-    const char *nl = memchr(data + i, '\n', len - i);
-    size_t end = nl != NULL ? (size_t) (nl - data) : len;
-
-    if (jv__http_scan_line_bytes(&res->prev_byte, &res->crlf_run, NULL,
-                                 data + i, end - i) != 0) {
-      return -1;
-    }
-
-    if (nl == NULL) {
-      break;
-    }
-
-    if (res->prev_byte != '\r') {
-      return -1;
-    }
-
-    if (++res->crlf_run == 2) {
-      res->head_scanned = 1;
-    }
-
-    res->prev_byte = '\n';
-    i = end + 1;
-  }
-
-  return 0;
+  return jv__http_scan_head(&res->prev_byte, &res->crlf_run, &res->head_scanned,
+                            data, len);
 }
 
 

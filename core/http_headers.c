@@ -101,6 +101,62 @@ jv__http_value_ok(const char *v, size_t len)
 
 
 int
+jv__http_name_ok(const char *v, size_t len)
+{
+  size_t i;
+
+  if (len == 0) {
+    return 0;
+  }
+
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char) v[i];
+
+    if (ch <= ' ' || ch >= 0x7f || ch == ':') {
+      return 0;
+    }
+  }
+
+  return 1;
+}
+
+
+int
+jv__http_scan_head(char *prev_byte, unsigned *crlf_run, int *scanned,
+                   const char *data, size_t len)
+{
+  size_t i = 0;
+
+  while (i < len && !*scanned) {
+    const char *nl = memchr(data + i, '\n', len - i);
+    size_t end = nl != NULL ? (size_t) (nl - data) : len;
+
+    if (jv__http_scan_line_bytes(prev_byte, crlf_run, NULL, data + i,
+                                 end - i) != 0) {
+      return -1;
+    }
+
+    if (nl == NULL) {
+      break;
+    }
+
+    if (*prev_byte != '\r') {
+      return -1;
+    }
+
+    if (++*crlf_run == 2) {
+      *scanned = 1;
+    }
+
+    *prev_byte = '\n';
+    i = end + 1;
+  }
+
+  return 0;
+}
+
+
+int
 jv__http_target_ok(const char *s, size_t len)
 {
   size_t i;

@@ -110,6 +110,17 @@ int jv__http_relay_response(lua_State *L, int req_index, int status,
  * bytes that would let a value inject another field. */
 int jv__http_value_ok(const char *v, size_t len);
 
+/* Returns non-zero when a header name is non-empty and free of blanks,
+ * control characters and colons. */
+int jv__http_name_ok(const char *v, size_t len);
+
+/* Scans len bytes of a response head for a bare LF or a line that starts
+ * with a space or tab (obsolete folding), carrying its state across
+ * calls, and sets *scanned at the blank line that ends the head. Returns
+ * -1 on either fault, else 0. */
+int jv__http_scan_head(char *prev_byte, unsigned *crlf_run, int *scanned,
+                       const char *data, size_t len);
+
 /* Returns non-zero when a request-target is non-empty and free of blanks
  * and control characters. */
 int jv__http_target_ok(const char *s, size_t len);

@@ -234,8 +234,10 @@ local function pool_put(host, port, sock, tls, server_name, idle)
 end
 
 
--- Closes every pooled upstream socket (on drain or in specs).
+-- Closes every pooled upstream socket (on drain or in specs), and those
+-- of the C fast path, whose cached decisions it forgets.
 function _M.close_pool()
+  core.http.pass_reset()
   for key, list in pairs(tls_pool) do
     close_list(list)
     tls_pool[key] = nil
@@ -678,6 +680,14 @@ end
 function _M.forward(req, opts)
   if is_websocket_upgrade(req) then
     return forward_upgrade(req, opts)
+  end
+
+  -- The fast path (core/http_pass.c) took this request and failed
+  -- before the response: answer for that failure without sending the
+  -- request again, as send() would have answered.
+  local failed_code, failed_err, failed_connected = req:pass_failure()
+  if failed_code then
+    return failed(opts, failed_code, failed_err, failed_connected)
   end
 
   local host, port = opts.host, opts.port

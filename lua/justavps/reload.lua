@@ -280,6 +280,9 @@ function _M.load(entry)
   local previous = current
   current = gen
   busy = false
+  -- Forwarding decisions the HTTP server cached in C were made by the
+  -- old generation's code and settings.
+  require("justavps.core").http.pass_reset()
 
   log().info("reload finished", {
     entry = entry,

@@ -294,6 +294,64 @@ describe("daemon proxy", function()
       err.message)
   end, 20))
 
+  -- On one keep-alive connection, the second request to a path takes
+  -- the server's fast path (core/http_pass.c) with the decision the
+  -- first one cached.
+  it("keeps the prefix rule per forwarded host on one connection",
+    async(function()
+    local port = app:port()
+    local sock = raw.connect(ports.public)
+    local path = "/_port/" .. port .. "/same"
+    local cases = { port .. "-box.example.test", false,
+      port .. "-box.example.test", "box.example.test", false }
+    for _, _ in ipairs({ 1, 2 }) do
+      for _, host in ipairs(cases) do
+        assert(sock:write("GET " .. path .. "?k=v HTTP/1.1\r\nHost: box\r\n"
+          .. (host and "X-Forwarded-Host: " .. host .. "\r\n" or "")
+          .. "\r\n"))
+        local res = assert(raw.read_response(sock))
+        assert.equal(200, res.status)
+        local seen = json.decode(res.body)
+        assert.equal("/same?k=v", seen.target)
+        if host and host:find("^%d") then
+          assert.equal(json.null, seen.prefix)
+        else
+          assert.equal("/_port/" .. port, seen.prefix)
+        end
+      end
+    end
+    sock:close()
+  end))
+
+  it("names a port that closed after serving on the same connection",
+    async(function()
+    local gone = assert(core.http.listen{ port = 0, access_log = false,
+      handler = function()
+        return 200, nil, "here"
+      end })
+    local port = gone:port()
+    local sock = raw.connect(ports.public)
+    for _ = 1, 3 do
+      assert(sock:write("GET /_port/" .. port .. "/ HTTP/1.1\r\n"
+        .. "Host: box\r\n\r\n"))
+      assert.equal("here", assert(raw.read_response(sock)).body)
+    end
+    gone:close()
+    gone:close_all()
+    assert(sock:write("GET /_port/" .. port .. "/ HTTP/1.1\r\n"
+      .. "Host: box\r\n\r\n"))
+    local res = assert(raw.read_response(sock))
+    assert.equal(502, res.status)
+    local err = json.decode(res.body).error
+    -- The pooled connection fails first; the new one is refused. The
+    -- port watcher may have seen the port open within the last 2 s, and
+    -- then the daemon says the app closed the connection.
+    assert.truthy(err.code == "port_not_listening"
+      or err.code == "app_closed_connection", err.code)
+    assert.truthy(err.message:find(tostring(port), 1, true), err.message)
+    sock:close()
+  end, 20))
+
   it("delivers SSE event by event", async(function()
     local res = assert(core.http.request{ host = "127.0.0.1",
       port = ports.public, path = "/_port/" .. app:port() .. "/sse",

@@ -15,6 +15,7 @@ local toolbox = require("justavps.daemon.toolbox")
 local internal_api = require("justavps.daemon.internal")
 local ports = require("justavps.daemon.ports")
 local json = require("justavps.json")
+local http = require("justavps.core").http
 
 local ipairs = ipairs
 
@@ -90,6 +91,10 @@ local admissions = { blocks = nil, count = 0, by_ip = {} }
 local function peer_admitted(ip)
   if admissions.blocks ~= state.broker_blocks
       or admissions.count >= MAX_ADMISSIONS then
+    if admissions.blocks ~= state.broker_blocks then
+      -- Connections admitted under the old networks must ask again.
+      http.pass_reset()
+    end
     admissions.blocks = state.broker_blocks
     admissions.count = 0
     admissions.by_ip = {}
@@ -126,6 +131,9 @@ local decisions = { conf = nil, count = 0, by_path = {} }
 local function decide(path)
   local conf = state.conf.routing
   if decisions.conf ~= conf or decisions.count >= MAX_DECISIONS then
+    if decisions.conf ~= conf then
+      http.pass_reset()
+    end
     decisions.conf = conf
     decisions.count = 0
     decisions.by_path = {}
@@ -190,6 +198,23 @@ local function public(req)
   local set
   if decision.prefix and not via_port_host(req, decision.port) then
     set = { ["X-Forwarded-Prefix"] = decision.prefix }
+  end
+
+  local method = req.method
+  if method == "GET" or method == "HEAD" then
+    -- The decision depends on the path, X-Forwarded-Host and the
+    -- admitted peer only: the server forwards this connection's next
+    -- GET and HEAD requests to the same path in C (core/http_pass.c).
+    req:pass_learn({
+      host = "127.0.0.1",
+      port = decision.port,
+      target = decision.path,
+      set_headers = set,
+      vary = "X-Forwarded-Host",
+      timeout = 60,
+      pool_idle = APP_POOL_IDLE,
+      stale_408 = true,
+    })
   end
 
   return proxy.forward(req, {

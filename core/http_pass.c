@@ -1,0 +1,1383 @@
+/*
+ * http_pass.c: the proxy's fast path, for requests whose forwarding
+ * decision Lua has already made.
+ *
+ * A Lua handler that forwards a request can record its decision with
+ * req:pass_learn: the upstream, the request-target, the header lines it
+ * adds, keyed by the request path and the value of one "vary" header.
+ * When a later request on the same server has the same key, carries no
+ * body, is a GET or a HEAD, requests no upgrade and arrives on a
+ * connection that Lua admitted, conn_dispatch (http.c) hands it here
+ * instead of to a Lua coroutine. This file then does what proxy.forward
+ * does for such a request: takes a pooled upstream connection or opens
+ * one, sends the head, relays the response head and body with the same
+ * framing rules, and pools the connection again.
+ *
+ * Lua stays the only place that decides. Anything this file does not
+ * handle goes to the Lua handler as if the fast path did not exist: a
+ * request without a cached decision, and a request whose exchange failed
+ * before any response byte went to the client. In the second case
+ * req:pass_failure tells the handler what failed, so that proxy.forward
+ * answers as it would have (a refused connect, a reset, a timeout)
+ * without sending the request a third time. core.http.pass_reset (called
+ * on every reload) forgets every decision and every admission.
+ */
+#include "http_server.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define PASS_BUCKETS       256
+#define PASS_MAX_ROUTES    1024 /* per server; the table is emptied at this */
+#define PASS_MAX_KEY       2048
+#define PASS_MAX_SKIP      8
+#define PASS_MAX_UPSTREAMS 256
+#define PASS_POOL_MAX      32 /* idle connections per upstream */
+#define PASS_SHUN_MS       30000
+#define PASS_SWEEP_MS      5000
+#define PASS_MAX_HEAD      (64 * 1024)
+#define PASS_MAX_HEADERS   100
+#define PASS_MAX_INTERIM   16
+#define PASS_MAX_PIECES    16
+
+/* An upstream address and its idle connections. Records are never freed:
+ * there are at most PASS_MAX_UPSTREAMS, and an exchange may point at one
+ * while a reset runs. */
+typedef struct jv_upstream_s jv_upstream_t;
+
+struct jv_upstream_s {
+  jv_upstream_t *next;
+  struct sockaddr_in addr;
+  char host[INET_ADDRSTRLEN];
+  int port;
+  jv_stream_t *idle[PASS_POOL_MAX];
+  uint64_t idle_at[PASS_POOL_MAX];
+  unsigned nidle;
+  uint64_t idle_ms;    /* pool_idle of the latest decision */
+  uint64_t shun_until; /* time before which nothing is pooled */
+};
+
+/* One cached decision, allocated with its strings in one block. */
+typedef struct jv_route_s jv_route_t;
+
+struct jv_route_s {
+  jv_route_t *next;
+  uint32_t hash;
+  jv_upstream_t *up;
+  uint64_t timeout_ms;
+  int stale_408;
+  const char *key;
+  size_t key_len;
+  const char *target;
+  size_t target_len;
+  const char *lines;
+  size_t lines_len;
+  unsigned nskip;
+  const char *skip[PASS_MAX_SKIP];
+  size_t skip_len[PASS_MAX_SKIP];
+};
+
+struct jv_pass_table_s {
+  jv_route_t *buckets[PASS_BUCKETS];
+  unsigned count;
+  uint64_t generation;
+  char vary[64]; /* header name in the key, "" for none */
+  size_t vary_len;
+};
+
+typedef struct {
+  uv_connect_t req;
+  jv_pass_t *p; /* NULL once the exchange gave up on this connect */
+} jv_pass_connect_t;
+
+/* The exchange of one request, reused for each request of a connection. */
+struct jv_pass_s {
+  jv_http_conn_t *conn;
+  jv_upstream_t *up;
+  uint64_t timeout_ms; /* from the route, which a reset may free */
+  int stale_408;
+  jv_stream_t *s;
+  jv_pass_connect_t *connecting;
+  int reused;
+  uint64_t last_ms; /* the last progress of the exchange */
+  int relaying;     /* the response head went to the client */
+  int drain_wait;   /* reading stopped until the client drains */
+
+  /* The response. */
+  llhttp_t parser;
+  char *head;
+  size_t head_len;
+  size_t head_cap;
+  jv_http_header_t *hdrs;
+  unsigned nhdrs;
+  unsigned hdr_cap;
+  int last_was_value;
+  unsigned crlf_run;
+  char prev_byte;
+  int head_scanned;
+  unsigned ninterim;
+  int interim;
+  int interim_ended;
+  int headers_done;
+  int message_done;
+  int extra_bytes; /* bytes followed the response */
+  int cb_error;
+
+  /* Body pieces of the current read, written when it is parsed. */
+  uv_buf_t pieces[PASS_MAX_PIECES];
+  unsigned npieces;
+};
+
+static llhttp_settings_t settings;
+static uint64_t generation = 1;
+static jv_upstream_t *upstreams;
+static unsigned nupstreams;
+static unsigned npooled;
+static unsigned nexchanges; /* exchanges in flight */
+static uv_timer_t sweep_timer;
+static int sweep_timer_init;
+static struct {
+  uint64_t passed;   /* requests forwarded here */
+  uint64_t fallback; /* exchanges that failed before the response */
+} stats;
+
+static void pass_send(jv_pass_t *p);
+static int relay(jv_pass_t *p);
+static int response_closes(jv_pass_t *p);
+
+
+/* ---- upstreams and their pools ---- */
+
+static jv_upstream_t *
+upstream_get(const char *host, int port)
+{
+  jv_upstream_t *up;
+  struct sockaddr_in addr;
+
+  if (uv_ip4_addr(host, port, &addr) != 0) {
+    return NULL;
+  }
+
+  for (up = upstreams; up != NULL; up = up->next) {
+    if (up->port == port && up->addr.sin_addr.s_addr == addr.sin_addr.s_addr) {
+      return up;
+    }
+  }
+
+  if (nupstreams >= PASS_MAX_UPSTREAMS) {
+    return NULL;
+  }
+
+  up = calloc(1, sizeof(*up));
+  if (up == NULL) {
+    return NULL;
+  }
+
+  up->addr = addr;
+  up->port = port;
+  uv_ip4_name(&addr, up->host, sizeof(up->host));
+  up->next = upstreams;
+  upstreams = up;
+  nupstreams++;
+  return up;
+}
+
+
+static void
+pool_close_all(jv_upstream_t *up)
+{
+  while (up->nidle > 0) {
+    jv_stream_close(up->idle[--up->nidle], NULL);
+    npooled--;
+  }
+}
+
+
+/* Closes the idle connections of up that are older than its pool_idle. */
+static void
+pool_expire(jv_upstream_t *up, uint64_t now)
+{
+  unsigned i, kept = 0;
+
+  for (i = 0; i < up->nidle; i++) {
+    if (now - up->idle_at[i] < up->idle_ms) {
+      up->idle[kept] = up->idle[i];
+      up->idle_at[kept] = up->idle_at[i];
+      kept++;
+
+    } else {
+      jv_stream_close(up->idle[i], NULL);
+      npooled--;
+    }
+  }
+
+  up->nidle = kept;
+}
+
+
+static void
+sweep_cb(uv_timer_t *t)
+{
+  uint64_t now = uv_now(jv__loop());
+  jv_upstream_t *up;
+
+  for (up = upstreams; up != NULL; up = up->next) {
+    pool_expire(up, now);
+  }
+
+  if (npooled == 0) {
+    uv_timer_stop(t);
+  }
+}
+
+
+static void
+pool_put(jv_upstream_t *up, jv_stream_t *s)
+{
+  uint64_t now = uv_now(jv__loop());
+
+  jv_stream_read_stop(s);
+  s->data = NULL;
+  if (up->nidle >= PASS_POOL_MAX || up->shun_until > now) {
+    jv_stream_close(s, NULL);
+    return;
+  }
+
+  up->idle[up->nidle] = s;
+  up->idle_at[up->nidle] = now;
+  up->nidle++;
+  npooled++;
+
+  if (!sweep_timer_init) {
+    uv_timer_init(jv__loop(), &sweep_timer);
+    uv_unref((uv_handle_t *) &sweep_timer);
+    sweep_timer_init = 1;
+  }
+  if (!uv_is_active((uv_handle_t *) &sweep_timer)) {
+    uv_timer_start(&sweep_timer, sweep_cb, PASS_SWEEP_MS, PASS_SWEEP_MS);
+  }
+}
+
+
+/* Returns the newest idle connection that is young enough, or NULL. A
+ * GET or HEAD without a body is sent again on a new connection when a
+ * pooled one fails, so no system call checks it first. */
+static jv_stream_t *
+pool_take(jv_upstream_t *up)
+{
+  pool_expire(up, uv_now(jv__loop()));
+  if (up->nidle == 0) {
+    return NULL;
+  }
+
+  npooled--;
+  return up->idle[--up->nidle];
+}
+
+
+/* ---- decisions ---- */
+
+static uint32_t
+hash_bytes(const char *s, size_t len)
+{
+  uint32_t h = 2166136261u;
+  size_t i;
+
+  for (i = 0; i < len; i++) {
+    h = (h ^ (unsigned char) s[i]) * 16777619u;
+  }
+
+  return h;
+}
+
+
+static void
+table_clear(jv_pass_table_t *t)
+{
+  unsigned i;
+
+  for (i = 0; i < PASS_BUCKETS; i++) {
+    jv_route_t *r = t->buckets[i], *next;
+
+    for (; r != NULL; r = next) {
+      next = r->next;
+      free(r);
+    }
+    t->buckets[i] = NULL;
+  }
+
+  t->count = 0;
+}
+
+
+/* Makes the table current: a reset since its last use empties it. An
+ * exchange keeps no pointer to its route, so this is safe at any time. */
+static void
+table_current(jv_pass_table_t *t)
+{
+  if (t->generation != generation) {
+    table_clear(t);
+    t->generation = generation;
+  }
+}
+
+
+/* Writes the key of c's request into buf: the path, then NUL and the
+ * value of the vary header, or 0x01 when the request has none. Returns
+ * its length, or 0 when it does not fit. */
+static size_t
+request_key(jv_http_conn_t *c, const jv_pass_table_t *t, char *buf)
+{
+  const char *url = c->head + c->url_off;
+  const char *q = memchr(url, '?', c->url_len);
+  size_t plen = q != NULL ? (size_t) (q - url) : c->url_len;
+  const char *v = NULL;
+  size_t vlen = 0;
+
+  if (t->vary_len > 0) {
+    v = jv__http_find_header(c->head, c->hdrs, c->nhdrs, t->vary, &vlen);
+  }
+
+  if (plen + 1 + vlen > PASS_MAX_KEY) {
+    return 0;
+  }
+
+  memcpy(buf, url, plen);
+  if (v == NULL) {
+    buf[plen] = '\1';
+    return plen + 1;
+  }
+
+  buf[plen] = '\0';
+  memcpy(buf + plen + 1, v, vlen);
+  return plen + 1 + vlen;
+}
+
+
+static const jv_route_t *
+route_find(jv_pass_table_t *t, const char *key, size_t len)
+{
+  uint32_t h = hash_bytes(key, len);
+  const jv_route_t *r;
+
+  for (r = t->buckets[h % PASS_BUCKETS]; r != NULL; r = r->next) {
+    if (r->hash == h && r->key_len == len && memcmp(r->key, key, len) == 0) {
+      return r;
+    }
+  }
+
+  return NULL;
+}
+
+
+/* ---- response parsing ---- */
+
+static jv_pass_t *
+parser_pass(llhttp_t *p)
+{
+  return p->data;
+}
+
+
+static int
+head_append(jv_pass_t *p, const char *at, size_t len)
+{
+  size_t need = p->head_len + len;
+
+  if (need > PASS_MAX_HEAD) {
+    p->cb_error = JV_ETOOLARGE;
+    return -1;
+  }
+
+  if (need > p->head_cap) {
+    size_t cap = p->head_cap ? p->head_cap * 2 : 1024;
+    char *nb;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(p->head, cap);
+    if (nb == NULL) {
+      p->cb_error = JV_ENOMEM;
+      return -1;
+    }
+
+    p->head = nb;
+    p->head_cap = cap;
+  }
+
+  memcpy(p->head + p->head_len, at, len);
+  p->head_len = need;
+  return 0;
+}
+
+
+static int
+on_message_begin(llhttp_t *parser)
+{
+  jv_pass_t *p = parser_pass(parser);
+
+  p->head_len = 0;
+  p->nhdrs = 0;
+  p->last_was_value = 0;
+  p->interim = 0;
+  return 0;
+}
+
+
+static int
+on_header_field(llhttp_t *parser, const char *at, size_t len)
+{
+  jv_pass_t *p = parser_pass(parser);
+  jv_http_header_t *h;
+
+  if (p->headers_done) {
+    return 0; /* a trailer field: dropped, as the Lua client does */
+  }
+
+  if (p->nhdrs == 0 || p->last_was_value) {
+    if (p->nhdrs >= PASS_MAX_HEADERS) {
+      p->cb_error = JV_ETOOLARGE;
+      return -1;
+    }
+
+    if (p->nhdrs == p->hdr_cap) {
+      unsigned cap = p->hdr_cap ? p->hdr_cap * 2 : 16;
+      jv_http_header_t *nh = realloc(p->hdrs, cap * sizeof(*nh));
+
+      if (nh == NULL) {
+        p->cb_error = JV_ENOMEM;
+        return -1;
+      }
+
+      p->hdrs = nh;
+      p->hdr_cap = cap;
+    }
+
+    h = &p->hdrs[p->nhdrs++];
+    h->name_off = (uint32_t) p->head_len;
+    h->name_len = 0;
+    h->value_off = (uint32_t) p->head_len;
+    h->value_len = 0;
+    p->last_was_value = 0;
+  }
+
+  h = &p->hdrs[p->nhdrs - 1];
+  if (head_append(p, at, len) != 0) {
+    return -1;
+  }
+
+  h->name_len += (uint32_t) len;
+  h->value_off = (uint32_t) p->head_len;
+  return 0;
+}
+
+
+static int
+on_header_value(llhttp_t *parser, const char *at, size_t len)
+{
+  jv_pass_t *p = parser_pass(parser);
+  jv_http_header_t *h = &p->hdrs[p->nhdrs - 1];
+
+  if (p->headers_done) {
+    return 0;
+  }
+
+  if (!p->last_was_value) {
+    h->value_off = (uint32_t) p->head_len;
+    p->last_was_value = 1;
+  }
+
+  if (head_append(p, at, len) != 0) {
+    return -1;
+  }
+
+  h->value_len += (uint32_t) len;
+  return 0;
+}
+
+
+/* As in http_client.c: 1xx responses are skipped, and the response to a
+ * HEAD, a 204 or a 304 has no body whatever its Content-Length. */
+static int
+on_headers_complete(llhttp_t *parser)
+{
+  jv_pass_t *p = parser_pass(parser);
+  int status = parser->status_code;
+
+  if (status < 200 && status != 101) {
+    if (++p->ninterim > PASS_MAX_INTERIM) {
+      p->cb_error = JV_EPROTOCOL;
+      return -1;
+    }
+    p->interim = 1;
+    return 0;
+  }
+
+  if (status == 101) {
+    /* Nothing asked for an upgrade. */
+    p->cb_error = JV_EPROTOCOL;
+    return -1;
+  }
+
+  if (p->reused && p->stale_408 && status == 408 && response_closes(p)) {
+    /* An app's notice that it closed the idle connection, not the
+     * response to this request (see stale_408 in proxy.lua). failed()
+     * sends the request again on a new connection. */
+    p->cb_error = JV_ECLOSED;
+    return -1;
+  }
+
+  p->headers_done = 1;
+  if (p->conn->is_head || status == 204 || status == 304) {
+    return 1;
+  }
+
+  return 0;
+}
+
+
+static int
+on_body(llhttp_t *parser, const char *at, size_t len)
+{
+  jv_pass_t *p = parser_pass(parser);
+
+  if (p->npieces > 0) {
+    uv_buf_t *last = &p->pieces[p->npieces - 1];
+
+    if (last->base + last->len == at) {
+      last->len += len;
+      return 0;
+    }
+  }
+
+  if (p->npieces == PASS_MAX_PIECES) {
+    /* Many small chunks in one read: the pieces so far go out now, while
+     * the read buffer they point into is still valid. */
+    int rc = relay(p);
+
+    if (rc != 0) {
+      p->cb_error = rc;
+      return -1;
+    }
+  }
+
+  p->pieces[p->npieces++] = uv_buf_init((char *) at, (unsigned) len);
+  return 0;
+}
+
+
+static int
+on_message_complete(llhttp_t *parser)
+{
+  jv_pass_t *p = parser_pass(parser);
+
+  if (p->interim) {
+    p->interim_ended = 1;
+  } else {
+    p->message_done = 1;
+  }
+
+  return HPE_PAUSED;
+}
+
+
+static void
+response_reset(jv_pass_t *p)
+{
+  llhttp_init(&p->parser, HTTP_RESPONSE, &settings);
+  p->parser.data = p;
+  p->head_len = 0;
+  p->nhdrs = 0;
+  p->last_was_value = 0;
+  p->crlf_run = 0;
+  p->prev_byte = 0;
+  p->head_scanned = 0;
+  p->ninterim = 0;
+  p->interim = 0;
+  p->interim_ended = 0;
+  p->headers_done = 0;
+  p->message_done = 0;
+  p->extra_bytes = 0;
+  p->cb_error = 0;
+  p->npieces = 0;
+}
+
+
+/* Parses data. Returns 0, or an error code for a malformed response. */
+static int
+parse(jv_pass_t *p, const char *data, size_t len)
+{
+  while (len > 0) {
+    llhttp_errno_t err;
+    size_t used;
+
+    if (!p->head_scanned &&
+        jv__http_scan_head(&p->prev_byte, &p->crlf_run, &p->head_scanned, data,
+                           len) != 0) {
+      return JV_EPROTOCOL;
+    }
+
+    err = llhttp_execute(&p->parser, data, len);
+    if (err == HPE_OK) {
+      return 0;
+    }
+
+    if (err != HPE_PAUSED) {
+      return p->cb_error != 0 ? p->cb_error : JV_EPROTOCOL;
+    }
+
+    used = (size_t) (llhttp_get_error_pos(&p->parser) - data);
+    data += used;
+    len -= used;
+
+    if (p->message_done) {
+      p->extra_bytes = len > 0;
+      return 0;
+    }
+
+    /* A 1xx response ended, and the next head starts here. */
+    p->interim_ended = 0;
+    p->head_len = 0;
+    p->nhdrs = 0;
+    p->crlf_run = 0;
+    p->prev_byte = 0;
+    p->head_scanned = 0;
+    llhttp_resume(&p->parser);
+  }
+
+  return 0;
+}
+
+
+/* Returns non-zero when the response head announces that the upstream
+ * closes the connection after it. */
+static int
+response_closes(jv_pass_t *p)
+{
+  size_t len;
+  const char *v =
+      jv__http_find_header(p->head, p->hdrs, p->nhdrs, "connection", &len);
+
+  if (v != NULL) {
+    return jv__http_list_has_token(v, len, "close", 5);
+  }
+
+  return p->parser.http_major == 1 && p->parser.http_minor == 0;
+}
+
+
+/* ---- the exchange ---- */
+
+static void
+exchange_end(jv_pass_t *p)
+{
+  jv_http_conn_t *c = p->conn;
+
+  c->passing = 0;
+  nexchanges--;
+  uv_timer_stop(&c->timer);
+}
+
+
+/* Hands the request to the Lua handler after its exchange failed before
+ * any response byte went to the client. req:pass_failure returns code. */
+static void
+fail_to_lua(jv_pass_t *p, int code, int connected)
+{
+  jv_http_conn_t *c = p->conn;
+
+  if (p->s != NULL) {
+    jv_stream_close(p->s, NULL);
+    p->s = NULL;
+  }
+
+  c->pass_failed = code;
+  c->pass_connected = connected;
+  stats.fallback++;
+  exchange_end(p);
+  jv__http_conn_to_lua(c);
+}
+
+
+/* Closes the client's connection after the exchange failed past the
+ * response head, because no other signal is left. */
+static void
+cut(jv_pass_t *p)
+{
+  jv_http_conn_t *c = p->conn;
+
+  if (p->s != NULL) {
+    jv_stream_close(p->s, NULL);
+    p->s = NULL;
+  }
+
+  exchange_end(p);
+  c->keep_alive = 0;
+  jv__http_conn_close(c);
+}
+
+
+/* Handles a failure with code of the exchange's connection. A pooled
+ * connection that failed before its response is replaced by a new one
+ * once, as proxy.forward does, and its upstream then gets only new
+ * connections for PASS_SHUN_MS. A request that timed out is not sent
+ * again. */
+static void
+failed(jv_pass_t *p, int code)
+{
+  if (p->relaying) {
+    cut(p);
+    return;
+  }
+
+  if (p->reused && code != JV_ETIMEOUT) {
+    jv_upstream_t *up = p->up;
+
+    jv_stream_close(p->s, NULL);
+    p->s = NULL;
+    up->shun_until = uv_now(jv__loop()) + PASS_SHUN_MS;
+    pool_close_all(up);
+    p->reused = 0;
+    pass_send(p);
+    return;
+  }
+
+  fail_to_lua(p, code, 1);
+}
+
+
+/* Writes the response head (the first time) and the body pieces of this
+ * read in one write, with the last chunk when the message is done. */
+static int
+relay(jv_pass_t *p)
+{
+  jv_http_conn_t *c = p->conn;
+  uv_buf_t bufs[PASS_MAX_PIECES + 4];
+  char size_line[24];
+  size_t total = 0;
+  unsigned n = 0, i;
+  int rc;
+
+  if (!p->relaying) {
+    rc = jv__http_pass_relay_head(c, (int) p->parser.status_code, p->head,
+                                  p->hdrs, p->nhdrs);
+    if (rc != 0) {
+      return rc;
+    }
+    bufs[n++] = uv_buf_init(c->out, (unsigned) c->out_len);
+    c->status = (int) p->parser.status_code;
+    c->head_sent = 1;
+    p->relaying = 1;
+  }
+
+  for (i = 0; i < p->npieces; i++) {
+    total += p->pieces[i].len;
+  }
+
+  if (total > 0 && !c->is_head) {
+    if (c->chunked) {
+      int len = snprintf(size_line, sizeof(size_line), "%zx\r\n", total);
+
+      bufs[n++] = uv_buf_init(size_line, (unsigned) len);
+    }
+    for (i = 0; i < p->npieces; i++) {
+      bufs[n++] = p->pieces[i];
+    }
+    if (c->chunked) {
+      bufs[n++] = uv_buf_init("\r\n", 2);
+    }
+  }
+  p->npieces = 0;
+
+  if (p->message_done && c->chunked && !c->is_head) {
+    bufs[n++] = uv_buf_init("0\r\n\r\n", 5);
+  }
+
+  if (n == 0) {
+    return 0;
+  }
+
+  return jv__http_conn_write(c, bufs, n);
+}
+
+
+/* Ends a complete response: pools the upstream connection when both
+ * sides allow it, and lets the server go on with the next request. */
+static void
+finish(jv_pass_t *p)
+{
+  jv_http_conn_t *c = p->conn;
+  jv_stream_t *s = p->s;
+
+  p->s = NULL;
+  if (llhttp_should_keep_alive(&p->parser) && !p->extra_bytes) {
+    pool_put(p->up, s);
+  } else {
+    jv_stream_close(s, NULL);
+  }
+
+  exchange_end(p);
+  jv__http_conn_done(c);
+}
+
+
+static void
+upstream_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
+{
+  jv_pass_t *p = s->data;
+  jv_http_conn_t *c = p->conn;
+  int rc;
+
+  if (nread < 0) {
+    if (nread == UV_EOF && p->headers_done && !p->message_done) {
+      /* llhttp_finish returns on_message_complete's HPE_PAUSED. */
+      llhttp_finish(&p->parser);
+    }
+    if (nread == UV_EOF && p->message_done) {
+      /* A body delimited by the end of the connection. */
+      p->extra_bytes = 1; /* not reusable */
+      if (relay(p) != 0) {
+        cut(p);
+        return;
+      }
+      finish(p);
+      return;
+    }
+
+    failed(p, (int) nread);
+    return;
+  }
+
+  p->last_ms = uv_now(jv__loop());
+  rc = parse(p, data, (size_t) nread);
+  if (rc != 0) {
+    failed(p, rc);
+    return;
+  }
+
+  if (!p->headers_done) {
+    return;
+  }
+
+  if (relay(p) != 0) {
+    cut(p);
+    return;
+  }
+
+  if (p->message_done) {
+    finish(p);
+    return;
+  }
+
+  if (c->stream->write_queue >= HTTP_WRITE_HIGH_WATER) {
+    jv_stream_read_stop(s);
+    p->drain_wait = 1;
+  }
+}
+
+
+static void
+exchange_start(jv_pass_t *p, jv_stream_t *s)
+{
+  jv_http_conn_t *c = p->conn;
+  uv_buf_t buf = uv_buf_init(c->out, (unsigned) c->out_len);
+  int rc;
+
+  p->s = s;
+  s->data = p;
+  response_reset(p);
+  rc = jv_stream_write(s, &buf, 1);
+  if (rc == 0) {
+    rc = jv_stream_read_start(s, upstream_read_cb);
+  }
+
+  if (rc != 0) {
+    failed(p, rc);
+  }
+}
+
+
+static void
+connect_cb(uv_connect_t *req, int status)
+{
+  jv_pass_connect_t *cr = (jv_pass_connect_t *) req;
+  jv_pass_t *p = cr->p;
+
+  free(cr);
+  if (p == NULL) {
+    return; /* the exchange ended and closed the stream */
+  }
+
+  p->connecting = NULL;
+  if (status != 0) {
+    fail_to_lua(p, status, 0);
+    return;
+  }
+
+  p->last_ms = uv_now(jv__loop());
+  exchange_start(p, p->s);
+}
+
+
+/* Sends the request on a pooled connection, or on a new one. */
+static void
+pass_send(jv_pass_t *p)
+{
+  jv_stream_t *s = pool_take(p->up);
+  jv_pass_connect_t *cr;
+  int rc;
+
+  if (s != NULL) {
+    p->reused = 1;
+    exchange_start(p, s);
+    return;
+  }
+
+  p->reused = 0;
+  s = jv_stream_new_tcp();
+  cr = malloc(sizeof(*cr));
+  if (s == NULL || cr == NULL) {
+    free(cr);
+    if (s != NULL) {
+      jv_stream_close(s, NULL);
+    }
+    fail_to_lua(p, JV_ENOMEM, 0);
+    return;
+  }
+
+  uv_tcp_nodelay(&s->uv.tcp, 1);
+  p->s = s;
+  s->data = p;
+  cr->p = p;
+  rc = uv_tcp_connect(&cr->req, &s->uv.tcp,
+                      (const struct sockaddr *) &p->up->addr, connect_cb);
+  if (rc != 0) {
+    free(cr);
+    fail_to_lua(p, rc, 0);
+    return;
+  }
+
+  p->connecting = cr;
+}
+
+
+int
+jv__pass_try(jv_http_conn_t *c)
+{
+  jv_pass_table_t *t = c->server->pass;
+  const jv_route_t *route;
+  char key[PASS_MAX_KEY];
+  size_t klen;
+  jv_pass_t *p;
+  int method = c->parser.method;
+
+  if (c->pass_admitted != generation ||
+      (method != HTTP_GET && method != HTTP_HEAD) || !c->message_done ||
+      c->body_total > 0 || c->upgrade || c->parser.upgrade ||
+      c->expect_continue) {
+    return 0;
+  }
+
+  table_current(t);
+  klen = request_key(c, t, key);
+  route = klen > 0 ? route_find(t, key, klen) : NULL;
+  if (route == NULL) {
+    return 0;
+  }
+
+  p = c->pass;
+  if (p == NULL) {
+    p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+      return 0;
+    }
+    p->conn = c;
+    c->pass = p;
+  }
+
+  if (jv__http_pass_head(c, route->target, route->target_len, route->skip,
+                         route->skip_len, route->nskip, route->lines,
+                         route->lines_len, route->up->host,
+                         route->up->port) != 0) {
+    return 0;
+  }
+
+  stats.passed++;
+  nexchanges++;
+  c->passing = 1;
+  p->up = route->up;
+  p->timeout_ms = route->timeout_ms;
+  p->stale_408 = route->stale_408;
+  p->relaying = 0;
+  p->drain_wait = 0;
+  p->last_ms = uv_now(jv__loop());
+  /* The connection's timer ticks each second: it checks the timeout and
+   * whether the client is still there (jv__pass_tick). */
+  uv_timer_start(&c->timer, jv__http_conn_timer_cb, 1000, 1000);
+  pass_send(p);
+  return 1;
+}
+
+
+void
+jv__pass_tick(jv_http_conn_t *c)
+{
+  jv_pass_t *p = c->pass;
+  uint64_t now = uv_now(jv__loop());
+
+  if (jv_stream_peer_closed(c->stream)) {
+    /* The client closed its connection, so the response has no reader. */
+    if (p->connecting != NULL) {
+      p->connecting->p = NULL;
+      p->connecting = NULL;
+    }
+    cut(p);
+    return;
+  }
+
+  if (!p->drain_wait && now - p->last_ms >= p->timeout_ms) {
+    if (p->connecting != NULL) {
+      p->connecting->p = NULL;
+      p->connecting = NULL;
+      fail_to_lua(p, JV_ETIMEOUT, 0);
+      return;
+    }
+    failed(p, JV_ETIMEOUT);
+  }
+}
+
+
+void
+jv__pass_drained(jv_http_conn_t *c)
+{
+  jv_pass_t *p = c->pass;
+
+  if (p->drain_wait && p->s != NULL) {
+    p->drain_wait = 0;
+    p->last_ms = uv_now(jv__loop());
+    if (jv_stream_read_start(p->s, upstream_read_cb) != 0) {
+      cut(p);
+    }
+  }
+}
+
+
+void
+jv__pass_conn_closed(jv_http_conn_t *c)
+{
+  jv_pass_t *p = c->pass;
+
+  if (c->passing) {
+    if (p->connecting != NULL) {
+      p->connecting->p = NULL;
+    }
+    if (p->s != NULL) {
+      jv_stream_close(p->s, NULL);
+    }
+    c->passing = 0;
+    nexchanges--;
+  }
+
+  free(p->head);
+  free(p->hdrs);
+  free(p);
+  c->pass = NULL;
+}
+
+
+/* ---- Lua ---- */
+
+/* Returns the string field name of the table at idx, or NULL when nil. */
+static const char *
+opt_string(lua_State *L, int idx, const char *name, size_t *len)
+{
+  const char *s;
+
+  lua_getfield(L, idx, name);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  s = lua_tolstring(L, -1, len);
+  if (s == NULL || lua_type(L, -1) != LUA_TSTRING) {
+    luaL_error(L, "pass_learn: %s must be a string", name);
+  }
+  lua_pop(L, 1); /* the string stays alive in the options table */
+  return s;
+}
+
+
+static double
+opt_number(lua_State *L, int idx, const char *name, double def)
+{
+  double v = def;
+
+  lua_getfield(L, idx, name);
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) <= 0) {
+      luaL_error(L, "pass_learn: %s must be a number above 0", name);
+    }
+    v = lua_tonumber(L, -1);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+
+/*
+ * req:pass_learn(opts): records that requests on this server with this
+ * request's path (and the same value of opts.vary) are forwarded as opts
+ * describes, and admits this connection, so that its later GET and HEAD
+ * requests without a body can take the fast path. The caller promises
+ * that the decision depends on nothing else of the request, and that it
+ * admitted the connection by the client's address only. opts:
+ *   host, port   upstream (an IPv4 literal) and port
+ *   target       request-target path that replaces the request's path;
+ *                the request's query is appended to it
+ *   set_headers  table name = string value of fields to add; received
+ *                fields of those names are dropped (at most 8)
+ *   vary         name of the request header whose value is part of the
+ *                key (one per server; a new name forgets the others)
+ *   timeout      seconds without progress before a 504 (default 60)
+ *   pool_idle    seconds an upstream connection stays pooled (default 30)
+ *   stale_408    as proxy.forward's option of the same name
+ * Returns true, or false when the decision was not recorded (no IPv4
+ * literal, or too many upstreams).
+ */
+static int
+l_req_pass_learn(lua_State *L)
+{
+  jv_http_conn_t *c = jv__http_check_req(L);
+  jv_http_server_t *srv = c->server;
+  jv_pass_table_t *t = srv->pass;
+  size_t hlen, tlen, vlen = 0, klen, lines_len = 0, skip_bytes = 0, size;
+  const char *host, *target, *vary;
+  const char *names[PASS_MAX_SKIP], *values[PASS_MAX_SKIP];
+  size_t name_len[PASS_MAX_SKIP], value_len[PASS_MAX_SKIP];
+  unsigned nset = 0, i;
+  lua_Integer port;
+  jv_upstream_t *up;
+  jv_route_t *r;
+  char key[PASS_MAX_KEY];
+  char *mem;
+  double timeout, pool_idle;
+  int stale_408;
+
+  luaL_checktype(L, 2, LUA_TTABLE);
+  host = opt_string(L, 2, "host", &hlen);
+  target = opt_string(L, 2, "target", &tlen);
+  vary = opt_string(L, 2, "vary", &vlen);
+  lua_getfield(L, 2, "port");
+  port = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (host == NULL || target == NULL || port < 1 || port > 65535) {
+    return luaL_error(L, "pass_learn: host, port (1 to 65535) and target "
+                         "are required");
+  }
+  if (!jv__http_target_ok(target, tlen) || memchr(target, '?', tlen)) {
+    return luaL_error(L, "pass_learn: target must be a path without query, "
+                         "blanks or control characters");
+  }
+  if (vary != NULL &&
+      (vlen >= sizeof(t->vary) || !jv__http_name_ok(vary, vlen))) {
+    return luaL_error(L, "pass_learn: vary must be a header name");
+  }
+  timeout = opt_number(L, 2, "timeout", 60);
+  pool_idle = opt_number(L, 2, "pool_idle", 30);
+  lua_getfield(L, 2, "stale_408");
+  stale_408 = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+
+  lua_getfield(L, 2, "set_headers");
+  if (!lua_isnil(L, -1)) {
+    luaL_checktype(L, -1, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+      if (nset == PASS_MAX_SKIP || lua_type(L, -2) != LUA_TSTRING ||
+          lua_type(L, -1) != LUA_TSTRING) {
+        return luaL_error(L,
+                          "pass_learn: set_headers takes at most %d "
+                          "string names and string values",
+                          PASS_MAX_SKIP);
+      }
+      names[nset] = lua_tolstring(L, -2, &name_len[nset]);
+      values[nset] = lua_tolstring(L, -1, &value_len[nset]);
+      if (!jv__http_name_ok(names[nset], name_len[nset]) ||
+          !jv__http_value_ok(values[nset], value_len[nset])) {
+        return luaL_error(L, "pass_learn: set_headers has an invalid name "
+                             "or a value with CR, LF or NUL");
+      }
+      lines_len += name_len[nset] + 2 + value_len[nset] + 2;
+      skip_bytes += name_len[nset];
+      nset++;
+      lua_pop(L, 1);
+    }
+  }
+  /* The set_headers table stays on the stack, anchoring its strings. */
+
+  up = upstream_get(host, (int) port);
+  if (up == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+
+  if (t == NULL) {
+    t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+      return luaL_error(L, "out of memory");
+    }
+    t->generation = generation;
+    srv->pass = t;
+  }
+  table_current(t);
+  if (vlen != t->vary_len ||
+      (vary != NULL && strncasecmp(vary, t->vary, vlen) != 0)) {
+    table_clear(t);
+    memcpy(t->vary, vary != NULL ? vary : "", vlen);
+    t->vary[vlen] = '\0';
+    t->vary_len = vlen;
+  }
+
+  c->pass_admitted = generation;
+  up->idle_ms = (uint64_t) (pool_idle * 1000);
+
+  klen = request_key(c, t, key);
+  if (klen == 0 || route_find(t, key, klen) != NULL) {
+    lua_pushboolean(L, klen != 0);
+    return 1;
+  }
+  if (t->count >= PASS_MAX_ROUTES) {
+    table_clear(t);
+  }
+
+  size = sizeof(*r) + klen + tlen + lines_len + skip_bytes;
+  mem = malloc(size);
+  if (mem == NULL) {
+    return luaL_error(L, "out of memory");
+  }
+  r = (jv_route_t *) mem;
+  mem += sizeof(*r);
+  memset(r, 0, sizeof(*r));
+  r->up = up;
+  r->timeout_ms = (uint64_t) (timeout * 1000);
+  r->stale_408 = stale_408;
+  memcpy(mem, key, klen);
+  r->key = mem;
+  r->key_len = klen;
+  mem += klen;
+  memcpy(mem, target, tlen);
+  r->target = mem;
+  r->target_len = tlen;
+  mem += tlen;
+  r->lines = mem;
+  for (i = 0; i < nset; i++) {
+    memcpy(mem, names[i], name_len[i]);
+    memcpy(mem + name_len[i], ": ", 2);
+    memcpy(mem + name_len[i] + 2, values[i], value_len[i]);
+    memcpy(mem + name_len[i] + 2 + value_len[i], "\r\n", 2);
+    mem += name_len[i] + 2 + value_len[i] + 2;
+  }
+  r->lines_len = lines_len;
+  for (i = 0; i < nset; i++) {
+    memcpy(mem, names[i], name_len[i]);
+    r->skip[i] = mem;
+    r->skip_len[i] = name_len[i];
+    mem += name_len[i];
+  }
+  r->nskip = nset;
+  r->hash = hash_bytes(key, klen);
+  r->next = t->buckets[r->hash % PASS_BUCKETS];
+  t->buckets[r->hash % PASS_BUCKETS] = r;
+  t->count++;
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/*
+ * req:pass_failure(): when the fast path took this request and its
+ * exchange failed before the response, returns the failure's code (as
+ * core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a message,
+ * and whether the connection to the upstream had been made. Else nil.
+ */
+static int
+l_req_pass_failure(lua_State *L)
+{
+  jv_http_conn_t *c = jv__http_check_req(L);
+
+  if (c->pass_failed == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+
+  lua_pushstring(L, jv_err_name(c->pass_failed));
+  lua_pushstring(L, jv_strerror(c->pass_failed));
+  lua_pushboolean(L, c->pass_connected);
+  return 3;
+}
+
+
+/* core.http.pass_reset(): drops every recorded decision and admission,
+ * and closes the fast path's idle upstream connections. */
+static int
+l_pass_reset(lua_State *L)
+{
+  jv_upstream_t *up;
+
+  (void) L;
+  generation++;
+  for (up = upstreams; up != NULL; up = up->next) {
+    pool_close_all(up);
+  }
+  return 0;
+}
+
+
+/* core.http.pass_stats(): { passed, fallback, pooled, exchanges }. */
+static int
+l_pass_stats(lua_State *L)
+{
+  lua_createtable(L, 0, 4);
+  lua_pushnumber(L, (lua_Number) stats.passed);
+  lua_setfield(L, -2, "passed");
+  lua_pushnumber(L, (lua_Number) stats.fallback);
+  lua_setfield(L, -2, "fallback");
+  lua_pushinteger(L, npooled);
+  lua_setfield(L, -2, "pooled");
+  lua_pushinteger(L, nexchanges);
+  lua_setfield(L, -2, "exchanges");
+  return 1;
+}
+
+
+void
+jv__pass_register(lua_State *L, int index, int request_methods)
+{
+  if (request_methods) {
+    lua_pushcfunction(L, l_req_pass_learn);
+    lua_setfield(L, index, "pass_learn");
+    lua_pushcfunction(L, l_req_pass_failure);
+    lua_setfield(L, index, "pass_failure");
+    return;
+  }
+
+  llhttp_settings_init(&settings);
+  settings.on_message_begin = on_message_begin;
+  settings.on_header_field = on_header_field;
+  settings.on_header_value = on_header_value;
+  settings.on_headers_complete = on_headers_complete;
+  settings.on_body = on_body;
+  settings.on_message_complete = on_message_complete;
+
+  lua_pushcfunction(L, l_pass_reset);
+  lua_setfield(L, index, "pass_reset");
+  lua_pushcfunction(L, l_pass_stats);
+  lua_setfield(L, index, "pass_stats");
+}

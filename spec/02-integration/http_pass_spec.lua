@@ -1,0 +1,577 @@
+-- The HTTP server's fast path (core/http_pass.c): after a handler records
+-- its forwarding decision with req:pass_learn, later GET and HEAD requests
+-- with the same key on an admitted connection are forwarded in C, without
+-- the handler. These specs count the handler's calls to see which path a
+-- request took, and use raw upstreams to see the bytes each side sent.
+local core = require("justavps.core")
+local helpers = require("support.helpers")
+local raw = require("support.rawhttp")
+local proxy = require("justavps.proxy")
+
+local async = helpers.async
+
+local OK = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+-- Starts a keep-alive upstream. respond(head, sock) returns the bytes to
+-- send for the request head (without its final CRLF), or nil to close
+-- the connection without a response. Every head is appended to seen.
+local function upstream(seen, respond)
+  respond = respond or function()
+    return OK
+  end
+  return assert(core.tcp.listen({
+    port = 0,
+    on_accept = function(sock)
+      sock:settimeout(10)
+      seen.connections = (seen.connections or 0) + 1
+      while true do
+        local head = sock:readuntil("\r\n\r\n")
+        if not head then
+          break
+        end
+        seen[#seen + 1] = head
+        local out = respond(head, sock)
+        if out == nil or not sock:write(out) then
+          break
+        end
+      end
+      sock:close()
+    end,
+  }))
+end
+
+
+-- Starts a front server whose handler learns its decision for GET and
+-- HEAD requests and forwards with proxy.forward. calls.n counts the
+-- handler's runs; learn (default) can be overridden per spec.
+local function front(port, calls, learn)
+  learn = learn or {}
+  return assert(core.http.listen({
+    port = 0,
+    access_log = false,
+    handler = function(req)
+      calls.n = (calls.n or 0) + 1
+      calls.failure = req:pass_failure()
+      local method = req.method
+      local target = learn.target or "/app" .. req.path
+      if method == "GET" or method == "HEAD" then
+        assert(req:pass_learn({
+          host = "127.0.0.1",
+          port = port,
+          target = target,
+          set_headers = learn.set_headers,
+          vary = learn.vary,
+          timeout = learn.timeout or 5,
+          stale_408 = learn.stale_408,
+        }))
+      end
+      local query = req.query
+      return proxy.forward(req, {
+        host = "127.0.0.1",
+        port = port,
+        target = query and target .. "?" .. query or target,
+        set_headers = learn.set_headers,
+        timeout = learn.timeout or 5,
+        stale_408 = learn.stale_408,
+      })
+    end,
+  }))
+end
+
+
+local function get(sock, path, extra)
+  assert(sock:write("GET " .. path .. " HTTP/1.1\r\nHost: front\r\n"
+    .. (extra or "") .. "\r\n"))
+  return assert(raw.read_response(sock))
+end
+
+
+local function cleanup(...)
+  for _, server in ipairs({ ... }) do
+    server:close()
+  end
+  proxy.close_pool()
+end
+
+
+describe("http fast path", function()
+  it("forwards repeat requests without the handler", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local srv = front(up:port(), calls, {
+      set_headers = { ["X-Forwarded-Prefix"] = "/p" } })
+    local sock = raw.connect(srv:port())
+    local before = core.http.pass_stats().passed
+
+    for i = 1, 3 do
+      local res = get(sock, "/x?q=" .. i, "X-Forwarded-Prefix: /evil\r\n"
+        .. "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-Kept: " .. i
+        .. "\r\n")
+      assert.equal(200, res.status)
+      assert.equal("ok", res.body)
+    end
+
+    assert.equal(1, calls.n)
+    assert.equal(before + 2, core.http.pass_stats().passed)
+    assert.equal(3, #seen)
+    for i = 2, 3 do
+      local head = seen[i]
+      assert.truthy(head:find("^GET /app/x%?q=" .. i .. " HTTP/1%.1\r\n"))
+      assert.truthy(head:find("\r\nHost: front", 1, false))
+      assert.truthy(head:find("\r\nX%-Kept: " .. i))
+      assert.truthy(head:find("\r\nX%-Forwarded%-Prefix: /p"))
+      assert.falsy(head:find("/evil", 1, true))
+      assert.falsy(head:lower():find("x-hop", 1, true))
+      assert.falsy(head:lower():find("\r\nconnection:", 1, true))
+    end
+    -- The two forwarded requests went over one pooled connection.
+    assert.equal(2, seen.connections)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("sends a new connection to the handler", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local srv = front(up:port(), calls)
+    local a = raw.connect(srv:port())
+    get(a, "/x")
+    local b = raw.connect(srv:port())
+    get(b, "/x")
+    assert.equal(2, calls.n)
+    get(b, "/x")
+    assert.equal(2, calls.n)
+    a:close()
+    b:close()
+    cleanup(srv, up)
+  end))
+
+  it("leaves other requests to the handler", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(head, sock)
+      local length = head:lower():match("content%-length: (%d+)")
+      if length then
+        sock:readn(tonumber(length))
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    assert.equal(1, calls.n)
+    get(sock, "/y")
+    assert.equal(2, calls.n)
+    assert(sock:write("POST /x HTTP/1.1\r\nHost: front\r\n"
+      .. "Content-Length: 2\r\n\r\nhi"))
+    assert.equal(200, raw.read_response(sock).status)
+    assert.equal(3, calls.n)
+    assert(sock:write("GET /x HTTP/1.1\r\nHost: front\r\n"
+      .. "Content-Length: 2\r\n\r\nhi"))
+    assert.equal(200, raw.read_response(sock).status)
+    assert.equal(4, calls.n)
+    get(sock, "/x", "Expect: 100-continue\r\n")
+    assert.equal(5, calls.n)
+    get(sock, "/x")
+    assert.equal(5, calls.n)
+    sock:close()
+
+    -- An upgrade request without a 101 response ends its connection.
+    local up_sock = raw.connect(srv:port())
+    get(up_sock, "/x")
+    get(up_sock, "/x", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    assert.equal(7, calls.n)
+    up_sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("keys decisions on the vary header", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local srv = front(up:port(), calls, { vary = "X-Forwarded-Host" })
+    local sock = raw.connect(srv:port())
+    get(sock, "/x", "X-Forwarded-Host: a\r\n")
+    get(sock, "/x", "X-Forwarded-Host: a\r\n")
+    assert.equal(1, calls.n)
+    get(sock, "/x", "X-Forwarded-Host: b\r\n")
+    assert.equal(2, calls.n)
+    get(sock, "/x")
+    assert.equal(3, calls.n)
+    get(sock, "/x")
+    get(sock, "/x", "X-Forwarded-Host: b\r\n")
+    assert.equal(3, calls.n)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("drops decisions on pass_reset", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    get(sock, "/x")
+    assert.equal(1, calls.n)
+    core.http.pass_reset()
+    assert.equal(0, core.http.pass_stats().pooled)
+    get(sock, "/x")
+    assert.equal(2, calls.n)
+    get(sock, "/x")
+    assert.equal(2, calls.n)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("relays each response framing", async(function()
+    local responses = {
+      ["/chunked"] = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+      ["/length"] = "HTTP/1.1 201 Created\r\nContent-Length: 5\r\n"
+        .. "X-App: 1\r\nConnection: keep-alive, X-App\r\n\r\nhello",
+      ["/nobody"] = "HTTP/1.1 204 No Content\r\n\r\n",
+      ["/notmod"] = "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+      ["/hints"] = "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+        .. "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nh",
+      ["/many"] = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. string.rep("1\r\nz\r\n", 40) .. "0\r\n\r\n",
+    }
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(head)
+      return responses[head:match("^%u+ /app(/%w+)")]
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    for path in pairs(responses) do
+      get(sock, path)
+    end
+    local n = calls.n
+    local res = get(sock, "/chunked")
+    assert.equal("chunked", res.headers["transfer-encoding"])
+    assert.equal("abcde", res.body)
+    res = get(sock, "/length")
+    assert.equal(201, res.status)
+    assert.equal("5", res.headers["content-length"])
+    assert.equal("hello", res.body)
+    assert.is_nil(res.headers["x-app"])
+    res = get(sock, "/nobody")
+    assert.equal(204, res.status)
+    res = get(sock, "/notmod")
+    assert.equal(304, res.status)
+    res = get(sock, "/hints")
+    assert.equal(200, res.status)
+    assert.equal("h", res.body)
+    res = get(sock, "/many")
+    assert.equal(string.rep("z", 40), res.body)
+    assert(sock:write("HEAD /length HTTP/1.1\r\nHost: front\r\n\r\n"))
+    res = assert(raw.read_response(sock, { head = true }))
+    assert.equal(201, res.status)
+    assert.equal("5", res.headers["content-length"])
+    -- No body followed the HEAD's head: the next response reads whole.
+    assert.equal("hello", get(sock, "/length").body)
+    -- A decision holds for the path whatever the method: the HEAD too
+    -- took the fast path.
+    assert.equal(n, calls.n)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("ends a close-delimited body", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(_, sock)
+      sock:write("HTTP/1.0 200 OK\r\n\r\nuntil-close")
+      return nil
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    local res = get(sock, "/x")
+    assert.equal(1, calls.n)
+    assert.equal("until-close", res.body)
+    assert.equal("chunked", res.headers["transfer-encoding"])
+    assert.equal(2, seen.connections)
+    assert.equal(0, core.http.pass_stats().pooled)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("relays pipelined responses in order", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(head)
+      local n = head:match("^GET /app/(%d+)")
+      return "HTTP/1.1 200 OK\r\nContent-Length: " .. #n .. "\r\n\r\n" .. n
+    end)
+    local srv = front(up:port(), calls, { target = "/app/1" })
+    local sock = raw.connect(srv:port())
+    get(sock, "/1")
+    assert(sock:write(string.rep("GET /1 HTTP/1.1\r\nHost: f\r\n\r\n", 5)))
+    for _ = 1, 5 do
+      assert.equal("1", raw.read_response(sock).body)
+    end
+    assert.equal(1, calls.n)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("streams a large response slowly", async(function()
+    local size = 8 * 1024 * 1024
+    local seen, calls = {}, {}
+    local block = string.rep("b", 65536)
+    local up = upstream(seen, function(_, sock)
+      sock:write("HTTP/1.1 200 OK\r\nContent-Length: " .. size .. "\r\n\r\n")
+      for _ = 1, size / #block do
+        if not sock:write(block) then
+          return nil
+        end
+      end
+      return ""
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    sock:settimeout(20)
+    get(sock, "/big")
+    assert(sock:write("GET /big HTTP/1.1\r\nHost: f\r\n\r\n"))
+    core.sleep(0.5) -- the proxy stops reading once the client lags
+    local res = assert(raw.read_response(sock))
+    assert.equal(size, #res.body)
+    assert.equal(1, calls.n)
+    assert.equal(0, core.http.pass_stats().exchanges)
+    sock:close()
+    cleanup(srv, up)
+  end, 30))
+
+  it("delivers stream pieces as they arrive", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(_, sock)
+      sock:write("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        .. "Transfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n")
+      core.sleep(0.3)
+      sock:write("7\r\ndata: 2\r\n0\r\n\r\n")
+      return ""
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/sse")
+    assert(sock:write("GET /sse HTTP/1.1\r\nHost: f\r\n\r\n"))
+    local started = core.now()
+    local head = assert(sock:readuntil("\r\n\r\n"))
+    assert.truthy(head:find("chunked", 1, true))
+    assert.equal("7", assert(sock:readuntil("\r\n")))
+    assert.equal("data: 1", assert(sock:readn(7)))
+    -- The first event arrived before the upstream sent the second.
+    assert.is_true(core.now() - started < 0.3)
+    assert.equal(1, calls.n)
+    sock:close()
+    cleanup(srv, up)
+  end))
+end)
+
+
+describe("http fast path failures", function()
+  it("reports a refused connect once", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local port = up:port()
+    local srv = front(port, calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    -- The first request's connection stays in the Lua path's pool; the
+    -- fast path has none and connects.
+    up:close()
+    local fallback = core.http.pass_stats().fallback
+    local res = get(sock, "/x")
+    assert.equal(502, res.status)
+    assert.truthy(res.body:find('"upstream_unreachable"', 1, true))
+    assert.equal("ECONNREFUSED", calls.failure)
+    assert.equal(2, calls.n)
+    assert.equal(fallback + 1, core.http.pass_stats().fallback)
+    assert.equal(1, #seen)
+    sock:close()
+    cleanup(srv)
+  end))
+
+  it("reports a closed new connection", async(function()
+    local seen, calls = {}, {}
+    local close_now = false
+    local up = upstream(seen, function()
+      if close_now then
+        return nil
+      end
+      return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close"
+        .. "\r\n\r\nok"
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    close_now = true
+    local before = #seen
+    local res = get(sock, "/x")
+    assert.equal(502, res.status)
+    assert.truthy(res.body:find('"upstream_closed"', 1, true))
+    assert.equal("closed", calls.failure)
+    assert.equal(before + 1, #seen)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("resends a GET after a pooled close", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(_, sock)
+      sock:write(OK)
+      return nil -- closes after each response without Connection: close
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    local fallback = core.http.pass_stats().fallback
+    -- The Lua path pooled nothing; the first fast request pools its
+    -- connection, which the upstream then closes.
+    assert.equal(200, get(sock, "/x").status)
+    core.sleep(0.1)
+    assert.equal(200, get(sock, "/x").status)
+    assert.equal(1, calls.n)
+    assert.equal(fallback, core.http.pass_stats().fallback)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("resends after a stale 408", async(function()
+    local seen, calls = {}, {}
+    local count = 0
+    local up = upstream(seen, function()
+      count = count + 1
+      if count == 3 then
+        return "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+          .. "Content-Length: 0\r\n\r\n"
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls, { stale_408 = true })
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    assert.equal(200, get(sock, "/x").status)
+    assert.equal(200, get(sock, "/x").status)
+    assert.equal(1, calls.n)
+    assert.equal(4, count)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("returns 504 for a silent upstream", async(function()
+    local seen, calls = {}, {}
+    local silent = false
+    local up = upstream(seen, function()
+      if silent then
+        core.sleep(4)
+        return nil
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls, { timeout = 1 })
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    silent = true
+    local before = #seen
+    local res = get(sock, "/x")
+    assert.equal(504, res.status)
+    assert.truthy(res.body:find('"upstream_timeout"', 1, true))
+    assert.equal("timeout", calls.failure)
+    assert.equal(before + 1, #seen)
+    sock:close()
+    cleanup(srv, up)
+  end, 15))
+
+  it("reports a malformed response", async(function()
+    local seen, calls = {}, {}
+    local bad = false
+    local up = upstream(seen, function()
+      if bad then
+        return "HTTP/1.1 200 OK\nContent-Length: 2\n\nok"
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    bad = true
+    local res = get(sock, "/x")
+    assert.equal(502, res.status)
+    assert.truthy(res.body:find('"upstream_error"', 1, true))
+    assert.equal("protocol_error", calls.failure)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("closes the upstream when the client leaves", async(function()
+    local seen, calls = {}, {}
+    local upstream_gone = false
+    local up = upstream(seen, function(head, sock)
+      if not head:find("\r\nX-Stream: 1", 1, true) then
+        return OK
+      end
+      sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "1\r\na\r\n")
+      for _ = 1, 100 do
+        core.sleep(0.1)
+        if not sock:write("1\r\na\r\n") then
+          upstream_gone = true
+          return nil
+        end
+      end
+      return nil
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/stream")
+    assert(sock:write("GET /stream HTTP/1.1\r\nHost: f\r\nX-Stream: 1"
+      .. "\r\n\r\n"))
+    assert(sock:readuntil("\r\n\r\n"))
+    sock:close()
+    helpers.eventually(8, function()
+      return upstream_gone
+    end)
+    assert.equal(0, core.http.pass_stats().exchanges)
+    cleanup(srv, up)
+  end, 15))
+end)
+
+
+describe("req:pass_learn", function()
+  it("rejects invalid options", async(function()
+    local errors = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        for _, opts in ipairs({
+          {},
+          { host = "127.0.0.1", port = 0, target = "/" },
+          { host = "127.0.0.1", port = 80, target = "/a?b" },
+          { host = "127.0.0.1", port = 80, target = "/a b" },
+          { host = "127.0.0.1", port = 80, target = "/", vary = "a b" },
+          { host = "127.0.0.1", port = 80, target = "/",
+            set_headers = { ["X-A"] = "1\r\nX-B: 2" } },
+          { host = "127.0.0.1", port = 80, target = "/", timeout = 0 },
+        }) do
+          local ok, err = pcall(req.pass_learn, req, opts)
+          errors[#errors + 1] = not ok and tostring(err) or "accepted"
+        end
+        errors.ipv6 = req:pass_learn({ host = "::1", port = 80,
+          target = "/" })
+        return 200, {}, "done"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert.equal(200, get(sock, "/").status)
+    assert.equal(7, #errors)
+    assert.truthy(errors[1]:find("host, port", 1, true))
+    assert.truthy(errors[2]:find("host, port", 1, true))
+    assert.truthy(errors[3]:find("without query", 1, true))
+    assert.truthy(errors[4]:find("without query", 1, true))
+    assert.truthy(errors[5]:find("vary must be a header name", 1, true))
+    assert.truthy(errors[6]:find("CR, LF or NUL", 1, true))
+    assert.truthy(errors[7]:find("timeout must be a number", 1, true))
+    assert.is_false(errors.ipv6)
+    sock:close()
+    srv:close()
+  end))
+end)
