@@ -10,12 +10,10 @@ local proxy = require("justavps.proxy")
 local log = require("justavps.log")
 local routing = require("policies.daemon_routing")
 local state = require("justavps.daemon.state")
-local terminal = require("justavps.daemon.terminal")
-local toolbox = require("justavps.daemon.toolbox")
-local internal_api = require("justavps.daemon.internal")
 local ports = require("justavps.daemon.ports")
 local json = require("justavps.json")
 local http = require("justavps.core").http
+local reload = require("justavps.reload")
 
 local ipairs = ipairs
 
@@ -25,6 +23,28 @@ local tostring = tostring
 local _M = {}
 
 local error_response = proxy.error_response
+
+
+-- The terminal, the toolbox and the internal API are loaded on first
+-- use: together they are about 300 KiB of Lua heap, which a daemon that
+-- only proxies would otherwise carry at idle. A reload loads them at
+-- once (see _M.validate), so that an error in them fails the reload.
+local terminal, toolbox, internal_api
+
+local function load_terminal()
+  terminal = terminal or require("justavps.daemon.terminal")
+  return terminal
+end
+
+local function load_toolbox()
+  toolbox = toolbox or require("justavps.daemon.toolbox")
+  return toolbox
+end
+
+local function load_internal()
+  internal_api = internal_api or require("justavps.daemon.internal")
+  return internal_api
+end
 
 
 -- Returns true when the request reached the edge as PORT-SLUG.DOMAIN for
@@ -183,11 +203,11 @@ local function public(req)
   end
 
   if decision.action == "pty" then
-    return terminal.handle(req, decision)
+    return load_terminal().handle(req, decision)
   end
 
   if decision.action == "toolbox" then
-    return toolbox.handle(req, decision)
+    return load_toolbox().handle(req, decision)
   end
 
   local target = decision.path
@@ -231,7 +251,7 @@ end
 
 
 local function internal(req)
-  return internal_api.handle(req)
+  return load_internal().handle(req)
 end
 
 
@@ -242,6 +262,11 @@ _M.handlers = {
 
 
 function _M.validate()
+  if reload.current() then
+    load_terminal()
+    load_toolbox()
+    load_internal()
+  end
   return type(routing.decide) == "function"
 end
 
