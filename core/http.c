@@ -2191,6 +2191,12 @@ l_req_done(lua_State *L)
     return 0; /* responded, hijacked or closed already */
   }
 
+  if (ok && c->passing) {
+    /* req:pass took the request: http_pass.c ends its response. */
+    conn_end_request_object(c);
+    return 0;
+  }
+
   if (!ok) {
     jv_log(JV_LOG_ERR, "handler failed", "req_id", request_id(c), "error",
            lua_tostring(L, 3), NULL);
@@ -2481,8 +2487,8 @@ add_set_headers(lua_State *L, jv_http_conn_t *c, int set_index,
  * form "Name: value\r\n" with a valid name and no CR, LF or NUL in the
  * value. Raises on a malformed line or on a name that the framing rules
  * of forward_head own (Host, Content-Length and the hop-by-hop names). */
-static void
-check_header_lines(lua_State *L, const char *s, size_t len)
+void
+jv__http_check_header_lines(lua_State *L, const char *s, size_t len)
 {
   size_t pos = 0;
 
@@ -2696,7 +2702,7 @@ l_req_forward_head(lua_State *L)
     size_t xlen;
     const char *extra = luaL_checklstring(L, 7, &xlen);
 
-    check_header_lines(L, extra, xlen);
+    jv__http_check_header_lines(L, extra, xlen);
     out_add(L, c, extra, xlen);
   }
 
@@ -2984,9 +2990,9 @@ jv__http_check_req(lua_State *L)
 
 int
 jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
-                   const char *const *skip, const size_t *skip_len,
-                   unsigned nskip, const char *lines, size_t lines_len,
-                   const char *host, int port)
+                   int append_query, const char *const *skip,
+                   const size_t *skip_len, unsigned nskip, const char *lines,
+                   size_t lines_len, const char *host, int port)
 {
   const char *url = c->head + c->url_off;
   const char *q = memchr(url, '?', c->url_len);
@@ -2998,7 +3004,7 @@ jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
   out_str(NULL, c, llhttp_method_name(c->parser.method));
   out_add(NULL, c, " ", 1);
   out_add(NULL, c, target, tlen);
-  if (q != NULL) {
+  if (q != NULL && append_query) {
     out_add(NULL, c, q, c->url_len - (size_t) (q - url));
   }
   out_add(NULL, c, " HTTP/1.1\r\n", 11);

@@ -105,6 +105,8 @@ struct jv_pass_s {
   int reused;
   uint64_t last_ms; /* the last progress of the exchange */
   int relaying;     /* the response head went to the client */
+  int in_lua_call;  /* req:pass is starting this exchange */
+  int sync_failed;  /* it failed before req:pass returned */
   int drain_wait;   /* reading stopped until the client drains */
 
   /* The response. */
@@ -697,6 +699,13 @@ fail_to_lua(jv_pass_t *p, int code, int connected)
     p->s = NULL;
   }
 
+  if (p->in_lua_call) {
+    /* Nothing was sent: req:pass returns false and the handler goes on. */
+    p->sync_failed = code;
+    exchange_end(p);
+    return;
+  }
+
   c->pass_failed = code;
   c->pass_connected = connected;
   stats.fallback++;
@@ -967,6 +976,61 @@ pass_send(jv_pass_t *p)
 }
 
 
+/* Returns the connection's exchange record, made on first use, or NULL
+ * when memory runs out. */
+static jv_pass_t *
+pass_record(jv_http_conn_t *c)
+{
+  jv_pass_t *p = c->pass;
+
+  if (p == NULL) {
+    p = calloc(1, sizeof(*p));
+    if (p != NULL) {
+      p->conn = c;
+      c->pass = p;
+    }
+  }
+
+  return p;
+}
+
+
+/* Returns non-zero when c's request may be forwarded here: a GET or HEAD
+ * without a body, an upgrade or Expect. */
+static int
+passable(jv_http_conn_t *c)
+{
+  int method = c->parser.method;
+
+  return (method == HTTP_GET || method == HTTP_HEAD) && c->message_done &&
+         c->body_total == 0 && !c->upgrade && !c->parser.upgrade &&
+         !c->expect_continue && !c->head_sent;
+}
+
+
+/* Starts the exchange of the head in c->out with up. */
+static void
+exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
+               int stale_408)
+{
+  jv_http_conn_t *c = p->conn;
+
+  stats.passed++;
+  nexchanges++;
+  c->passing = 1;
+  p->up = up;
+  p->timeout_ms = timeout_ms;
+  p->stale_408 = stale_408;
+  p->relaying = 0;
+  p->drain_wait = 0;
+  p->last_ms = uv_now(jv__loop());
+  /* The connection's timer ticks each second: it checks the timeout and
+   * whether the client is still there (jv__pass_tick). */
+  uv_timer_start(&c->timer, jv__http_conn_timer_cb, 1000, 1000);
+  pass_send(p);
+}
+
+
 int
 jv__pass_try(jv_http_conn_t *c)
 {
@@ -975,12 +1039,8 @@ jv__pass_try(jv_http_conn_t *c)
   char key[PASS_MAX_KEY];
   size_t klen;
   jv_pass_t *p;
-  int method = c->parser.method;
 
-  if (c->pass_admitted != generation ||
-      (method != HTTP_GET && method != HTTP_HEAD) || !c->message_done ||
-      c->body_total > 0 || c->upgrade || c->parser.upgrade ||
-      c->expect_continue) {
+  if (c->pass_admitted != generation || !passable(c)) {
     return 0;
   }
 
@@ -991,36 +1051,16 @@ jv__pass_try(jv_http_conn_t *c)
     return 0;
   }
 
-  p = c->pass;
-  if (p == NULL) {
-    p = calloc(1, sizeof(*p));
-    if (p == NULL) {
-      return 0;
-    }
-    p->conn = c;
-    c->pass = p;
-  }
-
-  if (jv__http_pass_head(c, route->target, route->target_len, route->skip,
+  p = pass_record(c);
+  if (p == NULL ||
+      jv__http_pass_head(c, route->target, route->target_len, 1, route->skip,
                          route->skip_len, route->nskip, route->lines,
                          route->lines_len, route->up->host,
                          route->up->port) != 0) {
     return 0;
   }
 
-  stats.passed++;
-  nexchanges++;
-  c->passing = 1;
-  p->up = route->up;
-  p->timeout_ms = route->timeout_ms;
-  p->stale_408 = route->stale_408;
-  p->relaying = 0;
-  p->drain_wait = 0;
-  p->last_ms = uv_now(jv__loop());
-  /* The connection's timer ticks each second: it checks the timeout and
-   * whether the client is still there (jv__pass_tick). */
-  uv_timer_start(&c->timer, jv__http_conn_timer_cb, 1000, 1000);
-  pass_send(p);
+  exchange_begin(p, route->up, route->timeout_ms, route->stale_408);
   return 1;
 }
 
@@ -1106,7 +1146,7 @@ opt_string(lua_State *L, int idx, const char *name, size_t *len)
   }
   s = lua_tolstring(L, -1, len);
   if (s == NULL || lua_type(L, -1) != LUA_TSTRING) {
-    luaL_error(L, "pass_learn: %s must be a string", name);
+    luaL_error(L, "option %s must be a string", name);
   }
   lua_pop(L, 1); /* the string stays alive in the options table */
   return s;
@@ -1121,7 +1161,7 @@ opt_number(lua_State *L, int idx, const char *name, double def)
   lua_getfield(L, idx, name);
   if (!lua_isnil(L, -1)) {
     if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) <= 0) {
-      luaL_error(L, "pass_learn: %s must be a number above 0", name);
+      luaL_error(L, "option %s must be a number above 0", name);
     }
     v = lua_tonumber(L, -1);
   }
@@ -1302,6 +1342,107 @@ l_req_pass_learn(lua_State *L)
 
 
 /*
+ * req:pass(opts): forwards this request in C now, for a handler that
+ * decides per request (the broker checks each request's signature). The
+ * handler returns nothing after it, and the server sends the response.
+ * Only a GET or HEAD without a body, an upgrade or Expect qualifies, and
+ * not a request that the fast path already failed. opts:
+ *   host, port     upstream: an IPv4 literal and a port
+ *   target         request-target to send, query included
+ *   drop_headers   a list from core.http.header_names: received fields
+ *                  not forwarded
+ *   extra_headers  a string of complete "Name: value\r\n" lines to add
+ *   timeout, pool_idle, stale_408  as for req:pass_learn
+ * Returns true when it took the request, else false and a reason. A
+ * failure before the response runs the handler again, where
+ * req:pass_failure tells what failed.
+ */
+static int
+l_req_pass(lua_State *L)
+{
+  jv_http_conn_t *c = jv__http_check_req(L);
+  const char *skip[JV_HTTP_NAMES_MAX];
+  size_t skip_len[JV_HTTP_NAMES_MAX];
+  size_t hlen, tlen, xlen = 0;
+  const char *host, *target, *extra;
+  jv_http_names_t *drop = NULL;
+  unsigned nskip = 0, i;
+  lua_Integer port;
+  jv_upstream_t *up;
+  jv_pass_t *p;
+  double timeout, pool_idle;
+  int stale_408, code;
+
+  luaL_checktype(L, 2, LUA_TTABLE);
+  host = opt_string(L, 2, "host", &hlen);
+  target = opt_string(L, 2, "target", &tlen);
+  extra = opt_string(L, 2, "extra_headers", &xlen);
+  lua_getfield(L, 2, "port");
+  port = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (host == NULL || target == NULL || port < 1 || port > 65535) {
+    return luaL_error(L, "pass: host, port (1 to 65535) and target are "
+                         "required");
+  }
+  if (!jv__http_target_ok(target, tlen)) {
+    return luaL_error(L, "pass: target must be non-empty, without blanks or "
+                         "control characters");
+  }
+  if (extra != NULL) {
+    jv__http_check_header_lines(L, extra, xlen);
+  }
+  lua_getfield(L, 2, "drop_headers");
+  if (!lua_isnil(L, -1)) {
+    drop = jv__http_to_names(L, lua_gettop(L));
+    if (drop == NULL) {
+      return luaL_error(L, "pass: drop_headers must come from "
+                           "core.http.header_names");
+    }
+    for (i = 0; i < drop->n; i++) {
+      skip[i] = drop->bytes + drop->off[i];
+      skip_len[i] = drop->len[i];
+    }
+    nskip = drop->n;
+  }
+  timeout = opt_number(L, 2, "timeout", 60);
+  pool_idle = opt_number(L, 2, "pool_idle", 30);
+  lua_getfield(L, 2, "stale_408");
+  stale_408 = lua_toboolean(L, -1);
+
+  if (!passable(c) || c->pass_failed != 0) {
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "not_passable");
+    return 2;
+  }
+
+  up = upstream_get(host, (int) port);
+  p = up != NULL ? pass_record(c) : NULL;
+  if (p == NULL || jv__http_pass_head(c, target, tlen, 0, skip, skip_len, nskip,
+                                      extra, xlen, up->host, up->port) != 0) {
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, up == NULL ? "no_upstream_slot" : "no_memory");
+    return 2;
+  }
+  up->idle_ms = (uint64_t) (pool_idle * 1000);
+
+  p->in_lua_call = 1;
+  p->sync_failed = 0;
+  exchange_begin(p, up, (uint64_t) (timeout * 1000), stale_408);
+  p->in_lua_call = 0;
+  code = p->sync_failed;
+  if (code != 0) {
+    stats.passed--;
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, jv_err_name(code));
+    return 2;
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/*
  * req:pass_failure(): when the fast path took this request and its
  * exchange failed before the response, returns the failure's code (as
  * core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a message,
@@ -1365,6 +1506,8 @@ jv__pass_register(lua_State *L, int index, int request_methods)
     lua_setfield(L, index, "pass_learn");
     lua_pushcfunction(L, l_req_pass_failure);
     lua_setfield(L, index, "pass_failure");
+    lua_pushcfunction(L, l_req_pass);
+    lua_setfield(L, index, "pass");
     return;
   }
 

@@ -153,14 +153,19 @@ void jv__http_conn_timer_cb(uv_timer_t *t);
 jv_http_conn_t *jv__http_check_req(lua_State *L);
 
 /* Builds in c->out the head that forwards c's request to the upstream of
- * a cached decision: target (the query of the request is appended), the
+ * a decision: target (with the request's query when append_query), the
  * end-to-end fields minus those named in skip (nskip lower-case names),
  * then lines (complete "Name: value\r\n" lines) and host as Host when the
  * request has none. Returns 0 or JV_ENOMEM. */
 int jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
-                       const char *const *skip, const size_t *skip_len,
-                       unsigned nskip, const char *lines, size_t lines_len,
-                       const char *host, int port);
+                       int append_query, const char *const *skip,
+                       const size_t *skip_len, unsigned nskip,
+                       const char *lines, size_t lines_len, const char *host,
+                       int port);
+
+/* Raises unless s holds complete "Name: value\r\n" lines without Host,
+ * Content-Length or a hop-by-hop name (req:forward_head's extra_headers). */
+void jv__http_check_header_lines(lua_State *L, const char *s, size_t len);
 
 /* Builds in c->out the head that relays a response with status and the
  * fields of hdrs (into head), as req:relay does. Returns 0 or JV_ENOMEM. */

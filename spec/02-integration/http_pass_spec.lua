@@ -575,3 +575,123 @@ describe("req:pass_learn", function()
     srv:close()
   end))
 end)
+
+
+describe("req:pass", function()
+  -- A front whose handler forwards each request with req:pass, and with
+  -- proxy.forward when req:pass declines. calls records each run.
+  local function pass_front(port, calls)
+    local drop = core.http.header_names({ "x-drop" })
+    return assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local run = { failure = req:pass_failure() }
+        calls[#calls + 1] = run
+        local opts = {
+          host = "127.0.0.1",
+          port = port,
+          target = "/up" .. req.target,
+          drop_headers = drop,
+          extra_headers = "X-Extra: 1\r\n",
+          timeout = 5,
+        }
+        run.taken, run.reason = req:pass(opts)
+        if run.taken then
+          return
+        end
+        return proxy.forward(req, opts)
+      end,
+    }))
+  end
+
+  it("forwards each request in C", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local srv = pass_front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    for _ = 1, 3 do
+      local res = get(sock, "/a?b=1", "X-Drop: secret\r\nX-Kept: k\r\n")
+      assert.equal(200, res.status)
+      assert.equal("ok", res.body)
+    end
+    assert.equal(3, #calls)
+    for i = 1, 3 do
+      assert.is_true(calls[i].taken)
+      local head = seen[i]
+      assert.truthy(head:find("^GET /up/a%?b=1 HTTP/1%.1\r\n"))
+      assert.falsy(head:lower():find("x-drop", 1, true))
+      assert.truthy(head:find("\r\nX%-Kept: k"))
+      assert.truthy(head:find("\r\nX%-Extra: 1"))
+    end
+    assert.equal(1, seen.connections)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("declines a request with a body", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(_, sock)
+      sock:readn(2)
+      return OK
+    end)
+    local srv = pass_front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    assert(sock:write("POST / HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n"
+      .. "\r\nhi"))
+    assert.equal(200, assert(raw.read_response(sock)).status)
+    assert.is_false(calls[1].taken)
+    assert.equal("not_passable", calls[1].reason)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("reruns the handler after a failure", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen)
+    local port = up:port()
+    up:close()
+    local srv = pass_front(port, calls)
+    local sock = raw.connect(srv:port())
+    local res = get(sock, "/a")
+    assert.equal(502, res.status)
+    assert.truthy(res.body:find('"upstream_unreachable"', 1, true))
+    assert.equal(2, #calls)
+    assert.is_true(calls[1].taken)
+    assert.is_nil(calls[1].failure)
+    assert.equal("ECONNREFUSED", calls[2].failure)
+    assert.is_false(calls[2].taken)
+    sock:close()
+    cleanup(srv)
+  end))
+
+  it("rejects invalid options", async(function()
+    local errors = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        for _, opts in ipairs({
+          { host = "127.0.0.1", port = 80 },
+          { host = "127.0.0.1", port = 80, target = "/ x" },
+          { host = "127.0.0.1", port = 80, target = "/",
+            extra_headers = "Host: x\r\n" },
+          { host = "127.0.0.1", port = 80, target = "/",
+            drop_headers = { "x-a" } },
+        }) do
+          local ok, err = pcall(req.pass, req, opts)
+          errors[#errors + 1] = not ok and tostring(err) or "accepted"
+        end
+        return 200, {}, "done"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert.equal(200, get(sock, "/").status)
+    assert.truthy(errors[1]:find("target are required", 1, true))
+    assert.truthy(errors[2]:find("without blanks", 1, true))
+    assert.truthy(errors[3]:find("Host", 1, true))
+    assert.truthy(errors[4]:find("core.http.header_names", 1, true))
+    sock:close()
+    srv:close()
+  end))
+end)

@@ -109,8 +109,10 @@ end
 
 
 -- Runs checks 1 to 5. Returns the fields, or nil followed by status,
--- code, message for the rejection.
-local function verify(req, conf)
+-- code, message for the rejection. rerun is true when the request passed
+-- the checks once already (see handle): its timestamp may have aged past
+-- clock_skew since, and its nonce is in the cache.
+local function verify(req, conf, rerun)
   local fields, code, message = edge_sig.parse_request(req)
   if not fields then
     return nil, 400, code, message
@@ -124,7 +126,8 @@ local function verify(req, conf)
   end
 
   local now = floor(core.time())
-  if abs(now - tonumber(fields.timestamp)) > conf.clock_skew then
+  if not rerun and abs(now - tonumber(fields.timestamp)) > conf.clock_skew
+  then
     return fields, 401, "stale_timestamp",
       "the request timestamp is more than " .. conf.clock_skew
         .. " s away from the broker's clock"
@@ -132,6 +135,10 @@ local function verify(req, conf)
 
   if not edge_sig.verify(conf.secret, fields, fields.signature) then
     return fields, 401, "bad_signature", "the signature does not match"
+  end
+
+  if rerun then
+    return fields
   end
 
   local ok, err, ncode = state.nonces:check_and_add(fields.nonce)
@@ -175,7 +182,10 @@ end
 
 function _M.handle(req)
   local conf = state.conf
-  local fields, status, code, message = verify(req, conf)
+  -- A request that req:pass forwarded and that failed before its response
+  -- runs here a second time, so that proxy.forward reports the failure.
+  local rerun = req:pass_failure() ~= nil
+  local fields, status, code, message = verify(req, conf, rerun)
   if status then
     return reject(req, fields, status, code, message)
   end
@@ -196,19 +206,39 @@ function _M.handle(req)
   end
 
   local upstream = conf.upstream
+  local extra = "X-Real-IP: " .. fields.client_ip
+    .. "\r\nX-Forwarded-For: " .. fields.client_ip
+    .. "\r\nX-Forwarded-Proto: " .. conf.forwarded_proto
+    .. "\r\nX-Forwarded-Host: " .. fields.host .. "\r\n"
+  -- NOTE: the proxy takes one timeout for the connect and for each read
+  -- and write, so the largest of the three settings applies to all of
+  -- them.
+  local timeout = max(upstream.connect_timeout, upstream.header_timeout,
+    upstream.idle_timeout)
+
+  local method = fields.method
+  if not rerun and (method == "GET" or method == "HEAD") then
+    -- The HTTP server forwards a GET or HEAD without a body in C
+    -- (core/http_pass.c). It declines the rest, and IPv6 targets.
+    local forwarded = req:pass({
+      host = fields.target_ip,
+      port = port,
+      target = fields.target,
+      drop_headers = DROP,
+      extra_headers = extra,
+      timeout = timeout,
+    })
+    if forwarded then
+      return
+    end
+  end
+
   return proxy.forward(req, {
     host = fields.target_ip,
     port = port,
-    extra_headers = "X-Real-IP: " .. fields.client_ip
-      .. "\r\nX-Forwarded-For: " .. fields.client_ip
-      .. "\r\nX-Forwarded-Proto: " .. conf.forwarded_proto
-      .. "\r\nX-Forwarded-Host: " .. fields.host .. "\r\n",
+    extra_headers = extra,
     drop_headers = DROP,
-    -- NOTE: proxy.forward takes one timeout for the connect and for each
-    -- read and write, so the largest of the three settings applies to
-    -- all of them.
-    timeout = max(upstream.connect_timeout, upstream.header_timeout,
-      upstream.idle_timeout),
+    timeout = timeout,
     on_unreachable = machine_unreachable,
     request = req,
     fields = fields,
