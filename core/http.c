@@ -3035,6 +3035,12 @@ jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
   }
 
   out_add(NULL, c, lines, lines_len);
+  for (i = 0; i < lines_len && !has_host;) {
+    const char *nl = memchr(lines + i, '\n', lines_len - i);
+
+    has_host = lines_len - i > 5 && strncasecmp(lines + i, "host:", 5) == 0;
+    i = nl != NULL ? (unsigned) (nl - lines) + 1 : (unsigned) lines_len;
+  }
   if (!has_host) {
     /* The fast path forwards only to IPv4 literals (http_pass.c). */
     out_str(NULL, c, "Host: ");

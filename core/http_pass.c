@@ -54,6 +54,9 @@ struct jv_upstream_s {
   struct sockaddr_in addr;
   char host[INET_ADDRSTRLEN];
   int port;
+  struct ssl_ctx_st *tls; /* client context, or NULL for plain TCP */
+  int tls_ref;            /* keeps the Lua TLS context alive */
+  char server_name[256];  /* SNI and the name checked, or "" */
   jv_stream_t *idle[PASS_POOL_MAX];
   uint64_t idle_at[PASS_POOL_MAX];
   unsigned nidle;
@@ -154,18 +157,28 @@ static int response_closes(jv_pass_t *p);
 
 /* ---- upstreams and their pools ---- */
 
+/* Returns the record of host:port, with the TLS client context at
+ * tls_index (0 for none) and server_name (NULL for none), made on first
+ * use. Returns NULL when host is no IPv4 literal, the name is too long,
+ * or PASS_MAX_UPSTREAMS records exist. */
 static jv_upstream_t *
-upstream_get(const char *host, int port)
+upstream_get(lua_State *L, const char *host, int port, int tls_index,
+             const char *server_name)
 {
+  struct ssl_ctx_st *tls =
+      tls_index != 0 ? jv__tls_check(L, tls_index, 0) : NULL;
+  const char *name = server_name != NULL ? server_name : "";
   jv_upstream_t *up;
   struct sockaddr_in addr;
 
-  if (uv_ip4_addr(host, port, &addr) != 0) {
+  if (uv_ip4_addr(host, port, &addr) != 0 ||
+      strlen(name) >= sizeof(up->server_name)) {
     return NULL;
   }
 
   for (up = upstreams; up != NULL; up = up->next) {
-    if (up->port == port && up->addr.sin_addr.s_addr == addr.sin_addr.s_addr) {
+    if (up->port == port && up->addr.sin_addr.s_addr == addr.sin_addr.s_addr &&
+        up->tls == tls && strcmp(up->server_name, name) == 0) {
       return up;
     }
   }
@@ -179,6 +192,13 @@ upstream_get(const char *host, int port)
     return NULL;
   }
 
+  up->tls = tls;
+  up->tls_ref = LUA_NOREF;
+  if (tls != NULL) {
+    lua_pushvalue(L, tls_index);
+    up->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  strcpy(up->server_name, name);
   up->addr = addr;
   up->port = port;
   uv_ip4_name(&addr, up->host, sizeof(up->host));
@@ -748,9 +768,22 @@ failed(jv_pass_t *p, int code)
   if (p->reused && code != JV_ETIMEOUT) {
     jv_upstream_t *up = p->up;
 
+    uint64_t now = uv_now(jv__loop());
+
     jv_stream_close(p->s, NULL);
     p->s = NULL;
-    up->shun_until = uv_now(jv__loop()) + PASS_SHUN_MS;
+    if (up->shun_until <= now) {
+      char port[8], seconds[8];
+
+      snprintf(port, sizeof(port), "%d", up->port);
+      snprintf(seconds, sizeof(seconds), "%d", PASS_SHUN_MS / 1000);
+      jv_log(JV_LOG_INFO,
+             "a reused upstream connection failed; new connections only "
+             "for a while",
+             "host", up->host, "port", port, "code", jv_err_name(code),
+             "seconds", seconds, NULL);
+    }
+    up->shun_until = now + PASS_SHUN_MS;
     pool_close_all(up);
     p->reused = 0;
     pass_send(p);
@@ -912,11 +945,29 @@ exchange_start(jv_pass_t *p, jv_stream_t *s)
 }
 
 
+/* The TLS handshake of a new upstream connection ended with status. */
+static void
+handshake_cb(jv_stream_t *s, int status)
+{
+  jv_pass_t *p = s->data;
+
+  s->handshake_cb = NULL;
+  if (status != 0) {
+    fail_to_lua(p, status, 0);
+    return;
+  }
+
+  p->last_ms = uv_now(jv__loop());
+  exchange_start(p, s);
+}
+
+
 static void
 connect_cb(uv_connect_t *req, int status)
 {
   jv_pass_connect_t *cr = (jv_pass_connect_t *) req;
   jv_pass_t *p = cr->p;
+  jv_stream_t *s;
 
   free(cr);
   if (p == NULL) {
@@ -930,7 +981,19 @@ connect_cb(uv_connect_t *req, int status)
   }
 
   p->last_ms = uv_now(jv__loop());
-  exchange_start(p, p->s);
+  s = p->s;
+  if (s->ssl == NULL) {
+    exchange_start(p, s);
+    return;
+  }
+
+  /* Sends the ClientHello. handshake_cb runs when the handshake ends,
+   * from a read of the server's answer. */
+  jv_stream_handshake(s);
+  if (p->s == s && s->handshake_cb != NULL &&
+      jv_stream_read_start(s, upstream_read_cb) != 0) {
+    fail_to_lua(p, JV_ETLS, 0);
+  }
 }
 
 
@@ -963,6 +1026,16 @@ pass_send(jv_pass_t *p)
   uv_tcp_nodelay(&s->uv.tcp, 1);
   p->s = s;
   s->data = p;
+  if (p->up->tls != NULL) {
+    s->handshake_cb = handshake_cb;
+    if (jv_stream_start_tls(s, p->up->tls, 0,
+                            p->up->server_name[0] ? p->up->server_name
+                                                  : NULL) != 0) {
+      free(cr);
+      fail_to_lua(p, JV_ETLS, 0);
+      return;
+    }
+  }
   cr->p = p;
   rc = uv_tcp_connect(&cr->req, &s->uv.tcp,
                       (const struct sockaddr *) &p->up->addr, connect_cb);
@@ -1170,6 +1243,66 @@ opt_number(lua_State *L, int idx, const char *name, double def)
 }
 
 
+/* Reads opts.set_headers (opts at index 2) into names and values, and
+ * adds the bytes of their header lines and of their names to *lines_len
+ * and *skip_bytes. The table stays on the stack, anchoring the strings.
+ * Returns the number of fields, raising on an invalid one. */
+static unsigned
+read_set_headers(lua_State *L, const char **names, size_t *name_len,
+                 const char **values, size_t *value_len, size_t *lines_len,
+                 size_t *skip_bytes)
+{
+  unsigned nset = 0;
+
+  lua_getfield(L, 2, "set_headers");
+  if (lua_isnil(L, -1)) {
+    return 0;
+  }
+
+  luaL_checktype(L, -1, LUA_TTABLE);
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) {
+    if (nset == PASS_MAX_SKIP || lua_type(L, -2) != LUA_TSTRING ||
+        lua_type(L, -1) != LUA_TSTRING) {
+      luaL_error(L,
+                 "option set_headers takes at most %d string names and "
+                 "string values",
+                 PASS_MAX_SKIP);
+    }
+    names[nset] = lua_tolstring(L, -2, &name_len[nset]);
+    values[nset] = lua_tolstring(L, -1, &value_len[nset]);
+    if (!jv__http_name_ok(names[nset], name_len[nset]) ||
+        !jv__http_value_ok(values[nset], value_len[nset])) {
+      luaL_error(L, "option set_headers has an invalid name or a value "
+                    "with CR, LF or NUL");
+    }
+    *lines_len += name_len[nset] + 2 + value_len[nset] + 2;
+    *skip_bytes += name_len[nset];
+    nset++;
+    lua_pop(L, 1);
+  }
+
+  return nset;
+}
+
+
+/* Reads opts.tls and opts.server_name. Returns the stack index of the
+ * TLS context, which stays on the stack, or 0 without one. */
+static int
+read_tls(lua_State *L, const char **server_name)
+{
+  size_t len;
+
+  *server_name = opt_string(L, 2, "server_name", &len);
+  lua_getfield(L, 2, "tls");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return lua_gettop(L);
+}
+
+
 /*
  * req:pass_learn(opts): records that requests on this server with this
  * request's path (and the same value of opts.vary) are forwarded as opts
@@ -1206,8 +1339,9 @@ l_req_pass_learn(lua_State *L)
   jv_route_t *r;
   char key[PASS_MAX_KEY];
   char *mem;
+  const char *server_name;
   double timeout, pool_idle;
-  int stale_408;
+  int stale_408, tls_index;
 
   luaL_checktype(L, 2, LUA_TTABLE);
   host = opt_string(L, 2, "host", &hlen);
@@ -1234,34 +1368,11 @@ l_req_pass_learn(lua_State *L)
   stale_408 = lua_toboolean(L, -1);
   lua_pop(L, 1);
 
-  lua_getfield(L, 2, "set_headers");
-  if (!lua_isnil(L, -1)) {
-    luaL_checktype(L, -1, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, -2) != 0) {
-      if (nset == PASS_MAX_SKIP || lua_type(L, -2) != LUA_TSTRING ||
-          lua_type(L, -1) != LUA_TSTRING) {
-        return luaL_error(L,
-                          "pass_learn: set_headers takes at most %d "
-                          "string names and string values",
-                          PASS_MAX_SKIP);
-      }
-      names[nset] = lua_tolstring(L, -2, &name_len[nset]);
-      values[nset] = lua_tolstring(L, -1, &value_len[nset]);
-      if (!jv__http_name_ok(names[nset], name_len[nset]) ||
-          !jv__http_value_ok(values[nset], value_len[nset])) {
-        return luaL_error(L, "pass_learn: set_headers has an invalid name "
-                             "or a value with CR, LF or NUL");
-      }
-      lines_len += name_len[nset] + 2 + value_len[nset] + 2;
-      skip_bytes += name_len[nset];
-      nset++;
-      lua_pop(L, 1);
-    }
-  }
-  /* The set_headers table stays on the stack, anchoring its strings. */
+  nset = read_set_headers(L, names, name_len, values, value_len, &lines_len,
+                          &skip_bytes);
+  tls_index = read_tls(L, &server_name);
 
-  up = upstream_get(host, (int) port);
+  up = upstream_get(L, host, (int) port, tls_index, server_name);
   if (up == NULL) {
     lua_pushboolean(L, 0);
     return 1;
@@ -1361,17 +1472,20 @@ static int
 l_req_pass(lua_State *L)
 {
   jv_http_conn_t *c = jv__http_check_req(L);
-  const char *skip[JV_HTTP_NAMES_MAX];
-  size_t skip_len[JV_HTTP_NAMES_MAX];
-  size_t hlen, tlen, xlen = 0;
-  const char *host, *target, *extra;
+  const char *skip[JV_HTTP_NAMES_MAX + PASS_MAX_SKIP];
+  size_t skip_len[JV_HTTP_NAMES_MAX + PASS_MAX_SKIP];
+  const char *names[PASS_MAX_SKIP], *values[PASS_MAX_SKIP];
+  size_t name_len[PASS_MAX_SKIP], value_len[PASS_MAX_SKIP];
+  size_t hlen, tlen, xlen = 0, lines_len = 0, skip_bytes = 0, llen;
+  const char *host, *target, *extra, *server_name, *lines;
   jv_http_names_t *drop = NULL;
-  unsigned nskip = 0, i;
+  unsigned nskip = 0, nset, i;
   lua_Integer port;
   jv_upstream_t *up;
   jv_pass_t *p;
+  luaL_Buffer buf;
   double timeout, pool_idle;
-  int stale_408, code;
+  int stale_408, code, tls_index;
 
   luaL_checktype(L, 2, LUA_TTABLE);
   host = opt_string(L, 2, "host", &hlen);
@@ -1399,15 +1513,36 @@ l_req_pass(lua_State *L)
                            "core.http.header_names");
     }
     for (i = 0; i < drop->n; i++) {
-      skip[i] = drop->bytes + drop->off[i];
-      skip_len[i] = drop->len[i];
+      skip[nskip] = drop->bytes + drop->off[i];
+      skip_len[nskip++] = drop->len[i];
     }
-    nskip = drop->n;
   }
   timeout = opt_number(L, 2, "timeout", 60);
   pool_idle = opt_number(L, 2, "pool_idle", 30);
   lua_getfield(L, 2, "stale_408");
   stale_408 = lua_toboolean(L, -1);
+  nset = read_set_headers(L, names, name_len, values, value_len, &lines_len,
+                          &skip_bytes);
+  for (i = 0; i < nset; i++) {
+    skip[nskip] = names[i];
+    skip_len[nskip++] = name_len[i];
+  }
+  tls_index = read_tls(L, &server_name);
+
+  /* The header lines: set_headers, then extra_headers, as forward_head
+   * writes them. */
+  luaL_buffinit(L, &buf);
+  for (i = 0; i < nset; i++) {
+    luaL_addlstring(&buf, names[i], name_len[i]);
+    luaL_addlstring(&buf, ": ", 2);
+    luaL_addlstring(&buf, values[i], value_len[i]);
+    luaL_addlstring(&buf, "\r\n", 2);
+  }
+  if (extra != NULL) {
+    luaL_addlstring(&buf, extra, xlen);
+  }
+  luaL_pushresult(&buf);
+  lines = lua_tolstring(L, -1, &llen);
 
   if (!passable(c) || c->pass_failed != 0) {
     lua_pushboolean(L, 0);
@@ -1415,10 +1550,10 @@ l_req_pass(lua_State *L)
     return 2;
   }
 
-  up = upstream_get(host, (int) port);
+  up = upstream_get(L, host, (int) port, tls_index, server_name);
   p = up != NULL ? pass_record(c) : NULL;
   if (p == NULL || jv__http_pass_head(c, target, tlen, 0, skip, skip_len, nskip,
-                                      extra, xlen, up->host, up->port) != 0) {
+                                      lines, llen, up->host, up->port) != 0) {
     lua_pushboolean(L, 0);
     lua_pushstring(L, up == NULL ? "no_upstream_slot" : "no_memory");
     return 2;
@@ -1443,25 +1578,34 @@ l_req_pass(lua_State *L)
 
 
 /*
- * req:pass_failure(): when the fast path took this request and its
- * exchange failed before the response, returns the failure's code (as
- * core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a message,
- * and whether the connection to the upstream had been made. Else nil.
+ * req:pass_failure([consume]): when the fast path took this request and
+ * its exchange failed before the response, returns the failure's code
+ * (as core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a
+ * message, whether the connection to the upstream had been made, and the
+ * upstream's host and port. Else nil. With consume, later calls return
+ * nil and req:pass may forward the request again.
  */
 static int
 l_req_pass_failure(lua_State *L)
 {
   jv_http_conn_t *c = jv__http_check_req(L);
+  int code = c->pass_failed;
 
-  if (c->pass_failed == 0) {
+  if (code == 0) {
     lua_pushnil(L);
     return 1;
   }
 
-  lua_pushstring(L, jv_err_name(c->pass_failed));
-  lua_pushstring(L, jv_strerror(c->pass_failed));
+  if (lua_toboolean(L, 2)) {
+    c->pass_failed = 0;
+  }
+
+  lua_pushstring(L, jv_err_name(code));
+  lua_pushstring(L, jv_strerror(code));
   lua_pushboolean(L, c->pass_connected);
-  return 3;
+  lua_pushstring(L, c->pass->up->host);
+  lua_pushinteger(L, c->pass->up->port);
+  return 5;
 }
 
 

@@ -685,7 +685,7 @@ function _M.forward(req, opts)
   -- The fast path (core/http_pass.c) took this request and failed
   -- before the response: answer for that failure without sending the
   -- request again, as send() would have answered.
-  local failed_code, failed_err, failed_connected = req:pass_failure()
+  local failed_code, failed_err, failed_connected = req:pass_failure(true)
   if failed_code then
     return failed(opts, failed_code, failed_err, failed_connected)
   end

@@ -586,7 +586,9 @@ describe("req:pass", function()
       port = 0,
       access_log = false,
       handler = function(req)
-        local run = { failure = req:pass_failure() }
+        local run = {}
+        run.failure, run.message, run.connected, run.host, run.port =
+          req:pass_failure()
         calls[#calls + 1] = run
         local opts = {
           host = "127.0.0.1",
@@ -629,6 +631,29 @@ describe("req:pass", function()
     cleanup(srv, up)
   end))
 
+  it("replaces Host from set_headers once", async(function()
+    local seen = {}
+    local up = upstream(seen)
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        assert(req:pass({ host = "127.0.0.1", port = up:port(),
+          target = req.target,
+          set_headers = { Host = "machine.test", Cookie = "a=1" } }))
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert.equal(200, get(sock, "/h", "Cookie: secret=1\r\n").status)
+    local _, hosts = seen[1]:lower():gsub("\r\nhost:", "")
+    assert.equal(1, hosts)
+    assert.truthy(seen[1]:find("\r\nHost: machine.test", 1, true))
+    assert.truthy(seen[1]:find("\r\nCookie: a=1", 1, true))
+    assert.falsy(seen[1]:find("secret", 1, true))
+    sock:close()
+    cleanup(srv, up)
+  end))
+
   it("declines a request with a body", async(function()
     local seen, calls = {}, {}
     local up = upstream(seen, function(_, sock)
@@ -660,7 +685,12 @@ describe("req:pass", function()
     assert.is_true(calls[1].taken)
     assert.is_nil(calls[1].failure)
     assert.equal("ECONNREFUSED", calls[2].failure)
+    assert.is_false(calls[2].connected)
+    assert.equal("127.0.0.1", calls[2].host)
+    assert.equal(port, calls[2].port)
     assert.is_false(calls[2].taken)
+    -- proxy.forward consumed the failure while it reported it.
+    assert.equal(2, #calls)
     sock:close()
     cleanup(srv)
   end))

@@ -254,8 +254,49 @@ local function forward(req, ctx)
     broker_id = nil,
   }
 
-  for _, broker in ipairs(brokers.order()) do
+  -- A GET or HEAD without a body goes out through the HTTP server's fast
+  -- path (core/http_pass.c), which takes no Lua set of names.
+  local method = ctx.method
+  local fast = (method == "GET" or method == "HEAD") and not ctx.is_websocket
+    and type(drop) == "userdata"
+
+  -- When the fast path failed before the response, the handler runs again
+  -- for the request. A broker that refused the connection is marked down
+  -- and the request goes to the others through proxy.forward. Any other
+  -- failure is reported by proxy.forward for the broker that failed.
+  local order = brokers.order()
+  local failed_code, _, failed_connected, failed_host, failed_port =
+    req:pass_failure()
+  if failed_code then
+    fast = false
+    local failed_broker = brokers.find(failed_host, failed_port)
+    if failed_code == "ECONNREFUSED" and not failed_connected then
+      req:pass_failure(true)
+      if failed_broker then
+        brokers.mark_down(failed_broker, "connection refused")
+      end
+    elseif failed_broker then
+      order = { failed_broker }
+    end
+  end
+
+  for _, broker in ipairs(order) do
     fields.broker_id = broker.id
+    -- The signature headers are in every drop set.
+    local extra = edge_sig.sign_lines(broker.secret, fields)
+    if fast and req:pass({
+      host = broker.host,
+      port = broker.port,
+      tls = broker.tls,
+      server_name = broker.server_name,
+      target = ctx.target,
+      set_headers = set,
+      drop_headers = drop,
+      extra_headers = extra,
+      timeout = conf.broker_timeout,
+    }) then
+      return
+    end
     local status, headers, body = proxy.forward(req, {
       host = broker.host,
       port = broker.port,
@@ -264,8 +305,7 @@ local function forward(req, ctx)
       target = ctx.target,
       set_headers = set,
       drop_headers = drop,
-      -- The signature headers are in every drop set.
-      extra_headers = edge_sig.sign_lines(broker.secret, fields),
+      extra_headers = extra,
       timeout = conf.broker_timeout,
       on_unreachable = broker_unreachable,
       request = req,

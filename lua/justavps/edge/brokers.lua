@@ -86,6 +86,17 @@ function _M.order()
 end
 
 
+-- Returns the configured broker at host and port, or nil.
+function _M.find(host, port)
+  for _, broker in ipairs(state.brokers) do
+    if broker.host == host and broker.port == port then
+      return broker
+    end
+  end
+  return nil
+end
+
+
 -- Takes broker out of rotation for broker_health.down_for seconds.
 function _M.mark_down(broker, reason)
   local was_up = is_up(broker, core.now())
