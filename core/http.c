@@ -2129,6 +2129,21 @@ l_req_hijack(lua_State *L)
 
 
 /* req:keepalive([flag]): reads or clears keep-alive for this response. */
+/* req:abort(): ends the request without finishing its response: no last
+ * chunk follows a chunked body, and the connection closes, so that the
+ * client sees a cut rather than a complete response. For a proxy whose
+ * upstream failed in the middle of the body. */
+static int
+l_req_abort(lua_State *L)
+{
+  jv_http_conn_t *c = check_req(L);
+
+  c->keep_alive = 0;
+  conn_response_done(c);
+  return 0;
+}
+
+
 static int
 l_req_keepalive(lua_State *L)
 {
@@ -3441,6 +3456,7 @@ jv__open_http(lua_State *L)
     { "finish", l_req_finish },
     { "hijack", l_req_hijack },
     { "keepalive", l_req_keepalive },
+    { "abort", l_req_abort },
     { "peer_closed", l_req_peer_closed },
     { "is_upgrade", l_req_is_upgrade },
     { "head_sent", l_req_head_sent },

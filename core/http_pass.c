@@ -44,9 +44,9 @@
 #define PASS_MAX_INTERIM   16
 #define PASS_MAX_PIECES    16
 
-/* An upstream address and its idle connections. Records are never freed:
- * there are at most PASS_MAX_UPSTREAMS, and an exchange may point at one
- * while a reset runs. */
+/* An upstream address and its idle connections. There are at most
+ * PASS_MAX_UPSTREAMS records; one that no route and no exchange points at
+ * is reused for another address when that bound is reached. */
 typedef struct jv_upstream_s jv_upstream_t;
 
 struct jv_upstream_s {
@@ -60,6 +60,7 @@ struct jv_upstream_s {
   jv_stream_t *idle[PASS_POOL_MAX];
   uint64_t idle_at[PASS_POOL_MAX];
   unsigned nidle;
+  unsigned refs;       /* routes and exchanges that point here */
   uint64_t idle_ms;    /* pool_idle of the latest decision */
   uint64_t shun_until; /* time before which nothing is pooled */
 };
@@ -106,11 +107,15 @@ struct jv_pass_s {
   jv_stream_t *s;
   jv_pass_connect_t *connecting;
   int reused;
-  uint64_t last_ms; /* the last progress of the exchange */
-  int relaying;     /* the response head went to the client */
-  int in_lua_call;  /* req:pass is starting this exchange */
-  int sync_failed;  /* it failed before req:pass returned */
-  int drain_wait;   /* reading stopped until the client drains */
+  uint64_t last_ms;        /* the last progress of the exchange */
+  int relaying;            /* the response head went to the client */
+  int in_lua_call;         /* req:pass is starting this exchange */
+  int stale;               /* the response was an app's idle-close 408 */
+  const char *fail_reason; /* why the response was malformed, or NULL */
+  char failed_host[INET_ADDRSTRLEN]; /* upstream of the last failure */
+  int failed_port;
+  int sync_failed; /* it failed before req:pass returned */
+  int drain_wait;  /* reading stopped until the client drains */
 
   /* The response. */
   llhttp_t parser;
@@ -151,6 +156,7 @@ static struct {
 } stats;
 
 static void pass_send(jv_pass_t *p);
+static void pool_close_all(jv_upstream_t *up);
 static int relay(jv_pass_t *p);
 static int response_closes(jv_pass_t *p);
 
@@ -184,12 +190,26 @@ upstream_get(lua_State *L, const char *host, int port, int tls_index,
   }
 
   if (nupstreams >= PASS_MAX_UPSTREAMS) {
-    return NULL;
-  }
+    /* Reuses a record that nothing points at for the new address. */
+    for (up = upstreams; up != NULL && up->refs > 0; up = up->next) {
+    }
+    if (up == NULL) {
+      return NULL;
+    }
+    pool_close_all(up);
+    if (up->tls_ref != LUA_NOREF) {
+      luaL_unref(L, LUA_REGISTRYINDEX, up->tls_ref);
+    }
+    up->shun_until = 0;
 
-  up = calloc(1, sizeof(*up));
-  if (up == NULL) {
-    return NULL;
+  } else {
+    up = calloc(1, sizeof(*up));
+    if (up == NULL) {
+      return NULL;
+    }
+    up->next = upstreams;
+    upstreams = up;
+    nupstreams++;
   }
 
   up->tls = tls;
@@ -202,9 +222,6 @@ upstream_get(lua_State *L, const char *host, int port, int tls_index,
   up->addr = addr;
   up->port = port;
   uv_ip4_name(&addr, up->host, sizeof(up->host));
-  up->next = upstreams;
-  upstreams = up;
-  nupstreams++;
   return up;
 }
 
@@ -257,17 +274,46 @@ sweep_cb(uv_timer_t *t)
 }
 
 
+/* Reads on an idle pooled connection: bytes, an end or an error all mean
+ * that it cannot carry a request, so it leaves the pool and closes. */
+static void
+idle_read_cb(jv_stream_t *s, ssize_t nread, const char *data)
+{
+  jv_upstream_t *up = s->data;
+  unsigned i;
+
+  (void) nread;
+  (void) data;
+  for (i = 0; i < up->nidle; i++) {
+    if (up->idle[i] == s) {
+      up->nidle--;
+      npooled--;
+      memmove(&up->idle[i], &up->idle[i + 1],
+              (up->nidle - i) * sizeof(up->idle[0]));
+      memmove(&up->idle_at[i], &up->idle_at[i + 1],
+              (up->nidle - i) * sizeof(up->idle_at[0]));
+      break;
+    }
+  }
+
+  jv_stream_close(s, NULL);
+}
+
+
+/* Pools s, which stays registered for reading: a read callback swap
+ * costs no system call, while stopping and restarting the read costs two
+ * epoll_ctl calls per request. */
 static void
 pool_put(jv_upstream_t *up, jv_stream_t *s)
 {
   uint64_t now = uv_now(jv__loop());
 
-  jv_stream_read_stop(s);
-  s->data = NULL;
-  if (up->nidle >= PASS_POOL_MAX || up->shun_until > now) {
+  if (up->nidle >= PASS_POOL_MAX || up->shun_until > now ||
+      jv_stream_read_start(s, idle_read_cb) != 0) {
     jv_stream_close(s, NULL);
     return;
   }
+  s->data = up;
 
   up->idle[up->nidle] = s;
   up->idle_at[up->nidle] = now;
@@ -327,6 +373,7 @@ table_clear(jv_pass_table_t *t)
 
     for (; r != NULL; r = next) {
       next = r->next;
+      r->up->refs--;
       free(r);
     }
     t->buckets[i] = NULL;
@@ -552,6 +599,7 @@ on_headers_complete(llhttp_t *parser)
      * response to this request (see stale_408 in proxy.lua). failed()
      * sends the request again on a new connection. */
     p->cb_error = JV_ECLOSED;
+    p->stale = 1;
     return -1;
   }
 
@@ -627,6 +675,8 @@ response_reset(jv_pass_t *p)
   p->message_done = 0;
   p->extra_bytes = 0;
   p->cb_error = 0;
+  p->stale = 0;
+  p->fail_reason = NULL;
   p->npieces = 0;
 }
 
@@ -642,6 +692,7 @@ parse(jv_pass_t *p, const char *data, size_t len)
     if (!p->head_scanned &&
         jv__http_scan_head(&p->prev_byte, &p->crlf_run, &p->head_scanned, data,
                            len) != 0) {
+      p->fail_reason = "bare LF or folded line in response head";
       return JV_EPROTOCOL;
     }
 
@@ -651,7 +702,11 @@ parse(jv_pass_t *p, const char *data, size_t len)
     }
 
     if (err != HPE_PAUSED) {
-      return p->cb_error != 0 ? p->cb_error : JV_EPROTOCOL;
+      if (p->cb_error != 0) {
+        return p->cb_error;
+      }
+      p->fail_reason = llhttp_get_error_reason(&p->parser);
+      return JV_EPROTOCOL;
     }
 
     used = (size_t) (llhttp_get_error_pos(&p->parser) - data);
@@ -703,7 +758,21 @@ exchange_end(jv_pass_t *p)
 
   c->passing = 0;
   nexchanges--;
+  p->up->refs--;
   uv_timer_stop(&c->timer);
+
+  /* A large response head leaves its buffers to the next exchange of the
+   * connection only when they are small. */
+  if (p->head_cap > 8192) {
+    free(p->head);
+    p->head = NULL;
+    p->head_cap = 0;
+  }
+  if (p->hdr_cap > 64) {
+    free(p->hdrs);
+    p->hdrs = NULL;
+    p->hdr_cap = 0;
+  }
 }
 
 
@@ -728,6 +797,10 @@ fail_to_lua(jv_pass_t *p, int code, int connected)
 
   c->pass_failed = code;
   c->pass_connected = connected;
+  /* Copied because the record may serve another address by the time the
+   * handler asks. */
+  memcpy(p->failed_host, p->up->host, sizeof(p->failed_host));
+  p->failed_port = p->up->port;
   stats.fallback++;
   exchange_end(p);
   jv__http_conn_to_lua(c);
@@ -748,7 +821,18 @@ cut(jv_pass_t *p)
 
   exchange_end(p);
   c->keep_alive = 0;
-  jv__http_conn_close(c);
+  jv__http_conn_done(c);
+}
+
+
+/* Returns non-zero for the codes of a connection that nothing accepted or
+ * that the upstream closed or reset, as proxy.lua's UNREACHABLE lists. */
+static int
+unreachable(int code)
+{
+  return code == UV_ECONNREFUSED || code == UV_ECONNRESET ||
+         code == UV_ENETUNREACH || code == UV_EHOSTUNREACH ||
+         code == UV_EPIPE || code == UV_EOF || code == JV_ECLOSED;
 }
 
 
@@ -767,11 +851,18 @@ failed(jv_pass_t *p, int code)
 
   if (p->reused && code != JV_ETIMEOUT) {
     jv_upstream_t *up = p->up;
-
     uint64_t now = uv_now(jv__loop());
 
     jv_stream_close(p->s, NULL);
     p->s = NULL;
+    p->reused = 0;
+    if (p->stale || !unreachable(code)) {
+      /* As in proxy.forward: sent again, but the upstream keeps its
+       * pool, because it closed or answered in a way a pool survives. */
+      p->stale = 0;
+      pass_send(p);
+      return;
+    }
     if (up->shun_until <= now) {
       char port[8], seconds[8];
 
@@ -785,7 +876,6 @@ failed(jv_pass_t *p, int code)
     }
     up->shun_until = now + PASS_SHUN_MS;
     pool_close_all(up);
-    p->reused = 0;
     pass_send(p);
     return;
   }
@@ -1091,6 +1181,7 @@ exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
   stats.passed++;
   nexchanges++;
   c->passing = 1;
+  up->refs++;
   p->up = up;
   p->timeout_ms = timeout_ms;
   p->stale_408 = stale_408;
@@ -1144,7 +1235,10 @@ jv__pass_tick(jv_http_conn_t *c)
   jv_pass_t *p = c->pass;
   uint64_t now = uv_now(jv__loop());
 
-  if (jv_stream_peer_closed(c->stream)) {
+  /* Checked only while the body streams, as proxy.forward checks: a
+   * client that half-closed after its request still gets the response,
+   * and a FIN looks the same as a close to this check. */
+  if (p->relaying && jv_stream_peer_closed(c->stream)) {
     /* The client closed its connection, so the response has no reader. */
     if (p->connecting != NULL) {
       p->connecting->p = NULL;
@@ -1372,12 +1466,6 @@ l_req_pass_learn(lua_State *L)
                           &skip_bytes);
   tls_index = read_tls(L, &server_name);
 
-  up = upstream_get(L, host, (int) port, tls_index, server_name);
-  if (up == NULL) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-
   if (t == NULL) {
     t = calloc(1, sizeof(*t));
     if (t == NULL) {
@@ -1387,6 +1475,20 @@ l_req_pass_learn(lua_State *L)
     srv->pass = t;
   }
   table_current(t);
+
+  up = upstream_get(L, host, (int) port, tls_index, server_name);
+  if (up == NULL && nupstreams >= PASS_MAX_UPSTREAMS) {
+    /* Every record serves a route: dropping this server's routes frees
+     * them, so that clients who reach many ports cannot keep others off
+     * the fast path. */
+    table_clear(t);
+    up = upstream_get(L, host, (int) port, tls_index, server_name);
+  }
+  if (up == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+
   if (vlen != t->vary_len ||
       (vary != NULL && strncasecmp(vary, t->vary, vlen) != 0)) {
     table_clear(t);
@@ -1416,6 +1518,7 @@ l_req_pass_learn(lua_State *L)
   mem += sizeof(*r);
   memset(r, 0, sizeof(*r));
   r->up = up;
+  up->refs++;
   r->timeout_ms = (uint64_t) (timeout * 1000);
   r->stale_408 = stale_408;
   memcpy(mem, key, klen);
@@ -1601,10 +1704,14 @@ l_req_pass_failure(lua_State *L)
   }
 
   lua_pushstring(L, jv_err_name(code));
-  lua_pushstring(L, jv_strerror(code));
+  if (c->pass->fail_reason != NULL) {
+    lua_pushfstring(L, "malformed response: %s", c->pass->fail_reason);
+  } else {
+    lua_pushstring(L, jv_strerror(code));
+  }
   lua_pushboolean(L, c->pass_connected);
-  lua_pushstring(L, c->pass->up->host);
-  lua_pushinteger(L, c->pass->up->port);
+  lua_pushstring(L, c->pass->failed_host);
+  lua_pushinteger(L, c->pass->failed_port);
   return 5;
 }
 

@@ -393,10 +393,10 @@ local function relay_body(req, res, host, port, tls, server_name, idle)
     if not data then
       watch:stop()
       if rerr then
-        -- The response is half sent: cutting the connection is the only
-        -- honest signal left.
-        req:keepalive(false)
+        -- The response is half sent: cutting the connection, without the
+        -- last chunk of a chunked body, is the only honest signal left.
         res:close()
+        req:abort()
         return
       end
       break

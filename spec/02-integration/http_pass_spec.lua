@@ -415,6 +415,34 @@ describe("http fast path failures", function()
 
   it("resends a GET after a pooled close", async(function()
     local seen, calls = {}, {}
+    local served = setmetatable({}, { __mode = "k" })
+    -- Each connection answers one request, then closes at the next one
+    -- without a response, as an app does that closed it just then.
+    local up = upstream(seen, function(_, sock)
+      if served[sock] then
+        return nil
+      end
+      served[sock] = true
+      return OK
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    local fallback = core.http.pass_stats().fallback
+    assert.equal(200, get(sock, "/x").status)
+    local before = #seen
+    assert.equal(200, get(sock, "/x").status)
+    -- The pooled connection got the request and failed, and a new one
+    -- carried it.
+    assert.equal(before + 2, #seen)
+    assert.equal(1, calls.n)
+    assert.equal(fallback, core.http.pass_stats().fallback)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("drops a pooled connection the upstream closed", async(function()
+    local seen, calls = {}, {}
     local up = upstream(seen, function(_, sock)
       sock:write(OK)
       return nil -- closes after each response without Connection: close
@@ -422,14 +450,13 @@ describe("http fast path failures", function()
     local srv = front(up:port(), calls)
     local sock = raw.connect(srv:port())
     get(sock, "/x")
-    local fallback = core.http.pass_stats().fallback
-    -- The Lua path pooled nothing; the first fast request pools its
-    -- connection, which the upstream then closes.
     assert.equal(200, get(sock, "/x").status)
-    core.sleep(0.1)
+    assert.truthy(helpers.eventually(2, function()
+      return core.http.pass_stats().pooled == 0
+    end))
     assert.equal(200, get(sock, "/x").status)
+    assert.equal(3, #seen)
     assert.equal(1, calls.n)
-    assert.equal(fallback, core.http.pass_stats().fallback)
     sock:close()
     cleanup(srv, up)
   end))
@@ -496,7 +523,66 @@ describe("http fast path failures", function()
     local res = get(sock, "/x")
     assert.equal(502, res.status)
     assert.truthy(res.body:find('"upstream_error"', 1, true))
+    assert.truthy(res.body:find("malformed response: bare LF", 1, true),
+      res.body)
     assert.equal("protocol_error", calls.failure)
+    sock:close()
+    cleanup(srv, up)
+  end))
+
+  it("cuts a body the upstream broke", async(function()
+    local seen, calls = {}, {}
+    local up = upstream(seen, function(head, sock)
+      if head:find("^GET /app/cut") then
+        sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+          .. "2\r\nok\r\n")
+        return nil
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls)
+    -- The first connection's request runs the handler and learns /cut,
+    -- and the second connection's second request takes the fast path.
+    local a = raw.connect(srv:port())
+    local b = raw.connect(srv:port())
+    get(b, "/ok")
+    for _, sock in ipairs({ a, b }) do
+      assert(sock:write("GET /cut HTTP/1.1\r\nHost: f\r\n\r\n"))
+      assert(sock:readuntil("\r\n\r\n"))
+      local parts = {}
+      while true do
+        local data = sock:read()
+        if not data then
+          break
+        end
+        parts[#parts + 1] = data
+      end
+      assert.equal("2\r\nok\r\n", table.concat(parts))
+      sock:close()
+    end
+    assert.equal(2, calls.n)
+    cleanup(srv, up)
+  end))
+
+  it("answers a client that half-closed", async(function()
+    local seen, calls = {}, {}
+    local slow = false
+    local up = upstream(seen, function()
+      if slow then
+        core.sleep(1.5)
+      end
+      return OK
+    end)
+    local srv = front(up:port(), calls)
+    local sock = raw.connect(srv:port())
+    get(sock, "/x")
+    slow = true
+    assert(sock:write("GET /x HTTP/1.1\r\nHost: f\r\n\r\n"))
+    assert(sock:shutdown())
+    local res = assert(raw.read_response(sock))
+    assert.equal(200, res.status)
+    assert.equal("ok", res.body)
+    assert.equal(1, calls.n)
     sock:close()
     cleanup(srv, up)
   end))
@@ -510,25 +596,25 @@ describe("http fast path failures", function()
       end
       sock:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         .. "1\r\na\r\n")
-      for _ = 1, 100 do
-        core.sleep(0.1)
-        if not sock:write("1\r\na\r\n") then
-          upstream_gone = true
-          return nil
-        end
-      end
+      -- Silent from here on, so that no failed write to the client can
+      -- end the exchange: only the check for a departed client can.
+      local data, _, code = sock:read()
+      upstream_gone = data == nil and (code == "closed"
+        or code == "ECONNRESET")
       return nil
     end)
-    local srv = front(up:port(), calls)
+    -- A timeout above the wait below, so that only the client check can
+    -- close the upstream connection in time.
+    local srv = front(up:port(), calls, { timeout = 30 })
     local sock = raw.connect(srv:port())
     get(sock, "/stream")
     assert(sock:write("GET /stream HTTP/1.1\r\nHost: f\r\nX-Stream: 1"
       .. "\r\n\r\n"))
     assert(sock:readuntil("\r\n\r\n"))
     sock:close()
-    helpers.eventually(8, function()
+    assert.truthy(helpers.eventually(8, function()
       return upstream_gone
-    end)
+    end))
     assert.equal(0, core.http.pass_stats().exchanges)
     cleanup(srv, up)
   end, 15))
@@ -536,6 +622,31 @@ end)
 
 
 describe("req:pass_learn", function()
+  it("keeps learning past 256 upstreams", async(function()
+    local learned = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local port = tonumber(req.path:match("^/(%d+)$"))
+        learned[#learned + 1] = req:pass_learn({ host = "127.0.0.2",
+          port = port, target = "/" })
+        return 200, {}, "done"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    for port = 20001, 20300 do
+      assert.equal(200, get(sock, "/" .. port).status)
+    end
+    assert.equal(300, #learned)
+    for i = 1, 300 do
+      assert.is_true(learned[i], "decision " .. i)
+    end
+    sock:close()
+    srv:close()
+  end))
+
+
   it("rejects invalid options", async(function()
     local errors = {}
     local srv = assert(core.http.listen({
