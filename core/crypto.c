@@ -264,6 +264,47 @@ mac_chunk_add(mac_chunk_t *chunk, const char *data, size_t len)
 }
 
 
+int
+jv__hmac_sha256_join_hex(const unsigned char *key, size_t key_len,
+                         const char *sep, size_t sep_len,
+                         const char *const *parts, const size_t *lens,
+                         unsigned n, char *hex)
+{
+  static const char digits[] = "0123456789abcdef";
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  size_t out_len = 0, i;
+  mac_chunk_t chunk;
+  int owned = key_len == 0 || key_len > HMAC_CACHE_KEY_MAX, failed = 0;
+
+  chunk.ctx =
+      owned ? hmac_new_context(key, key_len) : hmac_context(key, key_len);
+  if (chunk.ctx == NULL) {
+    return -1;
+  }
+  chunk.used = 0;
+
+  for (i = 0; i < n && !failed; i++) {
+    failed = (i > 0 && mac_chunk_add(&chunk, sep, sep_len) != 0) ||
+             mac_chunk_add(&chunk, parts[i], lens[i]) != 0;
+  }
+  failed = failed || EVP_MAC_update(chunk.ctx, chunk.buf, chunk.used) != 1 ||
+           EVP_MAC_final(chunk.ctx, mac, &out_len, sizeof(mac)) != 1 ||
+           out_len != 32;
+  if (owned) {
+    EVP_MAC_CTX_free(chunk.ctx);
+  }
+  if (failed) {
+    return -1;
+  }
+
+  for (i = 0; i < 32; i++) {
+    hex[2 * i] = digits[mac[i] >> 4];
+    hex[2 * i + 1] = digits[mac[i] & 0x0f];
+  }
+  return 0;
+}
+
+
 /* crypto.hmac_sha256_join(key, sep, field, ...) -> lowercase hex of the
  * HMAC-SHA256 of the fields (strings or numbers) joined with sep. It
  * makes no Lua string for the joined text, the raw MAC or its hex, which

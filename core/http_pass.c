@@ -25,11 +25,14 @@
 #include "http_server.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <netinet/in.h>
+#include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #define PASS_BUCKETS       256
 #define PASS_MAX_ROUTES    1024 /* per server; the table is emptied at this */
@@ -43,6 +46,10 @@
 #define PASS_MAX_HEADERS   100
 #define PASS_MAX_INTERIM   16
 #define PASS_MAX_PIECES    16
+/* NOTE: a broker that dials more targets than this sends the rest
+ * through Lua on every request; 4096 is a guess at a large fleet. */
+#define PASS_MAX_TARGETS         4096 /* allowed broker targets per server */
+#define PASS_BROKER_POOL_IDLE_MS 30000
 
 /* An upstream address and its idle connections. There are at most
  * PASS_MAX_UPSTREAMS records; one that no route and no exchange points at
@@ -85,12 +92,34 @@ struct jv_route_s {
   size_t skip_len[PASS_MAX_SKIP];
 };
 
+/* The broker's checks of the edge signature (see broker_try), as
+ * req:pass_learn_target set them for the table's generation, and the
+ * targets that its policy allowed, as IPv4 address << 16 | port. */
+typedef struct {
+  int enabled;
+  char *secret;
+  size_t secret_len;
+  char broker_id[65];
+  size_t broker_id_len;
+  double clock_skew;
+  void *nonces;
+  int nonces_ref;
+  char proto[16];
+  uint64_t timeout_ms;
+  const jv_http_names_t *drop;
+  int drop_ref;
+  uint64_t *targets;
+  unsigned ntargets;
+  unsigned targets_cap;
+} jv_pass_broker_t;
+
 struct jv_pass_table_s {
   jv_route_t *buckets[PASS_BUCKETS];
   unsigned count;
   uint64_t generation;
   char vary[64]; /* header name in the key, "" for none */
   size_t vary_len;
+  jv_pass_broker_t broker;
 };
 
 typedef struct {
@@ -198,7 +227,7 @@ upstream_get(lua_State *L, const char *host, int port, int tls_index,
     }
     pool_close_all(up);
     if (up->tls_ref != LUA_NOREF) {
-      luaL_unref(L, LUA_REGISTRYINDEX, up->tls_ref);
+      luaL_unref(jv__lua(), LUA_REGISTRYINDEX, up->tls_ref);
     }
     up->shun_until = 0;
 
@@ -388,9 +417,25 @@ table_clear(jv_pass_table_t *t)
 static void
 table_current(jv_pass_table_t *t)
 {
-  if (t->generation != generation) {
-    table_clear(t);
-    t->generation = generation;
+  jv_pass_broker_t *b = &t->broker;
+  lua_State *L;
+
+  if (t->generation == generation) {
+    return;
+  }
+
+  table_clear(t);
+  t->generation = generation;
+  if (b->enabled) {
+    L = jv__lua();
+    luaL_unref(L, LUA_REGISTRYINDEX, b->nonces_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, b->drop_ref);
+    if (b->secret != NULL) {
+      OPENSSL_cleanse(b->secret, b->secret_len);
+    }
+    free(b->secret);
+    free(b->targets);
+    memset(b, 0, sizeof(*b));
   }
 }
 
@@ -1195,6 +1240,289 @@ exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
 }
 
 
+/* ---- the broker's checks ---- */
+
+/* The edge signature's headers, in signing order, then Host. */
+enum {
+  SIG_TARGET_IP,
+  SIG_TARGET_PORT,
+  SIG_SLUG,
+  SIG_CLIENT_IP,
+  SIG_TIMESTAMP,
+  SIG_NONCE,
+  SIG_BROKER,
+  SIG_SIGNATURE,
+  SIG_HOST,
+  SIG_FIELDS
+};
+
+static const struct {
+  const char *name;
+  size_t len;
+} sig_headers[SIG_FIELDS] = {
+  { "x-justavps-target-ip", 20 },
+  { "x-justavps-target-port", 22 },
+  { "x-justavps-slug", 15 },
+  { "x-justavps-client-ip", 20 },
+  { "x-justavps-timestamp", 20 },
+  { "x-justavps-nonce", 16 },
+  { "x-justavps-broker", 17 },
+  { "x-justavps-signature", 20 },
+  { "host", 4 },
+};
+
+#define SIG_PREFIX "JUSTAVPS-HMAC-SHA256-V1"
+
+
+/* Returns non-zero when every byte of s is in chars. */
+static int
+only_chars(const char *s, size_t len, const char *chars)
+{
+  size_t i;
+
+  for (i = 0; i < len; i++) {
+    if (s[i] == '\0' || strchr(chars, s[i]) == NULL) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+
+/* Returns the value of a decimal of 1 to max_digits digits without a
+ * leading zero, or -1. */
+static int64_t
+decimal(const char *s, size_t len, size_t max_digits)
+{
+  int64_t v = 0;
+  size_t i;
+
+  if (len == 0 || len > max_digits || (len > 1 && s[0] == '0')) {
+    return -1;
+  }
+  for (i = 0; i < len; i++) {
+    if (s[i] < '0' || s[i] > '9') {
+      return -1;
+    }
+    v = v * 10 + (s[i] - '0');
+  }
+  return v;
+}
+
+
+/* Copies an IPv4 literal in dotted decimal without leading zeros into
+ * out (16 bytes). Returns non-zero when s is one. Other addresses, IPv6
+ * among them, go to the Lua checks. */
+static int
+ipv4_literal(const char *s, size_t len, char *out)
+{
+  size_t i = 0, start;
+  int octets = 0;
+
+  if (len < 7 || len > 15) {
+    return 0;
+  }
+  while (octets < 4) {
+    start = i;
+    while (i < len && s[i] != '.') {
+      i++;
+    }
+    if (decimal(s + start, i - start, 3) < 0 ||
+        decimal(s + start, i - start, 3) > 255) {
+      return 0;
+    }
+    octets++;
+    if (i == len) {
+      break;
+    }
+    i++;
+  }
+  if (octets != 4 || i != len) {
+    return 0;
+  }
+  memcpy(out, s, len);
+  out[len] = '\0';
+  return 1;
+}
+
+
+/* Returns the slot of key in the open-addressed set of allowed targets:
+ * the slot that holds it, or the empty slot where it would go. */
+static unsigned
+target_slot(const jv_pass_broker_t *b, uint64_t key)
+{
+  unsigned mask = b->targets_cap - 1;
+  unsigned i = (unsigned) ((key * 0x9e3779b97f4a7c15ull) >> 40) & mask;
+
+  while (b->targets[i] != 0 && b->targets[i] != key) {
+    i = (i + 1) & mask;
+  }
+  return i;
+}
+
+
+static int
+target_allowed(const jv_pass_broker_t *b, uint64_t key)
+{
+  return b->targets_cap > 0 && b->targets[target_slot(b, key)] == key;
+}
+
+
+/* Adds key (never 0: a port is at least 1) to the set. Returns 0, or -1
+ * when memory runs out. */
+static int
+target_add(jv_pass_broker_t *b, uint64_t key)
+{
+  if (2 * (b->ntargets + 1) > b->targets_cap) {
+    unsigned cap = b->targets_cap ? b->targets_cap * 2 : 64, i;
+    uint64_t *old = b->targets, *nt = calloc(cap, sizeof(*nt));
+    unsigned old_cap = b->targets_cap;
+
+    if (nt == NULL) {
+      return -1;
+    }
+    b->targets = nt;
+    b->targets_cap = cap;
+    for (i = 0; i < old_cap; i++) {
+      if (old[i] != 0) {
+        b->targets[target_slot(b, old[i])] = old[i];
+      }
+    }
+    free(old);
+  }
+
+  b->targets[target_slot(b, key)] = key;
+  b->ntargets++;
+  return 0;
+}
+
+
+/* Checks c's request as the broker's Lua code does (lua/justavps/broker/
+ * app.lua) and forwards it when every check passes. Returns 0, without
+ * recording its nonce, when any check fails or cannot be made here, so
+ * that the Lua code runs them and reports the failure. */
+static int
+broker_try(jv_http_conn_t *c, jv_pass_broker_t *b)
+{
+  const char *v[SIG_FIELDS] = { NULL };
+  size_t len[SIG_FIELDS] = { 0 };
+  const char *parts[11];
+  size_t lens[11];
+  const char *skip[JV_HTTP_NAMES_MAX];
+  size_t skip_len[JV_HTTP_NAMES_MAX];
+  char target_ip[16], client_ip[16], host[256], lines[512], hex[64];
+  const char *url = c->head + c->url_off;
+  const char *method = llhttp_method_name(c->parser.method);
+  int64_t port, timestamp;
+  unsigned i, j;
+  int n;
+  jv_upstream_t *up;
+  jv_pass_t *p;
+  struct timespec ts;
+
+  for (i = 0; i < c->nhdrs; i++) {
+    const char *name = c->head + c->hdrs[i].name_off;
+    size_t nlen = c->hdrs[i].name_len;
+
+    for (j = 0; j < SIG_FIELDS; j++) {
+      if (nlen == sig_headers[j].len &&
+          strncasecmp(name, sig_headers[j].name, nlen) == 0) {
+        if (v[j] != NULL) {
+          return 0; /* sent twice */
+        }
+        v[j] = c->head + c->hdrs[i].value_off;
+        len[j] = c->hdrs[i].value_len;
+        break;
+      }
+    }
+  }
+  for (j = 0; j < SIG_FIELDS; j++) {
+    if (v[j] == NULL) {
+      return 0;
+    }
+  }
+
+  port = decimal(v[SIG_TARGET_PORT], len[SIG_TARGET_PORT], 5);
+  timestamp = decimal(v[SIG_TIMESTAMP], len[SIG_TIMESTAMP], 12);
+  if (!ipv4_literal(v[SIG_TARGET_IP], len[SIG_TARGET_IP], target_ip) ||
+      !ipv4_literal(v[SIG_CLIENT_IP], len[SIG_CLIENT_IP], client_ip) ||
+      port < 1 || port > 65535 || timestamp < 0 || len[SIG_SLUG] < 3 ||
+      len[SIG_SLUG] > 40 ||
+      !only_chars(v[SIG_SLUG], len[SIG_SLUG],
+                  "abcdefghijklmnopqrstuvwxyz0123456789-") ||
+      len[SIG_NONCE] < 16 || len[SIG_NONCE] > 64 ||
+      len[SIG_BROKER] != b->broker_id_len ||
+      memcmp(v[SIG_BROKER], b->broker_id, b->broker_id_len) != 0 ||
+      len[SIG_SIGNATURE] != 67 || memcmp(v[SIG_SIGNATURE], "v1=", 3) != 0 ||
+      !only_chars(v[SIG_SIGNATURE] + 3, 64, "0123456789abcdef") ||
+      len[SIG_HOST] == 0 || len[SIG_HOST] >= sizeof(host)) {
+    return 0;
+  }
+
+  clock_gettime(CLOCK_REALTIME, &ts);
+  if (llabs((int64_t) ts.tv_sec - timestamp) > (int64_t) b->clock_skew) {
+    return 0;
+  }
+
+  if (!target_allowed(b, (uint64_t) ntohl(inet_addr(target_ip)) << 16 |
+                             (uint64_t) port)) {
+    return 0;
+  }
+
+  for (i = 0; i < len[SIG_HOST]; i++) {
+    host[i] = (char) tolower((unsigned char) v[SIG_HOST][i]);
+  }
+
+  parts[0] = SIG_PREFIX;
+  lens[0] = sizeof(SIG_PREFIX) - 1;
+  parts[1] = method;
+  lens[1] = strlen(method);
+  parts[2] = host;
+  lens[2] = len[SIG_HOST];
+  parts[3] = url;
+  lens[3] = c->url_len;
+  for (j = SIG_TARGET_IP; j <= SIG_BROKER; j++) {
+    parts[4 + j] = v[j];
+    lens[4 + j] = len[j];
+  }
+  if (jv__hmac_sha256_join_hex((const unsigned char *) b->secret, b->secret_len,
+                               "\n", 1, parts, lens, 11, hex) != 0 ||
+      CRYPTO_memcmp(hex, v[SIG_SIGNATURE] + 3, 64) != 0) {
+    return 0;
+  }
+
+  n = snprintf(lines, sizeof(lines),
+               "X-Real-IP: %s\r\nX-Forwarded-For: %s\r\n"
+               "X-Forwarded-Proto: %s\r\nX-Forwarded-Host: %.*s\r\n",
+               client_ip, client_ip, b->proto, (int) len[SIG_HOST], host);
+  if (n < 0 || (size_t) n >= sizeof(lines)) {
+    return 0;
+  }
+  for (i = 0; i < b->drop->n; i++) {
+    skip[i] = b->drop->bytes + b->drop->off[i];
+    skip_len[i] = b->drop->len[i];
+  }
+
+  up = upstream_get(NULL, target_ip, (int) port, 0, NULL);
+  p = up != NULL ? pass_record(c) : NULL;
+  if (p == NULL ||
+      jv__http_pass_head(c, url, c->url_len, 0, skip, skip_len, b->drop->n,
+                         lines, (size_t) n, up->host, up->port) != 0) {
+    return 0;
+  }
+
+  /* Last, because a recorded nonce would make the Lua checks report a
+   * replay for this very request. */
+  if (jv__nonce_add(b->nonces, v[SIG_NONCE], len[SIG_NONCE]) != 0) {
+    return 0;
+  }
+
+  up->idle_ms = PASS_BROKER_POOL_IDLE_MS;
+  exchange_begin(p, up, b->timeout_ms, 0);
+  return 1;
+}
+
+
 int
 jv__pass_try(jv_http_conn_t *c)
 {
@@ -1204,11 +1532,19 @@ jv__pass_try(jv_http_conn_t *c)
   size_t klen;
   jv_pass_t *p;
 
-  if (c->pass_admitted != generation || !passable(c)) {
+  if (!passable(c)) {
     return 0;
   }
 
   table_current(t);
+  if (t->broker.enabled) {
+    return broker_try(c, &t->broker);
+  }
+
+  if (c->pass_admitted != generation) {
+    return 0;
+  }
+
   klen = request_key(c, t, key);
   route = klen > 0 ? route_find(t, key, klen) : NULL;
   if (route == NULL) {
@@ -1681,6 +2017,98 @@ l_req_pass(lua_State *L)
 
 
 /*
+ * req:pass_learn_target(opts): for the broker. Sets the server's checks
+ * of the edge signature, once per generation, and records that the
+ * target policy allows opts.target_ip:opts.target_port. Later GET and
+ * HEAD requests without a body that pass every check of
+ * lua/justavps/broker/app.lua in C, to such a target, are forwarded
+ * there without Lua. opts: secret, broker_id, clock_skew (seconds),
+ * nonces (the core.nonce cache), forwarded_proto, timeout (seconds),
+ * drop_headers (a list from core.http.header_names), target_ip,
+ * target_port. Returns true, or false when the target is not recorded
+ * (no IPv4 literal, or PASS_MAX_TARGETS recorded).
+ */
+static int
+l_req_pass_learn_target(lua_State *L)
+{
+  jv_http_conn_t *c = jv__http_check_req(L);
+  jv_http_server_t *srv = c->server;
+  jv_pass_table_t *t = srv->pass;
+  jv_pass_broker_t *b;
+  size_t len;
+  const char *s;
+  char ip[16];
+  lua_Integer port;
+  uint64_t key;
+
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (t == NULL) {
+    t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+      return luaL_error(L, "out of memory");
+    }
+    t->generation = generation;
+    srv->pass = t;
+  }
+  table_current(t);
+  b = &t->broker;
+
+  if (!b->enabled) {
+    const char *secret = opt_string(L, 2, "secret", &b->secret_len);
+    const char *id = opt_string(L, 2, "broker_id", &b->broker_id_len);
+    const char *proto = opt_string(L, 2, "forwarded_proto", &len);
+    jv_http_names_t *drop;
+
+    if (secret == NULL || b->secret_len == 0 || id == NULL ||
+        b->broker_id_len >= sizeof(b->broker_id) || proto == NULL ||
+        len >= sizeof(b->proto)) {
+      return luaL_error(L, "pass_learn_target: secret, broker_id and "
+                           "forwarded_proto are required");
+    }
+    b->clock_skew = opt_number(L, 2, "clock_skew", 30);
+    b->timeout_ms = (uint64_t) (opt_number(L, 2, "timeout", 60) * 1000);
+    lua_getfield(L, 2, "nonces");
+    b->nonces = jv__nonce_cache(L, -1);
+    lua_getfield(L, 2, "drop_headers");
+    drop = jv__http_to_names(L, -1);
+    if (drop == NULL) {
+      return luaL_error(L, "pass_learn_target: drop_headers must come from "
+                           "core.http.header_names");
+    }
+    b->secret = malloc(b->secret_len);
+    if (b->secret == NULL) {
+      return luaL_error(L, "out of memory");
+    }
+    memcpy(b->secret, secret, b->secret_len);
+    memcpy(b->broker_id, id, b->broker_id_len);
+    memcpy(b->proto, proto, len + 1);
+    b->drop = drop;
+    b->drop_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    b->nonces_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    b->enabled = 1;
+  }
+
+  s = opt_string(L, 2, "target_ip", &len);
+  lua_getfield(L, 2, "target_port");
+  port = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (s == NULL || !ipv4_literal(s, len, ip) || port < 1 || port > 65535 ||
+      b->ntargets >= PASS_MAX_TARGETS) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+
+  key = (uint64_t) ntohl(inet_addr(ip)) << 16 | (uint64_t) port;
+  if (!target_allowed(b, key) && target_add(b, key) != 0) {
+    return luaL_error(L, "out of memory");
+  }
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/*
  * req:pass_failure([consume]): when the fast path took this request and
  * its exchange failed before the response, returns the failure's code
  * (as core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a
@@ -1759,6 +2187,8 @@ jv__pass_register(lua_State *L, int index, int request_methods)
     lua_setfield(L, index, "pass_failure");
     lua_pushcfunction(L, l_req_pass);
     lua_setfield(L, index, "pass");
+    lua_pushcfunction(L, l_req_pass_learn_target);
+    lua_setfield(L, index, "pass_learn_target");
     return;
   }
 

@@ -292,6 +292,23 @@ char **jv__build_argv(lua_State *L, int opts, const char *file,
 char **jv__build_env(lua_State *L, int opts, const char *term);
 
 
+/* Computes the HMAC-SHA256 under key of the n parts joined with sep, as
+ * crypto.hmac_sha256_join does, into hex (64 lowercase digits, no NUL).
+ * Returns 0, or -1 when OpenSSL fails. */
+int jv__hmac_sha256_join_hex(const unsigned char *key, size_t key_len,
+                             const char *sep, size_t sep_len,
+                             const char *const *parts, const size_t *lens,
+                             unsigned n, char *hex);
+
+/* Returns the nonce cache (core.nonce.new) at idx, raising when it is not
+ * one. jv__nonce_add records nonce in it as cache:check_and_add does, at
+ * the wall clock's time: returns 0 when recorded, 1 when it is live
+ * already, 2 when the cache is full, -1 for a malformed nonce or a
+ * closed cache. */
+void *jv__nonce_cache(lua_State *L, int idx);
+int jv__nonce_add(void *cache, const char *nonce, size_t len);
+
+
 /* Module openers: each pushes one table that lua_core.c stores in the core
  * table under the name in the comment. */
 int jv__open_loop(lua_State *L);   /* core.* (spawn, sleep, now, run, ...) */

@@ -455,6 +455,39 @@ nonce_check_and_add(jv_nonce_cache_t *c, const unsigned char *nonce, size_t len,
 }
 
 
+void *
+jv__nonce_cache(lua_State *L, int idx)
+{
+  return luaL_checkudata(L, idx, JV_NONCE_MT);
+}
+
+
+int
+jv__nonce_add(void *cache, const char *nonce, size_t len)
+{
+  jv_nonce_cache_t *c = cache;
+  struct timespec ts;
+  char message[8];
+
+  if (c->slots == NULL ||
+      nonce_validate((const unsigned char *) nonce, len, message,
+                     sizeof(message)) != 0) {
+    return -1;
+  }
+
+  clock_gettime(CLOCK_REALTIME, &ts);
+  switch (nonce_check_and_add(c, (const unsigned char *) nonce, len,
+                              (double) ts.tv_sec + (double) ts.tv_nsec / 1e9)) {
+  case JV_NONCE_ADDED:
+    return 0;
+  case JV_NONCE_REPLAYED:
+    return 1;
+  default:
+    return 2;
+  }
+}
+
+
 /*
  * Lua bindings.
  */

@@ -218,8 +218,22 @@ function _M.handle(req)
 
   local method = fields.method
   if not rerun and (method == "GET" or method == "HEAD") then
-    -- The HTTP server forwards a GET or HEAD without a body in C
-    -- (core/http_pass.c). It declines the rest, and IPv6 targets.
+    -- The HTTP server runs the checks above in C for later GET and HEAD
+    -- requests without a body to this target, and forwards those that
+    -- pass (core/http_pass.c). Any other request, and one that fails a
+    -- check there, comes here.
+    req:pass_learn_target({
+      secret = conf.secret,
+      broker_id = conf.broker_id,
+      clock_skew = conf.clock_skew,
+      nonces = state.nonces,
+      forwarded_proto = conf.forwarded_proto,
+      timeout = timeout,
+      drop_headers = DROP,
+      target_ip = fields.target_ip,
+      target_port = port,
+    })
+    -- This request is forwarded in C too. IPv6 targets are declined.
     local forwarded = req:pass({
       host = fields.target_ip,
       port = port,
