@@ -469,9 +469,8 @@ jv__nonce_add(void *cache, const char *nonce, size_t len)
   struct timespec ts;
   char message[8];
 
-  if (c->slots == NULL ||
-      nonce_validate((const unsigned char *) nonce, len, message,
-                     sizeof(message)) != 0) {
+  if (c->slots == NULL || nonce_validate((const unsigned char *) nonce, len,
+                                         message, sizeof(message)) != 0) {
     return -1;
   }
 
