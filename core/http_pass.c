@@ -1673,6 +1673,23 @@ opt_number(lua_State *L, int idx, const char *name, double def)
 }
 
 
+/* Reads opts.host, opts.port and opts.target (opts at index 2), raising
+ * with fn's name when one is missing. */
+static void
+read_upstream(lua_State *L, const char *fn, const char **host, size_t *hlen,
+              lua_Integer *port, const char **target, size_t *tlen)
+{
+  *host = opt_string(L, 2, "host", hlen);
+  *target = opt_string(L, 2, "target", tlen);
+  lua_getfield(L, 2, "port");
+  *port = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (*host == NULL || *target == NULL || *port < 1 || *port > 65535) {
+    luaL_error(L, "%s: host, port (1 to 65535) and target are required", fn);
+  }
+}
+
+
 /* Reads opts.set_headers (opts at index 2) into names and values, and
  * adds the bytes of their header lines and of their names to *lines_len
  * and *skip_bytes. The table stays on the stack, anchoring the strings.
@@ -1774,16 +1791,8 @@ l_req_pass_learn(lua_State *L)
   int stale_408, tls_index;
 
   luaL_checktype(L, 2, LUA_TTABLE);
-  host = opt_string(L, 2, "host", &hlen);
-  target = opt_string(L, 2, "target", &tlen);
+  read_upstream(L, "pass_learn", &host, &hlen, &port, &target, &tlen);
   vary = opt_string(L, 2, "vary", &vlen);
-  lua_getfield(L, 2, "port");
-  port = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  if (host == NULL || target == NULL || port < 1 || port > 65535) {
-    return luaL_error(L, "pass_learn: host, port (1 to 65535) and target "
-                         "are required");
-  }
   if (!jv__http_target_ok(target, tlen) || memchr(target, '?', tlen)) {
     return luaL_error(L, "pass_learn: target must be a path without query, "
                          "blanks or control characters");
@@ -1927,16 +1936,8 @@ l_req_pass(lua_State *L)
   int stale_408, code, tls_index;
 
   luaL_checktype(L, 2, LUA_TTABLE);
-  host = opt_string(L, 2, "host", &hlen);
-  target = opt_string(L, 2, "target", &tlen);
+  read_upstream(L, "pass", &host, &hlen, &port, &target, &tlen);
   extra = opt_string(L, 2, "extra_headers", &xlen);
-  lua_getfield(L, 2, "port");
-  port = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  if (host == NULL || target == NULL || port < 1 || port > 65535) {
-    return luaL_error(L, "pass: host, port (1 to 65535) and target are "
-                         "required");
-  }
   if (!jv__http_target_ok(target, tlen)) {
     return luaL_error(L, "pass: target must be non-empty, without blanks or "
                          "control characters");

@@ -216,6 +216,20 @@ function _M.handle(req)
   local timeout = max(upstream.connect_timeout, upstream.header_timeout,
     upstream.idle_timeout)
 
+  -- One table serves req:pass, which reads the fields it knows, and
+  -- proxy.forward.
+  local opts = {
+    host = fields.target_ip,
+    port = port,
+    target = fields.target,
+    extra_headers = extra,
+    drop_headers = DROP,
+    timeout = timeout,
+    on_unreachable = machine_unreachable,
+    request = req,
+    fields = fields,
+  }
+
   local method = fields.method
   if not rerun and (method == "GET" or method == "HEAD") then
     -- The HTTP server runs the checks above in C for later GET and HEAD
@@ -234,29 +248,12 @@ function _M.handle(req)
       target_port = port,
     })
     -- This request is forwarded in C too. IPv6 targets are declined.
-    local forwarded = req:pass({
-      host = fields.target_ip,
-      port = port,
-      target = fields.target,
-      drop_headers = DROP,
-      extra_headers = extra,
-      timeout = timeout,
-    })
-    if forwarded then
+    if req:pass(opts) then
       return
     end
   end
 
-  return proxy.forward(req, {
-    host = fields.target_ip,
-    port = port,
-    extra_headers = extra,
-    drop_headers = DROP,
-    timeout = timeout,
-    on_unreachable = machine_unreachable,
-    request = req,
-    fields = fields,
-  })
+  return proxy.forward(req, opts)
 end
 
 

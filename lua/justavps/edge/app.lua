@@ -282,9 +282,9 @@ local function forward(req, ctx)
 
   for _, broker in ipairs(order) do
     fields.broker_id = broker.id
-    -- The signature headers are in every drop set.
-    local extra = edge_sig.sign_lines(broker.secret, fields)
-    if fast and req:pass({
+    -- One table serves req:pass, which reads the fields it knows, and
+    -- proxy.forward.
+    local opts = {
       host = broker.host,
       port = broker.port,
       tls = broker.tls,
@@ -292,25 +292,17 @@ local function forward(req, ctx)
       target = ctx.target,
       set_headers = set,
       drop_headers = drop,
-      extra_headers = extra,
-      timeout = conf.broker_timeout,
-    }) then
-      return
-    end
-    local status, headers, body = proxy.forward(req, {
-      host = broker.host,
-      port = broker.port,
-      tls = broker.tls,
-      server_name = broker.server_name,
-      target = ctx.target,
-      set_headers = set,
-      drop_headers = drop,
-      extra_headers = extra,
+      -- The signature headers are in every drop set.
+      extra_headers = edge_sig.sign_lines(broker.secret, fields),
       timeout = conf.broker_timeout,
       on_unreachable = broker_unreachable,
       request = req,
       broker = broker,
-    })
+    }
+    if fast and req:pass(opts) then
+      return
+    end
+    local status, headers, body = proxy.forward(req, opts)
     if status ~= RETRY then
       return status, headers, body
     end
