@@ -28,6 +28,7 @@
 #include <ctype.h>
 #include <netinet/in.h>
 #include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,8 +114,36 @@ typedef struct {
   unsigned targets_cap;
 } jv_pass_broker_t;
 
+/* The edge's decision for one request key (see edge_key), allocated
+ * with its strings in one block: the request goes to broker up, signed
+ * with secret, until expires. */
+typedef struct jv_edge_entry_s jv_edge_entry_t;
+
+struct jv_edge_entry_s {
+  jv_edge_entry_t *next;
+  uint32_t hash;
+  uint64_t expires;
+  jv_upstream_t *up;
+  uint64_t timeout_ms;
+  int drop_ref; /* the core.http.header_names list of dropped fields */
+  const jv_http_names_t *drop;
+  const char *key;
+  size_t key_len;
+  const char *host;   /* as signed and sent: the machine's host name */
+  const char *prefix; /* put before the request-target, or "" */
+  const char *target_ip;
+  const char *target_port;
+  const char *slug;
+  const char *broker_id;
+  const char *secret;
+  size_t host_len, prefix_len, target_ip_len, target_port_len, slug_len,
+      broker_id_len, secret_len;
+};
+
 struct jv_pass_table_s {
   jv_route_t *buckets[PASS_BUCKETS];
+  jv_edge_entry_t *edge[PASS_BUCKETS];
+  unsigned edge_count;
   unsigned count;
   uint64_t generation;
   char vary[64]; /* header name in the key, "" for none */
@@ -393,6 +422,35 @@ hash_bytes(const char *s, size_t len)
 
 
 static void
+edge_free(jv_edge_entry_t *e)
+{
+  e->up->refs--;
+  luaL_unref(jv__lua(), LUA_REGISTRYINDEX, e->drop_ref);
+  OPENSSL_cleanse((void *) e->secret, e->secret_len);
+  free(e);
+}
+
+
+static void
+edge_clear(jv_pass_table_t *t)
+{
+  unsigned i;
+
+  for (i = 0; i < PASS_BUCKETS; i++) {
+    jv_edge_entry_t *e = t->edge[i], *next;
+
+    for (; e != NULL; e = next) {
+      next = e->next;
+      edge_free(e);
+    }
+    t->edge[i] = NULL;
+  }
+
+  t->edge_count = 0;
+}
+
+
+static void
 table_clear(jv_pass_table_t *t)
 {
   unsigned i;
@@ -409,6 +467,7 @@ table_clear(jv_pass_table_t *t)
   }
 
   t->count = 0;
+  edge_clear(t);
 }
 
 
@@ -1216,6 +1275,20 @@ passable(jv_http_conn_t *c)
 }
 
 
+/* Arms the connection's timer for jv__pass_tick: in a second, to check
+ * that the client is still there, or when the exchange times out, if
+ * that comes first. */
+static void
+tick_arm(jv_pass_t *p)
+{
+  uint64_t now = uv_now(jv__loop()), due = p->last_ms + p->timeout_ms;
+  uint64_t wait = due > now ? due - now : 0;
+
+  uv_timer_start(&p->conn->timer, jv__http_conn_timer_cb,
+                 wait < 1000 ? wait : 1000, 0);
+}
+
+
 /* Starts the exchange of the head in c->out with up. */
 static void
 exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
@@ -1233,9 +1306,7 @@ exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
   p->relaying = 0;
   p->drain_wait = 0;
   p->last_ms = uv_now(jv__loop());
-  /* The connection's timer ticks each second: it checks the timeout and
-   * whether the client is still there (jv__pass_tick). */
-  uv_timer_start(&c->timer, jv__http_conn_timer_cb, 1000, 1000);
+  tick_arm(p);
   pass_send(p);
 }
 
@@ -1523,6 +1594,238 @@ broker_try(jv_http_conn_t *c, jv_pass_broker_t *b)
 }
 
 
+/* ---- the edge's cached decisions ---- */
+
+/* Writes into buf (PASS_MAX_KEY bytes) the key of c's request for the
+ * edge: method, request-target, and the values of Host, Origin and
+ * Authorization, NUL-separated (0x01 for a missing header). Returns its
+ * length, or 0 when the request carries what the edge's Lua code must
+ * see: a Cookie (filtered per request), a credential in the query, an
+ * X-JustAVPS-* header, or Host, Origin or Authorization twice. */
+static size_t
+edge_key(jv_http_conn_t *c, char *buf)
+{
+  static const struct {
+    const char *name;
+    size_t len;
+  } keyed[3] = { { "host", 4 }, { "origin", 6 }, { "authorization", 13 } };
+  const char *v[3] = { NULL, NULL, NULL };
+  size_t vlen[3] = { 0, 0, 0 };
+  const char *url = c->head + c->url_off;
+  const char *method = llhttp_method_name(c->parser.method);
+  const char *q = memchr(url, '?', c->url_len);
+  size_t pos, mlen = strlen(method);
+  unsigned i, j;
+
+  if (q != NULL) {
+    size_t qlen = c->url_len - (size_t) (q - url), k;
+
+    /* The edge reads credentials from the query after decoding it, so
+     * any mention of justavps and any encoded underscore counts. */
+    for (k = 0; k + 3 <= qlen; k++) {
+      if ((k + 8 <= qlen && strncasecmp(q + k, "justavps", 8) == 0) ||
+          strncasecmp(q + k, "%5f", 3) == 0) {
+        return 0;
+      }
+    }
+  }
+
+  for (i = 0; i < c->nhdrs; i++) {
+    const char *name = c->head + c->hdrs[i].name_off;
+    size_t nlen = c->hdrs[i].name_len;
+
+    if ((nlen == 6 && strncasecmp(name, "cookie", 6) == 0) ||
+        (nlen >= 11 && strncasecmp(name, "x-justavps-", 11) == 0)) {
+      return 0;
+    }
+    for (j = 0; j < 3; j++) {
+      if (nlen == keyed[j].len && strncasecmp(name, keyed[j].name, nlen) == 0) {
+        if (v[j] != NULL) {
+          return 0;
+        }
+        v[j] = c->head + c->hdrs[i].value_off;
+        vlen[j] = c->hdrs[i].value_len;
+      }
+    }
+  }
+
+  if (mlen + c->url_len + vlen[0] + vlen[1] + vlen[2] + 8 > PASS_MAX_KEY) {
+    return 0;
+  }
+
+  memcpy(buf, method, mlen);
+  pos = mlen;
+  buf[pos++] = '\0';
+  memcpy(buf + pos, url, c->url_len);
+  pos += c->url_len;
+  for (j = 0; j < 3; j++) {
+    buf[pos++] = '\0';
+    if (v[j] == NULL) {
+      buf[pos++] = '\1';
+    } else {
+      memcpy(buf + pos, v[j], vlen[j]);
+      pos += vlen[j];
+    }
+  }
+
+  return pos;
+}
+
+
+static jv_edge_entry_t *
+edge_find(jv_pass_table_t *t, const char *key, size_t len, uint32_t hash)
+{
+  jv_edge_entry_t *e;
+
+  for (e = t->edge[hash % PASS_BUCKETS]; e != NULL; e = e->next) {
+    if (e->hash == hash && e->key_len == len && memcmp(e->key, key, len) == 0) {
+      return e;
+    }
+  }
+
+  return NULL;
+}
+
+
+/* Fills out with n nonce characters of [A-Za-z0-9_-], uniform because 64
+ * divides 256. Returns 0, or -1 when OpenSSL has no random bytes. */
+static int
+nonce_chars(char *out, size_t n)
+{
+  static const char alphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+  static unsigned char pool[2048];
+  static size_t used = sizeof(pool);
+  size_t i;
+
+  if (used + n > sizeof(pool)) {
+    if (RAND_bytes(pool, (int) sizeof(pool)) != 1) {
+      return -1;
+    }
+    used = 0;
+  }
+
+  for (i = 0; i < n; i++) {
+    out[i] = alphabet[pool[used + i] & 63];
+  }
+  OPENSSL_cleanse(pool + used, n);
+  used += n;
+  return 0;
+}
+
+
+/* Signs and forwards c's request as the edge's Lua code would, when a
+ * decision for its key is recorded and fresh. Returns 0 otherwise. */
+static int
+edge_try(jv_http_conn_t *c, jv_pass_table_t *t)
+{
+  char key[PASS_MAX_KEY], target[PASS_MAX_KEY], lines[1024], hex[64];
+  char nonce[32], timestamp[24];
+  const char *skip[JV_HTTP_NAMES_MAX + 1];
+  size_t skip_len[JV_HTTP_NAMES_MAX + 1];
+  const char *parts[11];
+  size_t lens[11], klen, tlen, client_len;
+  const char *method = llhttp_method_name(c->parser.method);
+  jv_edge_entry_t *e;
+  struct timespec ts;
+  jv_pass_t *p;
+  unsigned i;
+  int n;
+
+  klen = edge_key(c, key);
+  e = klen > 0 ? edge_find(t, key, klen, hash_bytes(key, klen)) : NULL;
+  if (e == NULL || uv_now(jv__loop()) >= e->expires) {
+    return 0;
+  }
+
+  if (!c->peer_known) {
+    if (jv_stream_address(c->stream, 1, c->peer_ip, sizeof(c->peer_ip),
+                          &c->peer_port) != 0) {
+      return 0;
+    }
+    c->peer_known = 1;
+  }
+  client_len = strlen(c->peer_ip);
+
+  tlen = e->prefix_len + c->url_len;
+  if (tlen > sizeof(target)) {
+    return 0;
+  }
+  memcpy(target, e->prefix, e->prefix_len);
+  memcpy(target + e->prefix_len, c->head + c->url_off, c->url_len);
+
+  clock_gettime(CLOCK_REALTIME, &ts);
+  snprintf(timestamp, sizeof(timestamp), "%lld", (long long) ts.tv_sec);
+  if (nonce_chars(nonce, sizeof(nonce)) != 0) {
+    return 0;
+  }
+
+  parts[0] = SIG_PREFIX;
+  lens[0] = sizeof(SIG_PREFIX) - 1;
+  parts[1] = method;
+  lens[1] = strlen(method);
+  parts[2] = e->host;
+  lens[2] = e->host_len;
+  parts[3] = target;
+  lens[3] = tlen;
+  parts[4] = e->target_ip;
+  lens[4] = e->target_ip_len;
+  parts[5] = e->target_port;
+  lens[5] = e->target_port_len;
+  parts[6] = e->slug;
+  lens[6] = e->slug_len;
+  parts[7] = c->peer_ip;
+  lens[7] = client_len;
+  parts[8] = timestamp;
+  lens[8] = strlen(timestamp);
+  parts[9] = nonce;
+  lens[9] = sizeof(nonce);
+  parts[10] = e->broker_id;
+  lens[10] = e->broker_id_len;
+  if (jv__hmac_sha256_join_hex((const unsigned char *) e->secret, e->secret_len,
+                               "\n", 1, parts, lens, 11, hex) != 0) {
+    return 0;
+  }
+
+  n = snprintf(lines, sizeof(lines),
+               "Host: %.*s\r\n"
+               "X-JustAVPS-Target-IP: %.*s\r\n"
+               "X-JustAVPS-Target-Port: %.*s\r\n"
+               "X-JustAVPS-Slug: %.*s\r\n"
+               "X-JustAVPS-Client-IP: %s\r\n"
+               "X-JustAVPS-Timestamp: %s\r\n"
+               "X-JustAVPS-Nonce: %.*s\r\n"
+               "X-JustAVPS-Broker: %.*s\r\n"
+               "X-JustAVPS-Signature: v1=%.*s\r\n",
+               (int) e->host_len, e->host, (int) e->target_ip_len, e->target_ip,
+               (int) e->target_port_len, e->target_port, (int) e->slug_len,
+               e->slug, c->peer_ip, timestamp, (int) sizeof(nonce), nonce,
+               (int) e->broker_id_len, e->broker_id, 64, hex);
+  if (n < 0 || (size_t) n >= sizeof(lines)) {
+    return 0;
+  }
+
+  /* The received Host gives way to the machine's, as set_headers makes
+   * it do on the Lua path. */
+  skip[0] = "host";
+  skip_len[0] = 4;
+  for (i = 0; i < e->drop->n; i++) {
+    skip[i + 1] = e->drop->bytes + e->drop->off[i];
+    skip_len[i + 1] = e->drop->len[i];
+  }
+
+  p = pass_record(c);
+  if (p == NULL ||
+      jv__http_pass_head(c, target, tlen, 0, skip, skip_len, e->drop->n + 1,
+                         lines, (size_t) n, e->up->host, e->up->port) != 0) {
+    return 0;
+  }
+
+  exchange_begin(p, e->up, e->timeout_ms, 0);
+  return 1;
+}
+
+
 int
 jv__pass_try(jv_http_conn_t *c)
 {
@@ -1539,6 +1842,9 @@ jv__pass_try(jv_http_conn_t *c)
   table_current(t);
   if (t->broker.enabled) {
     return broker_try(c, &t->broker);
+  }
+  if (t->edge_count > 0) {
+    return edge_try(c, t);
   }
 
   if (c->pass_admitted != generation) {
@@ -1592,7 +1898,14 @@ jv__pass_tick(jv_http_conn_t *c)
       return;
     }
     failed(p, JV_ETIMEOUT);
+    return;
   }
+
+  if (p->drain_wait) {
+    /* The client's drain restarts the clock: check again in a second. */
+    p->last_ms = now;
+  }
+  tick_arm(p);
 }
 
 
@@ -2110,6 +2423,174 @@ l_req_pass_learn_target(lua_State *L)
 
 
 /*
+ * req:pass_learn_edge(opts): for the edge. Records that requests with
+ * this request's method, request-target and values of Host, Origin and
+ * Authorization, and without a Cookie, a credential in the query or an
+ * X-JustAVPS-* header, are allowed for ttl seconds and go to a broker as
+ * opts says. The server then signs and forwards such a GET or HEAD
+ * without a body in C. opts: ttl, host (the signed host), prefix (put
+ * before the request-target, or ""), target (what the edge sends, which
+ * must be prefix and the request-target), target_ip, target_port, slug,
+ * broker_id, secret, broker_host, broker_port, tls, server_name,
+ * drop_headers (a list from core.http.header_names), timeout. Returns
+ * true, or false when the request has what the edge must see itself or
+ * the broker is no IPv4 literal.
+ */
+static int
+l_req_pass_learn_edge(lua_State *L)
+{
+  jv_http_conn_t *c = jv__http_check_req(L);
+  jv_http_server_t *srv = c->server;
+  jv_pass_table_t *t = srv->pass;
+  const char *fields[8];
+  size_t flen[8], klen, size, bhlen;
+  static const char *const names[8] = {
+    "host", "prefix",    "target_ip", "target_port",
+    "slug", "broker_id", "secret",    "server_name",
+  };
+  char key[PASS_MAX_KEY];
+  const char *broker_host, *target;
+  size_t target_len;
+  jv_edge_entry_t *e, *old;
+  jv_upstream_t *up;
+  jv_http_names_t *drop;
+  lua_Integer broker_port;
+  double ttl, timeout;
+  int tls_index = 0, drop_index;
+  uint32_t hash;
+  char *mem;
+  unsigned i;
+
+  luaL_checktype(L, 2, LUA_TTABLE);
+  for (i = 0; i < 8; i++) {
+    fields[i] = opt_string(L, 2, names[i], &flen[i]);
+    if (fields[i] == NULL && i < 7) {
+      return luaL_error(L, "pass_learn_edge: option %s is required", names[i]);
+    }
+  }
+  broker_host = opt_string(L, 2, "broker_host", &bhlen);
+  lua_getfield(L, 2, "broker_port");
+  broker_port = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (broker_host == NULL || broker_port < 1 || broker_port > 65535) {
+    return luaL_error(L, "pass_learn_edge: broker_host and broker_port "
+                         "(1 to 65535) are required");
+  }
+  ttl = opt_number(L, 2, "ttl", 5);
+  timeout = opt_number(L, 2, "timeout", 60);
+  lua_getfield(L, 2, "tls");
+  if (!lua_isnil(L, -1)) {
+    tls_index = lua_gettop(L);
+  }
+  lua_getfield(L, 2, "drop_headers");
+  drop_index = lua_gettop(L);
+  drop = jv__http_to_names(L, drop_index);
+  if (drop == NULL) {
+    return luaL_error(L, "pass_learn_edge: drop_headers must come from "
+                         "core.http.header_names");
+  }
+
+  if (t == NULL) {
+    t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+      return luaL_error(L, "out of memory");
+    }
+    t->generation = generation;
+    srv->pass = t;
+  }
+  table_current(t);
+
+  /* The edge sends the prefix and the request-target as received, so a
+   * target of its own that differs (a query it rewrote) is not cached. */
+  target = opt_string(L, 2, "target", &target_len);
+  klen = edge_key(c, key);
+  if (target == NULL || target_len != flen[1] + c->url_len ||
+      memcmp(target, fields[1], flen[1]) != 0 ||
+      memcmp(target + flen[1], c->head + c->url_off, c->url_len) != 0) {
+    klen = 0;
+  }
+  up = klen > 0 ? upstream_get(L, broker_host, (int) broker_port, tls_index,
+                               fields[7])
+                : NULL;
+  if (up == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+
+  if (t->edge_count >= PASS_MAX_ROUTES) {
+    edge_clear(t);
+  }
+
+  size = sizeof(*e) + klen;
+  for (i = 0; i < 7; i++) {
+    size += flen[i] + 1;
+  }
+  mem = malloc(size);
+  if (mem == NULL) {
+    return luaL_error(L, "out of memory");
+  }
+  e = (jv_edge_entry_t *) mem;
+  memset(e, 0, sizeof(*e));
+  mem += sizeof(*e);
+  memcpy(mem, key, klen);
+  e->key = mem;
+  e->key_len = klen;
+  mem += klen;
+  {
+    const char **dst[7] = { &e->host,        &e->prefix, &e->target_ip,
+                            &e->target_port, &e->slug,   &e->broker_id,
+                            &e->secret };
+    size_t *dlen[7] = { &e->host_len,        &e->prefix_len, &e->target_ip_len,
+                        &e->target_port_len, &e->slug_len,   &e->broker_id_len,
+                        &e->secret_len };
+
+    for (i = 0; i < 7; i++) {
+      memcpy(mem, fields[i], flen[i]);
+      mem[flen[i]] = '\0';
+      if (i == 0) {
+        /* The signed host is lowercase (lua/justavps/edge_sig.lua). */
+        size_t k;
+
+        for (k = 0; k < flen[i]; k++) {
+          mem[k] = (char) tolower((unsigned char) mem[k]);
+        }
+      }
+      *dst[i] = mem;
+      *dlen[i] = flen[i];
+      mem += flen[i] + 1;
+    }
+  }
+  e->expires = uv_now(jv__loop()) + (uint64_t) (ttl * 1000);
+  e->timeout_ms = (uint64_t) (timeout * 1000);
+  e->up = up;
+  up->refs++;
+  lua_pushvalue(L, drop_index);
+  e->drop_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  e->drop = drop;
+
+  hash = hash_bytes(key, klen);
+  e->hash = hash;
+  old = edge_find(t, key, klen, hash);
+  if (old != NULL) {
+    jv_edge_entry_t **link = &t->edge[hash % PASS_BUCKETS];
+
+    while (*link != old) {
+      link = &(*link)->next;
+    }
+    *link = old->next;
+    edge_free(old);
+    t->edge_count--;
+  }
+  e->next = t->edge[hash % PASS_BUCKETS];
+  t->edge[hash % PASS_BUCKETS] = e;
+  t->edge_count++;
+
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/*
  * req:pass_failure([consume]): when the fast path took this request and
  * its exchange failed before the response, returns the failure's code
  * (as core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a
@@ -2145,17 +2626,19 @@ l_req_pass_failure(lua_State *L)
 }
 
 
-/* core.http.pass_reset(): drops every recorded decision and admission,
- * and closes the fast path's idle upstream connections. */
+/* core.http.pass_reset([close]): drops every recorded decision and
+ * admission, and with close, closes the fast path's idle upstream
+ * connections. */
 static int
 l_pass_reset(lua_State *L)
 {
   jv_upstream_t *up;
 
-  (void) L;
   generation++;
-  for (up = upstreams; up != NULL; up = up->next) {
-    pool_close_all(up);
+  if (lua_toboolean(L, 1)) {
+    for (up = upstreams; up != NULL; up = up->next) {
+      pool_close_all(up);
+    }
   }
   return 0;
 }
@@ -2190,6 +2673,8 @@ jv__pass_register(lua_State *L, int index, int request_methods)
     lua_setfield(L, index, "pass");
     lua_pushcfunction(L, l_req_pass_learn_target);
     lua_setfield(L, index, "pass_learn_target");
+    lua_pushcfunction(L, l_req_pass_learn_edge);
+    lua_setfield(L, index, "pass_learn_edge");
     return;
   }
 

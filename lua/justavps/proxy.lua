@@ -237,7 +237,7 @@ end
 -- Closes every pooled upstream socket (on drain or in specs), and those
 -- of the C fast path, whose cached decisions it forgets.
 function _M.close_pool()
-  core.http.pass_reset()
+  core.http.pass_reset(true)
   for key, list in pairs(tls_pool) do
     close_list(list)
     tls_pool[key] = nil

@@ -731,5 +731,34 @@ describe("edge", function()
       end
       assert.is_true(marked)
     end))
+
+    it("keeps a ticket request on one run", async(function()
+      -- A fresh edge meets the dead broker first. A ticket request that
+      -- failed there in the fast path would run its access checks again,
+      -- and the second run could not spend the single-use ticket.
+      local second = ep.start("edge", {
+        domain = DOMAIN,
+        insecure_plain_http = true,
+        listen = { host = "127.0.0.1", port = 0 },
+        brokers = {
+          { url = "http://127.0.0.1:" .. dead_port, id = "dead-broker",
+            secret = DEAD_SECRET },
+          { url = "http://127.0.0.1:" .. broker.port, id = bp.BROKER_ID,
+            secret = bp.SECRET },
+        },
+        broker_health = { interval = 60, down_for = 60 },
+        machine_port = daemon.ports.public,
+        login_url = LOGIN_URL,
+        cache = { machine_ttl = 600, credential_ttl = 1 },
+      }, env, { "main" })
+      local res = assert(core.http.request{ method = "GET",
+        host = "127.0.0.1", port = second.ports.main,
+        path = "/_toolbox/list/?__justavps_ticket=" .. new_ticket(),
+        headers = { Host = HOST }, timeout = 15 })
+      local text = res:read_body()
+      res:close()
+      assert.equal(0, ep.stop(second))
+      assert.equal(200, res.status, text)
+    end))
   end)
 end)

@@ -32,6 +32,7 @@ local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
 local floor = math.floor
+local min = math.min
 local format = string.format
 local slower = string.lower
 local sfind = string.find
@@ -256,15 +257,18 @@ local function forward(req, ctx)
 
   -- A GET or HEAD without a body goes out through the HTTP server's fast
   -- path (core/http_pass.c), which takes no Lua set of names.
+  -- A request with a machine ticket stays on the Lua path: a failure in
+  -- C would run the handler again, and the second run could not spend
+  -- the single-use ticket again.
   local method = ctx.method
   local fast = (method == "GET" or method == "HEAD") and not ctx.is_websocket
-    and type(drop) == "userdata"
+    and type(drop) == "userdata" and not ctx.creds.ticket
 
   -- When the fast path failed before the response, the handler runs again
   -- for the request. A broker that refused the connection is marked down
   -- and the request goes to the others through proxy.forward. Any other
   -- failure is reported by proxy.forward for the broker that failed.
-  local order = brokers.order()
+  local order
   local failed_code, _, failed_connected, failed_host, failed_port =
     req:pass_failure()
   if failed_code then
@@ -273,12 +277,14 @@ local function forward(req, ctx)
     if failed_code == "ECONNREFUSED" and not failed_connected then
       req:pass_failure(true)
       if failed_broker then
+        -- Before brokers.order, which then puts it last.
         brokers.mark_down(failed_broker, "connection refused")
       end
     elseif failed_broker then
       order = { failed_broker }
     end
   end
+  order = order or brokers.order()
 
   for _, broker in ipairs(order) do
     fields.broker_id = broker.id
@@ -299,6 +305,30 @@ local function forward(req, ctx)
       request = req,
       broker = broker,
     }
+    local ttl = min(conf.cache.credential_ttl, conf.cache.machine_ttl)
+    if fast and ttl > 0 then
+      -- Later requests with the same method, target, Host, Origin and
+      -- Authorization, and no cookie, get this decision in C for as long
+      -- as the credential and machine caches would keep it.
+      req:pass_learn_edge({
+        ttl = ttl,
+        host = ctx.host.host,
+        prefix = ctx.host.kind == "port" and "/_port/" .. ctx.host.port
+          or "",
+        target = ctx.target,
+        target_ip = ctx.machine.ip,
+        target_port = tostring(conf.machine_port),
+        slug = ctx.machine.slug,
+        broker_id = broker.id,
+        secret = broker.secret,
+        broker_host = broker.host,
+        broker_port = broker.port,
+        tls = broker.tls,
+        server_name = broker.server_name,
+        drop_headers = drop,
+        timeout = conf.broker_timeout,
+      })
+    end
     if fast and req:pass(opts) then
       return
     end

@@ -86,6 +86,9 @@ end
 -- Handles one notification payload: {"id", "slug", "stage"}.
 local function on_notification(payload)
   local event = json.decode(payload)
+  -- The HTTP server's cached decisions (req:pass_learn_edge) name the
+  -- machine's address, so they go with any change.
+  core.http.pass_reset()
   if type(event) == "table" and type(event.slug) == "string" then
     state.machines:delete(event.slug)
     return
@@ -116,6 +119,7 @@ function _M.start_listener()
         local ok, lerr, lcode = c:listen(_M.CHANNEL)
         if ok then
           state.machines:clear()
+          core.http.pass_reset()
           log.info("listening for machine events",
             { channel = _M.CHANNEL })
           delay = 1
