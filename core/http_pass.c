@@ -1,30 +1,36 @@
 /*
- * http_pass.c: the proxy's fast path, for requests whose forwarding
- * decision Lua has already made.
+ * http_pass.c: the proxy's fast path, for GET and HEAD requests without a
+ * body whose forwarding decision Lua has already made.
  *
- * A Lua handler that forwards a request can record its decision with
- * req:pass_learn: the upstream, the request-target, the header lines it
- * adds, keyed by the request path and the value of one "vary" header.
- * When a later request on the same server has the same key, carries no
- * body, is a GET or a HEAD, requests no upgrade and arrives on a
- * connection that Lua admitted, conn_dispatch (http.c) hands it here
- * instead of to a Lua coroutine. This file then does what proxy.forward
- * does for such a request: takes a pooled upstream connection or opens
- * one, sends the head, relays the response head and body with the same
- * framing rules, and pools the connection again.
+ * conn_dispatch (http.c) calls jv__pass_try before it starts a Lua
+ * coroutine. A request takes the fast path when one of the decisions
+ * that Lua recorded covers it:
+ *   req:pass_learn         the daemon: a route keyed by the path and one
+ *                          "vary" header, on a connection Lua admitted;
+ *   req:pass_learn_target  the broker: the edge signature's checks, which
+ *                          broker_try repeats here, and its allowed
+ *                          targets;
+ *   req:pass_learn_edge    the edge: an allow decision keyed by method,
+ *                          target, Host, Origin and Authorization, which
+ *                          edge_try signs for a broker.
+ * req:pass hands over a request that the Lua handler has just decided.
  *
- * Lua stays the only place that decides. Anything this file does not
- * handle goes to the Lua handler as if the fast path did not exist: a
- * request without a cached decision, and a request whose exchange failed
- * before any response byte went to the client. In the second case
+ * The exchange then does what proxy.forward does: it takes a pooled
+ * upstream connection or opens one, sends the head, relays the response
+ * head and body with the same framing rules, and pools the connection.
+ *
+ * Lua stays the only place that decides. A request that no decision
+ * covers goes to the Lua handler, as does one whose exchange failed
+ * before any response byte went to the client. In that second case
  * req:pass_failure tells the handler what failed, so that proxy.forward
- * answers as it would have (a refused connect, a reset, a timeout)
- * without sending the request a third time. core.http.pass_reset (called
- * on every reload) forgets every decision and every admission.
+ * reports it as it would have (a refused connect, a reset, a timeout)
+ * without sending the request again. core.http.pass_reset, called on
+ * every reload, drops every decision and every admission.
  */
 #include "http_server.h"
 
 #include <arpa/inet.h>
+#include <math.h>
 #include <ctype.h>
 #include <netinet/in.h>
 #include <openssl/crypto.h>
@@ -902,7 +908,7 @@ fail_to_lua(jv_pass_t *p, int code, int connected)
   c->pass_failed = code;
   c->pass_connected = connected;
   /* Copied because the record may serve another address by the time the
-   * handler asks. */
+   * handler calls req:pass_failure. */
   memcpy(p->failed_host, p->up->host, sizeof(p->failed_host));
   p->failed_port = p->up->port;
   stats.fallback++;
@@ -1345,6 +1351,19 @@ static const struct {
 #define SIG_PREFIX "JUSTAVPS-HMAC-SHA256-V1"
 
 
+/* Returns the wall clock's whole seconds as Lua's floor(core.time())
+ * computes them, through a double: in the last nanoseconds of a second
+ * that rounds up, and both sides must agree on the second. */
+static int64_t
+unix_seconds(void)
+{
+  struct timespec ts;
+
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t) floor((double) ts.tv_sec + (double) ts.tv_nsec / 1e9);
+}
+
+
 /* Returns non-zero when every byte of s is in chars. */
 static int
 only_chars(const char *s, size_t len, const char *chars)
@@ -1489,7 +1508,6 @@ broker_try(jv_http_conn_t *c, jv_pass_broker_t *b)
   int n;
   jv_upstream_t *up;
   jv_pass_t *p;
-  struct timespec ts;
 
   for (i = 0; i < c->nhdrs; i++) {
     const char *name = c->head + c->hdrs[i].name_off;
@@ -1530,8 +1548,7 @@ broker_try(jv_http_conn_t *c, jv_pass_broker_t *b)
     return 0;
   }
 
-  clock_gettime(CLOCK_REALTIME, &ts);
-  if (llabs((int64_t) ts.tv_sec - timestamp) > (int64_t) b->clock_skew) {
+  if (llabs(unix_seconds() - timestamp) > (int64_t) b->clock_skew) {
     return 0;
   }
 
@@ -1727,7 +1744,6 @@ edge_try(jv_http_conn_t *c, jv_pass_table_t *t)
   size_t lens[11], klen, tlen, client_len;
   const char *method = llhttp_method_name(c->parser.method);
   jv_edge_entry_t *e;
-  struct timespec ts;
   jv_pass_t *p;
   unsigned i;
   int n;
@@ -1754,8 +1770,7 @@ edge_try(jv_http_conn_t *c, jv_pass_table_t *t)
   memcpy(target, e->prefix, e->prefix_len);
   memcpy(target + e->prefix_len, c->head + c->url_off, c->url_len);
 
-  clock_gettime(CLOCK_REALTIME, &ts);
-  snprintf(timestamp, sizeof(timestamp), "%lld", (long long) ts.tv_sec);
+  snprintf(timestamp, sizeof(timestamp), "%lld", (long long) unix_seconds());
   if (nonce_chars(nonce, sizeof(nonce)) != 0) {
     return 0;
   }

@@ -216,7 +216,7 @@ function _M.handle(req)
   local timeout = max(upstream.connect_timeout, upstream.header_timeout,
     upstream.idle_timeout)
 
-  -- One table serves req:pass, which reads the fields it knows, and
+  -- One table serves req:pass, which reads only its own fields, and
   -- proxy.forward.
   local opts = {
     host = fields.target_ip,

@@ -288,7 +288,7 @@ local function forward(req, ctx)
 
   for _, broker in ipairs(order) do
     fields.broker_id = broker.id
-    -- One table serves req:pass, which reads the fields it knows, and
+    -- One table serves req:pass, which reads only its own fields, and
     -- proxy.forward.
     local opts = {
       host = broker.host,
