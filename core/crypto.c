@@ -55,7 +55,7 @@ format_openssl_error(const char *call, char *buf, size_t size)
   char reason[256];
 
   if (e != 0) {
-    ERR_error_string_n(e, reason, sizeof(reason));
+    jv__openssl_reason(e, reason, sizeof(reason));
   } else {
     snprintf(reason, sizeof(reason), "no reason in the OpenSSL error queue");
   }

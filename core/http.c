@@ -1149,6 +1149,7 @@ conn_dispatch(jv_http_conn_t *c)
   c->keep_alive = llhttp_should_keep_alive(&c->parser) && !srv->draining;
   c->req_id[0] = '\0'; /* made on first use: most requests never ask */
   c->pass_failed = 0;
+  c->pass_seen = jv__pass_generation();
 
   if (srv->pass != NULL && jv__pass_try(c)) {
     return;

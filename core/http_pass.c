@@ -1841,6 +1841,23 @@ edge_try(jv_http_conn_t *c, jv_pass_table_t *t)
 }
 
 
+uint64_t
+jv__pass_generation(void)
+{
+  return generation;
+}
+
+
+/* Returns non-zero when core.http.pass_reset ran since c's request came:
+ * a decision its handler made may rest on what the reset was for (a
+ * machine that changed, a reload), so it is not recorded. */
+static int
+reset_since(const jv_http_conn_t *c)
+{
+  return c->pass_seen != generation;
+}
+
+
 int
 jv__pass_try(jv_http_conn_t *c)
 {
@@ -2170,6 +2187,10 @@ l_req_pass_learn(lua_State *L)
     t->vary_len = vlen;
   }
 
+  if (reset_since(c)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   c->pass_admitted = generation;
   up->idle_ms = (uint64_t) (pool_idle * 1000);
 
@@ -2381,6 +2402,10 @@ l_req_pass_learn_target(lua_State *L)
   }
   table_current(t);
   b = &t->broker;
+  if (reset_since(c)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
 
   if (!b->enabled) {
     const char *secret = opt_string(L, 2, "secret", &b->secret_len);
@@ -2514,6 +2539,11 @@ l_req_pass_learn_edge(lua_State *L)
     srv->pass = t;
   }
   table_current(t);
+
+  if (reset_since(c)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
 
   /* The edge sends the prefix and the request-target as received, so a
    * target of its own that differs (a query it rewrote) is not cached. */

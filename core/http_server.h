@@ -131,7 +131,8 @@ struct jv_http_conn_s {
    * and why the last exchange failed before its response, for
    * req:pass_failure. */
   jv_pass_t *pass;
-  int passing; /* an exchange of http_pass.c owns the request */
+  int passing;        /* an exchange of http_pass.c owns the request */
+  uint64_t pass_seen; /* the decisions' generation when the request came */
   uint64_t pass_admitted;
   int pass_failed;    /* error code, 0 for none */
   int pass_connected; /* the failure came after the connect */
@@ -177,6 +178,10 @@ int jv__http_pass_relay_head(jv_http_conn_t *c, int status, const char *head,
 /* Forwards c's request in C when a cached decision covers it. Returns 1
  * when it took the request, 0 when the Lua handler must run. */
 int jv__pass_try(jv_http_conn_t *c);
+
+/* Returns the generation of the recorded decisions, which
+ * core.http.pass_reset advances. */
+uint64_t jv__pass_generation(void);
 
 /* The connection is closing: ends its exchange, if any. */
 void jv__pass_conn_closed(jv_http_conn_t *c);

@@ -292,6 +292,15 @@ char **jv__build_argv(lua_State *L, int opts, const char *file,
 char **jv__build_env(lua_State *L, int opts, const char *term);
 
 
+/* Starts OpenSSL without its error strings, which take about 500 KiB
+ * once a provider loads. Called first by roles that must stay small at
+ * idle (the daemon). */
+void jv__openssl_no_strings(void);
+
+/* Formats OpenSSL error e into buf as ERR_error_string_n does, loading
+ * the error strings first if jv__openssl_no_strings kept them out. */
+void jv__openssl_reason(unsigned long e, char *buf, size_t size);
+
 /* Computes the HMAC-SHA256 under key of the n parts joined with sep, as
  * crypto.hmac_sha256_join does, into hex (64 lowercase digits, no NUL).
  * Returns 0, or -1 when OpenSSL fails. */

@@ -206,6 +206,12 @@ main(int argc, char **argv)
     return 0;
   }
 
+  if (argc >= 2 && strcmp(argv[1], "daemon") == 0) {
+    /* Every machine runs a daemon: it loads OpenSSL's error strings only
+     * when it has an error to report. */
+    jv__openssl_no_strings();
+  }
+
   /* Without a tree on disk every module comes from the embedded copy. */
   have_root = find_root(root, sizeof(root)) == 0;
 

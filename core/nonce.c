@@ -759,7 +759,7 @@ l_new(lua_State *L)
     unsigned long e = ERR_peek_last_error();
     char reason[256];
 
-    ERR_error_string_n(e, reason, sizeof(reason));
+    jv__openssl_reason(e, reason, sizeof(reason));
     ERR_clear_error();
     snprintf(message, sizeof(message), "RAND_bytes failed: %s", reason);
     lua_pushnil(L);

@@ -235,7 +235,7 @@ tls_fail(jv_stream_t *s, const char *call)
   unsigned long e = ERR_peek_last_error();
   char reason[256];
 
-  ERR_error_string_n(e, reason, sizeof(reason));
+  jv__openssl_reason(e, reason, sizeof(reason));
   ERR_clear_error();
 
   if (s->tls_error == 0) {

@@ -45,7 +45,7 @@ push_ssl_error(lua_State *L, const char *call)
   char reason[256];
 
   if (e != 0) {
-    ERR_error_string_n(e, reason, sizeof(reason));
+    jv__openssl_reason(e, reason, sizeof(reason));
 
   } else {
     snprintf(reason, sizeof(reason), "unknown error");

@@ -625,6 +625,29 @@ end)
 
 
 describe("req:pass_learn", function()
+  it("skips a decision made across a reset", async(function()
+    local results = {}
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        if #results == 0 then
+          -- As a machine event or a reload while the handler waited.
+          core.http.pass_reset()
+        end
+        results[#results + 1] = req:pass_learn({ host = "127.0.0.2",
+          port = 20001, target = "/" })
+        return 200, {}, "done"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert.equal(200, get(sock, "/r").status)
+    assert.equal(200, get(sock, "/r").status)
+    assert.same({ false, true }, results)
+    sock:close()
+    srv:close()
+  end))
+
   it("keeps learning past 256 upstreams", async(function()
     local learned = {}
     local srv = assert(core.http.listen({
