@@ -7,9 +7,12 @@
  */
 #include "internal.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define JV_WATCH_MT "justavps.fs.watch"
 
@@ -313,12 +316,112 @@ l_fs_rename(lua_State *L)
 }
 
 
+/* Handles one line of /proc/net/tcp: pushes its local address (hex),
+ * port and inode onto the list at index t when its state is 0A
+ * (TCP_LISTEN), as list[n+1..n+3]. Returns the new n. */
+static int
+listener_line(lua_State *L, int t, int n, const char *line, size_t len)
+{
+  const char *field[10];
+  size_t flen[10];
+  size_t i = 0;
+  int f = 0;
+  const char *colon;
+
+  while (f < 10) {
+    while (i < len && (line[i] == ' ' || line[i] == '\t')) {
+      i++;
+    }
+    if (i == len) {
+      return n;
+    }
+    field[f] = line + i;
+    while (i < len && line[i] != ' ' && line[i] != '\t') {
+      i++;
+    }
+    flen[f] = (size_t) (line + i - field[f]);
+    f++;
+  }
+
+  if (flen[3] != 2 || field[3][0] != '0' || field[3][1] != 'A') {
+    return n;
+  }
+  colon = memchr(field[1], ':', flen[1]);
+  if (colon == NULL) {
+    return n;
+  }
+
+  lua_pushlstring(L, field[1], (size_t) (colon - field[1]));
+  lua_rawseti(L, t, ++n);
+  lua_pushnumber(L, (lua_Number) strtoul(colon + 1, NULL, 16));
+  lua_rawseti(L, t, ++n);
+  lua_pushnumber(L, (lua_Number) strtoull(field[9], NULL, 10));
+  lua_rawseti(L, t, ++n);
+  return n;
+}
+
+
+/* core.fs.tcp_listeners(path): reads /proc/net/tcp or /proc/net/tcp6 and
+ * returns a flat list address-hex, port, inode for each socket in state
+ * 0A (TCP_LISTEN), or nil, message, code when the file cannot be read.
+ * The file lists every socket of the machine, thousands on a busy one;
+ * reading it here makes no Lua string for the lines of other states.
+ * The file is small and in memory, so this reads it on the loop. */
+static int
+l_fs_tcp_listeners(lua_State *L)
+{
+  const char *path = luaL_checkstring(L, 1);
+  char buf[16384];
+  size_t used = 0;
+  int fd, n = 0, t;
+
+  fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return jv__push_error(L, uv_translate_sys_error(errno));
+  }
+
+  lua_newtable(L);
+  t = lua_gettop(L);
+  for (;;) {
+    ssize_t got = read(fd, buf + used, sizeof(buf) - used);
+    size_t start = 0, i;
+
+    if (got < 0 && errno == EINTR) {
+      continue;
+    }
+    if (got <= 0) {
+      if (used > 0) {
+        n = listener_line(L, t, n, buf, used);
+      }
+      break;
+    }
+    used += (size_t) got;
+    for (i = 0; i < used; i++) {
+      if (buf[i] == '\n') {
+        n = listener_line(L, t, n, buf + start, i - start);
+        start = i + 1;
+      }
+    }
+    if (start == 0 && used == sizeof(buf)) {
+      used = 0; /* a line longer than the buffer: not a socket line */
+      continue;
+    }
+    memmove(buf, buf + start, used - start);
+    used -= start;
+  }
+
+  close(fd);
+  return 1;
+}
+
+
 int
 jv__open_fs(lua_State *L)
 {
   static const luaL_Reg funcs[] = { { "watch", l_fs_watch },
                                     { "stat", l_fs_stat },
                                     { "rename", l_fs_rename },
+                                    { "tcp_listeners", l_fs_tcp_listeners },
                                     { NULL, NULL } };
   static const luaL_Reg methods[] = { { "stop", l_watch_stop },
                                       { "path", l_watch_path },

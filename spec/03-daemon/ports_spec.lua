@@ -136,6 +136,41 @@ describe("ports.scan", function()
     assert.equal("ipv6", list[2].family)
   end)
 
+  it("reads a large file as parse reads its text", function()
+    -- Listeners among thousands of other lines, so that lines cross the
+    -- reader's buffer boundaries, and a malformed line.
+    local lines = { HEADER4 }
+    for i = 1, 3000 do
+      lines[#lines + 1] = ("%4d: 0100007F:%04X 0100007F:D2F0 01 "
+        .. "00000000:00000000 00:00000000 00000000  1000        0 %d 1 "
+        .. "0000000000000000 20 4 30 10 -1\n"):format(i, 1024 + i, 5000 + i)
+      if i % 700 == 0 then
+        lines[#lines + 1] = ("%4d: 0100007F:%04X 00000000:0000 0A "
+          .. "00000000:00000000 00:00000000 00000000  1000        0 %d 1 "
+          .. "0000000000000000 100 0 0 10 0\n"):format(i, 20000 + i, 9000 + i)
+      end
+    end
+    lines[#lines + 1] = "   9: 0100007F:1F90 nonsense 0A\n"
+    local text = table.concat(lines)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/net") == 0)
+    local f = assert(io.open(dir .. "/net/tcp", "w"))
+    f:write(text)
+    f:close()
+
+    local list = ports.scan({ proc_dir = dir, owners = false })
+    os.execute("rm -rf " .. dir)
+    local expected = ports.parse(text)
+    assert.equal(4, #expected)
+    assert.equal(#expected, #list)
+    for i, e in ipairs(expected) do
+      local got = find_port(list, e.port, e.address)
+      assert.truthy(got, "listener " .. i)
+      assert.equal(e.inode, got.inode)
+    end
+  end)
+
   it("finds a real listener and its process", async(function()
     local listener = assert(core.tcp.listen({ host = "127.0.0.1", port = 0,
       on_accept = function(sock) sock:close() end }))

@@ -21,7 +21,6 @@ local gmatch = string.gmatch
 local smatch = string.match
 local ssub = string.sub
 local sort = table.sort
-local open = io.open
 local concat = table.concat
 
 local _M = {}
@@ -156,23 +155,22 @@ end
 
 
 -- Appends the listening sockets in the file at path to list, as parse
--- does, and returns false when the file cannot be opened. Reading line
--- by line keeps the garbage of one scan near the size of the file. On a
--- machine with thousands of sockets /proc/net/tcp has hundreds of KiB,
--- and a copy of the whole text doubled the heap growth of each scan.
+-- does, and returns false when the file cannot be read. core.fs reads the
+-- file in C and returns only the listening lines: on a machine with
+-- thousands of sockets /proc/net/tcp has hundreds of KiB, and a Lua
+-- string per line made that much garbage every scan.
 local function read_listeners(path, list)
-  local f = open(path, "rb")
-  if not f then
+  local found = core.fs.tcp_listeners(path)
+  if not found then
     return false
   end
-  local pattern = "^" .. LISTEN_LINE
-  for line in f:lines() do
-    local addr, port, inode = smatch(line, pattern)
-    if addr then
-      add_listener(list, addr, port, inode)
+  for i = 1, #found, 3 do
+    local address, family = parse_address(found[i])
+    if address then
+      list[#list + 1] = { port = found[i + 1], address = address,
+        family = family, inode = found[i + 2] }
     end
   end
-  f:close()
   return true
 end
 
