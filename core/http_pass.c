@@ -432,6 +432,8 @@ edge_free(jv_edge_entry_t *e)
 {
   e->up->refs--;
   luaL_unref(jv__lua(), LUA_REGISTRYINDEX, e->drop_ref);
+  /* The key holds the client's Authorization value. */
+  OPENSSL_cleanse((void *) e->key, e->key_len);
   OPENSSL_cleanse((void *) e->secret, e->secret_len);
   free(e);
 }
