@@ -51,8 +51,11 @@
 #define PASS_SWEEP_MS      5000
 #define PASS_MAX_HEAD      (64 * 1024)
 #define PASS_MAX_HEADERS   100
-#define PASS_MAX_INTERIM   16
-#define PASS_MAX_PIECES    16
+/* Header fields accepted from another justavps hop (proxy.lua's
+ * HOP_MAX_HEADERS): room for the Date field a hop may add. */
+#define PASS_HOP_MAX_HEADERS 128
+#define PASS_MAX_INTERIM     16
+#define PASS_MAX_PIECES      16
 /* NOTE: a broker that dials more targets than this sends the rest
  * through Lua on every request; 4096 is a guess at a large fleet. */
 #define PASS_MAX_TARGETS         4096 /* allowed broker targets per server */
@@ -174,6 +177,7 @@ struct jv_pass_s {
   uint64_t last_ms;        /* the last progress of the exchange */
   int relaying;            /* the response head went to the client */
   int in_lua_call;         /* req:pass is starting this exchange */
+  unsigned max_headers;    /* header fields accepted in the response */
   int stale;               /* the response was an app's idle-close 408 */
   const char *fail_reason; /* why the response was malformed, or NULL */
   char failed_host[INET_ADDRSTRLEN]; /* upstream of the last failure */
@@ -622,7 +626,7 @@ on_header_field(llhttp_t *parser, const char *at, size_t len)
   }
 
   if (p->nhdrs == 0 || p->last_was_value) {
-    if (p->nhdrs >= PASS_MAX_HEADERS) {
+    if (p->nhdrs >= p->max_headers) {
       p->cb_error = JV_ETOOLARGE;
       return -1;
     }
@@ -1300,7 +1304,7 @@ tick_arm(jv_pass_t *p)
 /* Starts the exchange of the head in c->out with up. */
 static void
 exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
-               int stale_408)
+               int stale_408, unsigned max_headers)
 {
   jv_http_conn_t *c = p->conn;
 
@@ -1311,6 +1315,7 @@ exchange_begin(jv_pass_t *p, jv_upstream_t *up, uint64_t timeout_ms,
   p->up = up;
   p->timeout_ms = timeout_ms;
   p->stale_408 = stale_408;
+  p->max_headers = max_headers;
   p->relaying = 0;
   p->drain_wait = 0;
   p->last_ms = uv_now(jv__loop());
@@ -1608,7 +1613,7 @@ broker_try(jv_http_conn_t *c, jv_pass_broker_t *b)
   }
 
   up->idle_ms = PASS_BROKER_POOL_IDLE_MS;
-  exchange_begin(p, up, b->timeout_ms, 0);
+  exchange_begin(p, up, b->timeout_ms, 0, PASS_HOP_MAX_HEADERS);
   return 1;
 }
 
@@ -1838,7 +1843,7 @@ edge_try(jv_http_conn_t *c, jv_pass_table_t *t)
     return 0;
   }
 
-  exchange_begin(p, e->up, e->timeout_ms, 0);
+  exchange_begin(p, e->up, e->timeout_ms, 0, PASS_HOP_MAX_HEADERS);
   return 1;
 }
 
@@ -1900,7 +1905,8 @@ jv__pass_try(jv_http_conn_t *c)
     return 0;
   }
 
-  exchange_begin(p, route->up, route->timeout_ms, route->stale_408);
+  exchange_begin(p, route->up, route->timeout_ms, route->stale_408,
+                 PASS_MAX_HEADERS);
   return 1;
 }
 
@@ -2283,7 +2289,7 @@ l_req_pass(lua_State *L)
   jv_upstream_t *up;
   jv_pass_t *p;
   luaL_Buffer buf;
-  double timeout, pool_idle;
+  double timeout, pool_idle, max_headers;
   int stale_408, code, tls_index;
 
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -2312,6 +2318,7 @@ l_req_pass(lua_State *L)
   pool_idle = opt_number(L, 2, "pool_idle", 30);
   lua_getfield(L, 2, "stale_408");
   stale_408 = lua_toboolean(L, -1);
+  max_headers = opt_number(L, 2, "max_headers", PASS_MAX_HEADERS);
   nset = read_set_headers(L, names, name_len, values, value_len, &lines_len,
                           &skip_bytes);
   for (i = 0; i < nset; i++) {
@@ -2353,7 +2360,8 @@ l_req_pass(lua_State *L)
 
   p->in_lua_call = 1;
   p->sync_failed = 0;
-  exchange_begin(p, up, (uint64_t) (timeout * 1000), stale_408);
+  exchange_begin(p, up, (uint64_t) (timeout * 1000), stale_408,
+                 (unsigned) max_headers);
   p->in_lua_call = 0;
   code = p->sync_failed;
   if (code != 0) {

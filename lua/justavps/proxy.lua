@@ -420,6 +420,12 @@ local function relay_body(req, res, host, port, tls, server_name, idle)
 end
 
 
+-- Header fields a justavps hop accepts from the next justavps hop: the
+-- 100 that an app may send at the daemon, plus room for the Date field
+-- each hop adds when the app sent none.
+_M.HOP_MAX_HEADERS = 128
+
+
 -- Bytes of a request body kept so that the request can be sent again
 -- when its pooled connection fails: a PUT of a JSON document fits.
 local REPLAY_MAX = 64 * 1024
@@ -472,7 +478,8 @@ end
 -- returns the response as core.http._exchange does, with a fifth value
 -- true when the connect failed.
 local function exchange(sock, host, port, head, mode, length, body_reader,
-                        is_head, request_close, timeout, tls, server_name)
+                        is_head, request_close, timeout, tls, server_name,
+                        max_headers)
   if sock == nil then
     local err, code
     sock, err, code = core.tcp.connect(host, port, { timeout = timeout,
@@ -483,7 +490,7 @@ local function exchange(sock, host, port, head, mode, length, body_reader,
     end
   end
   return core.http._exchange(sock, head, mode, length, body_reader, is_head,
-    request_close, timeout)
+    request_close, timeout, max_headers)
 end
 
 
@@ -608,7 +615,8 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
     body_reader == nil and (is_head or method == "GET"))
   if pooled then
     local res, err, code, body_pending = exchange(pooled, host, port, head,
-      mode, length, body_reader, is_head, request_close, timeout)
+      mode, length, body_reader, is_head, request_close, timeout, nil, nil,
+      opts.max_headers)
     -- Some app servers send a 408 with Connection: close before they
     -- close an idle connection. With opts.stale_408, such a response on a
     -- reused connection counts as a failed connection, not as the
@@ -632,7 +640,7 @@ local function send(opts, host, port, head, mode, length, body_reader, body,
     end
   end
   return exchange(nil, host, port, head, mode, length, body_reader, is_head,
-    request_close, timeout, opts.tls, opts.server_name)
+    request_close, timeout, opts.tls, opts.server_name, opts.max_headers)
 end
 
 
@@ -668,6 +676,10 @@ end
 --                    counts as a failed one, and an idempotent request
 --                    goes out again. Not for a justavps hop, which sends
 --                    a 408 only as the response it relays
+--   max_headers      header fields accepted in the upstream's response
+--                    head (default 100). A hop whose upstream is another
+--                    justavps hop takes HOP_MAX_HEADERS, because each
+--                    hop may add a Date field to the app's response
 --   pool_idle        seconds an upstream connection may stay idle in the
 --                    pool (default POOL_IDLE_SECONDS). Below the
 --                    upstream's own keep-alive limit, the pool never

@@ -791,6 +791,59 @@ describe("req:pass", function()
     cleanup(srv, up)
   end))
 
+  it("takes a hop's added Date past 100 fields", async(function()
+    -- An app's 100 fields without Date reach an inner hop, which adds
+    -- Date: the outer hop must accept 101 with HOP_MAX_HEADERS.
+    local fields = {}
+    for i = 1, 100 do
+      fields[#fields + 1] = "X-F" .. i .. ": v"
+    end
+    local seen = {}
+    local up = upstream(seen, function()
+      return "HTTP/1.1 200 OK\r\n" .. table.concat(fields, "\r\n")
+        .. "\r\nContent-Length: 2\r\n\r\nok"
+    end)
+    local inner = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        local opts = { host = "127.0.0.1", port = up:port(),
+          target = req.target, timeout = 5, max_headers = 101 }
+        if not req:pass(opts) then
+          return proxy.forward(req, opts)
+        end
+      end,
+    }))
+    local function outer_front(max_headers)
+      return assert(core.http.listen({
+        port = 0,
+        access_log = false,
+        handler = function(req)
+          local opts = { host = "127.0.0.1", port = inner:port(),
+            target = req.target, timeout = 5, max_headers = max_headers }
+          if req.method == "HEAD" or not req:pass(opts) then
+            return proxy.forward(req, opts)
+          end
+        end,
+      }))
+    end
+    local wide, narrow = outer_front(proxy.HOP_MAX_HEADERS), outer_front(nil)
+    for _, method in ipairs({ "GET", "HEAD" }) do
+      local sock = raw.connect(wide:port())
+      assert(sock:write(method .. " / HTTP/1.1\r\nHost: f\r\n\r\n"))
+      local res = assert(raw.read_response(sock, { head = method == "HEAD" }))
+      assert.equal(200, res.status, method)
+      assert.equal("v", res.headers["x-f100"])
+      sock:close()
+      sock = raw.connect(narrow:port())
+      assert(sock:write(method .. " / HTTP/1.1\r\nHost: f\r\n\r\n"))
+      res = assert(raw.read_response(sock, { head = method == "HEAD" }))
+      assert.equal(502, res.status, method)
+      sock:close()
+    end
+    cleanup(wide, narrow, inner, up)
+  end))
+
   it("declines a request with a body", async(function()
     local seen, calls = {}, {}
     local up = upstream(seen, function(_, sock)

@@ -301,6 +301,8 @@ local function forward(req, ctx)
       -- The signature headers are in every drop set.
       extra_headers = edge_sig.sign_lines(broker.secret, fields),
       timeout = conf.broker_timeout,
+      -- The daemon may add a Date field to an app's 100.
+      max_headers = proxy.HOP_MAX_HEADERS,
       on_unreachable = broker_unreachable,
       request = req,
       broker = broker,
