@@ -364,8 +364,8 @@ listener_line(lua_State *L, int t, int n, const char *line, size_t len)
 /* core.fs.tcp_listeners(path): reads /proc/net/tcp or /proc/net/tcp6 and
  * returns a flat list address-hex, port, inode for each socket in state
  * 0A (TCP_LISTEN), or nil, message, code when the file cannot be read.
- * The file lists every socket of the machine, thousands on a busy one;
- * reading it here makes no Lua string for the lines of other states.
+ * The file lists every socket of the machine, thousands on a busy one,
+ * so reading it here spares a Lua string for each line of another state.
  * The file is small and in memory, so this reads it on the loop. */
 static int
 l_fs_tcp_listeners(lua_State *L)

@@ -22,7 +22,7 @@
  * Lua stays the only place that decides. A request that no decision
  * covers goes to the Lua handler, as does one whose exchange failed
  * before any response byte went to the client. In that second case
- * req:pass_failure tells the handler what failed, so that proxy.forward
+ * req:pass_failure returns to the handler what failed, so that proxy.forward
  * reports it as it would have (a refused connect, a reset, a timeout)
  * without sending the request again. core.http.pass_reset, called on
  * every reload, drops every decision and every admission.
@@ -436,7 +436,7 @@ edge_free(jv_edge_entry_t *e)
 {
   e->up->refs--;
   luaL_unref(jv__lua(), LUA_REGISTRYINDEX, e->drop_ref);
-  /* The key holds the client's Authorization value. */
+  /* The key contains the client's Authorization value. */
   OPENSSL_cleanse((void *) e->key, e->key_len);
   OPENSSL_cleanse((void *) e->secret, e->secret_len);
   free(e);
@@ -974,7 +974,8 @@ failed(jv_pass_t *p, int code)
     p->reused = 0;
     if (p->stale || !unreachable(code)) {
       /* As in proxy.forward: sent again, but the upstream keeps its
-       * pool, because it closed or answered in a way a pool survives. */
+       * pool, because a stale 408 or a malformed response says nothing
+       * about its other connections. */
       p->stale = 0;
       pass_send(p);
       return;
@@ -1194,7 +1195,7 @@ connect_cb(uv_connect_t *req, int status)
   }
 
   /* Sends the ClientHello. handshake_cb runs when the handshake ends,
-   * from a read of the server's answer. */
+   * from a read of the server's reply. */
   jv_stream_handshake(s);
   if (p->s == s && s->handshake_cb != NULL &&
       jv_stream_read_start(s, upstream_read_cb) != 0) {
@@ -1444,7 +1445,7 @@ ipv4_literal(const char *s, size_t len, char *out)
 
 
 /* Returns the slot of key in the open-addressed set of allowed targets:
- * the slot that holds it, or the empty slot where it would go. */
+ * the slot that contains it, or the empty slot where it would go. */
 static unsigned
 target_slot(const jv_pass_broker_t *b, uint64_t key)
 {

@@ -164,7 +164,7 @@ int jv__http_pass_head(jv_http_conn_t *c, const char *target, size_t tlen,
                        const char *lines, size_t lines_len, const char *host,
                        int port);
 
-/* Raises unless s holds complete "Name: value\r\n" lines without Host,
+/* Raises unless s contains complete "Name: value\r\n" lines without Host,
  * Content-Length or a hop-by-hop name (req:forward_head's extra_headers). */
 void jv__http_check_header_lines(lua_State *L, const char *s, size_t len);
 

@@ -235,7 +235,7 @@ end
 
 
 -- Closes every pooled upstream socket (on drain or in specs), and those
--- of the C fast path, whose cached decisions it forgets.
+-- of the C fast path, whose cached decisions it drops.
 function _M.close_pool()
   core.http.pass_reset(true)
   for key, list in pairs(tls_pool) do
@@ -695,8 +695,8 @@ function _M.forward(req, opts)
   end
 
   -- The fast path (core/http_pass.c) took this request and failed
-  -- before the response: answer for that failure without sending the
-  -- request again, as send() would have answered.
+  -- before the response: report that failure without sending the
+  -- request again, as send() would have reported it.
   local failed_code, failed_err, failed_connected = req:pass_failure(true)
   if failed_code then
     return failed(opts, failed_code, failed_err, failed_connected)

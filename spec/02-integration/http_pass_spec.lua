@@ -419,7 +419,7 @@ describe("http fast path failures", function()
   it("resends a GET after a pooled close", async(function()
     local seen, calls = {}, {}
     local served = setmetatable({}, { __mode = "k" })
-    -- Each connection answers one request, then closes at the next one
+    -- Each connection serves one request, then closes at the next one
     -- without a response, as an app does that closed it just then.
     local up = upstream(seen, function(_, sock)
       if served[sock] then

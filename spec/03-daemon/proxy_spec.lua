@@ -345,7 +345,7 @@ describe("daemon proxy", function()
     local err = json.decode(res.body).error
     -- The pooled connection fails first; the new one is refused. The
     -- port watcher may have seen the port open within the last 2 s, and
-    -- then the daemon says the app closed the connection.
+    -- then the daemon reports that the app closed the connection.
     assert.truthy(err.code == "port_not_listening"
       or err.code == "app_closed_connection", err.code)
     assert.truthy(err.message:find(tostring(port), 1, true), err.message)
