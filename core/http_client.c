@@ -52,16 +52,10 @@ typedef struct {
   unsigned max_headers;
 
   /* Head of the current response: the reason phrase and the header
-   * fields, referred to by offsets into head. */
-  char *head;
-  size_t head_len;
-  size_t head_cap;
+   * fields, referred to by offsets into h.head. */
+  jv_http_head_t h;
   uint32_t reason_off;
   uint32_t reason_len;
-  jv_http_header_t *hdrs;
-  unsigned nhdrs;
-  unsigned hdr_cap;
-  int last_was_value;
 
   /* Bare-LF scan of the head, carried across reads. */
   unsigned crlf_run;
@@ -102,38 +96,6 @@ static llhttp_settings_t response_settings;
 
 /* ---- head storage ---- */
 
-static int
-head_append(jv_http_response_t *res, const char *at, size_t len)
-{
-  size_t need = res->head_len + len;
-  char *nb;
-
-  if (need > res->max_header_size) {
-    return JV_ETOOLARGE;
-  }
-
-  if (need > res->head_cap) {
-    size_t cap = res->head_cap ? res->head_cap * 2 : 1024;
-
-    while (cap < need) {
-      cap *= 2;
-    }
-
-    nb = realloc(res->head, cap);
-    if (nb == NULL) {
-      return JV_ENOMEM;
-    }
-
-    res->head = nb;
-    res->head_cap = cap;
-  }
-
-  memcpy(res->head + res->head_len, at, len);
-  res->head_len += len;
-  return 0;
-}
-
-
 /* Records why a callback stopped the parser and returns llhttp's error. */
 static int
 callback_fail(jv_http_response_t *res, int code, const char *message)
@@ -163,11 +125,11 @@ on_message_begin(llhttp_t *p)
 {
   jv_http_response_t *res = p->data;
 
-  res->head_len = 0;
+  res->h.head_len = 0;
   res->reason_off = 0;
   res->reason_len = 0;
-  res->nhdrs = 0;
-  res->last_was_value = 0;
+  res->h.nhdrs = 0;
+  res->h.last_was_value = 0;
   res->interim = 0;
   return 0;
 }
@@ -180,10 +142,10 @@ on_status(llhttp_t *p, const char *at, size_t len)
   int rc;
 
   if (res->reason_len == 0) {
-    res->reason_off = (uint32_t) res->head_len;
+    res->reason_off = (uint32_t) res->h.head_len;
   }
 
-  rc = head_append(res, at, len);
+  rc = jv__http_head_append(&res->h, at, len, res->max_header_size);
   if (rc != 0) {
     return head_fail(res, rc);
   }
@@ -197,7 +159,6 @@ static int
 on_header_field(llhttp_t *p, const char *at, size_t len)
 {
   jv_http_response_t *res = p->data;
-  jv_http_header_t *h;
   int rc;
 
   if (res->headers_done) {
@@ -206,42 +167,16 @@ on_header_field(llhttp_t *p, const char *at, size_t len)
     return 0;
   }
 
-  if (res->nhdrs == 0 || res->last_was_value) {
-    if (res->nhdrs >= res->max_headers) {
-      return callback_fail(res, JV_ETOOLARGE,
-                           "response has more header fields than "
-                           "max_headers");
-    }
-
-    if (res->nhdrs == res->hdr_cap) {
-      unsigned cap = res->hdr_cap ? res->hdr_cap * 2 : 16;
-      jv_http_header_t *nh = realloc(res->hdrs, cap * sizeof(*nh));
-
-      if (nh == NULL) {
-        return callback_fail(res, JV_ENOMEM, "out of memory");
-      }
-
-      res->hdrs = nh;
-      res->hdr_cap = cap;
-    }
-
-    h = &res->hdrs[res->nhdrs++];
-    h->name_off = (uint32_t) res->head_len;
-    h->name_len = 0;
-    h->value_off = (uint32_t) res->head_len;
-    h->value_len = 0;
-    res->last_was_value = 0;
+  if ((res->h.nhdrs == 0 || res->h.last_was_value) &&
+      res->h.nhdrs >= res->max_headers) {
+    return callback_fail(res, JV_ETOOLARGE,
+                         "response has more header fields than "
+                         "max_headers");
   }
 
-  h = &res->hdrs[res->nhdrs - 1];
-  rc = head_append(res, at, len);
-  if (rc != 0) {
-    return head_fail(res, rc);
-  }
-
-  h->name_len += (uint32_t) len;
-  h->value_off = (uint32_t) res->head_len;
-  return 0;
+  rc = jv__http_head_field(&res->h, at, len, res->max_header_size,
+                           res->max_headers);
+  return rc != 0 ? head_fail(res, rc) : 0;
 }
 
 
@@ -249,25 +184,14 @@ static int
 on_header_value(llhttp_t *p, const char *at, size_t len)
 {
   jv_http_response_t *res = p->data;
-  jv_http_header_t *h = &res->hdrs[res->nhdrs - 1];
   int rc;
 
   if (res->headers_done) {
     return 0;
   }
 
-  if (!res->last_was_value) {
-    h->value_off = (uint32_t) res->head_len;
-    res->last_was_value = 1;
-  }
-
-  rc = head_append(res, at, len);
-  if (rc != 0) {
-    return head_fail(res, rc);
-  }
-
-  h->value_len += (uint32_t) len;
-  return 0;
+  rc = jv__http_head_value(&res->h, at, len, res->max_header_size);
+  return rc != 0 ? head_fail(res, rc) : 0;
 }
 
 
@@ -521,7 +445,7 @@ feed_eof(lua_State *L, jv_http_response_t *res)
 
   if (!res->headers_done) {
     return fail_code(L, res, 1, JV_ECLOSED,
-                     res->head_len == 0 && res->parser.status_code == 0
+                     res->h.head_len == 0 && res->parser.status_code == 0
                          ? "connection closed before a response arrived"
                          : "connection closed inside the response head");
   }
@@ -784,7 +708,7 @@ l_response_index(lua_State *L)
   }
 
   if (strcmp(key, "reason") == 0) {
-    lua_pushlstring(L, res->head + res->reason_off, res->reason_len);
+    lua_pushlstring(L, res->h.head + res->reason_off, res->reason_len);
     return 1;
   }
 
@@ -802,7 +726,7 @@ l_response_header(lua_State *L)
   const char *v;
   size_t len;
 
-  v = jv__http_find_header(res->head, res->hdrs, res->nhdrs, name, &len);
+  v = jv__http_find_header(res->h.head, res->h.hdrs, res->h.nhdrs, name, &len);
   if (v == NULL) {
     lua_pushnil(L);
 
@@ -821,7 +745,7 @@ l_response_headers(lua_State *L)
 {
   jv_http_response_t *res = check_response(L, 1);
 
-  jv__http_push_headers(L, res->head, res->hdrs, res->nhdrs);
+  jv__http_push_headers(L, res->h.head, res->h.hdrs, res->h.nhdrs);
   return 1;
 }
 
@@ -832,7 +756,7 @@ l_response_header_list(lua_State *L)
 {
   jv_http_response_t *res = check_response(L, 1);
 
-  jv__http_push_header_list(L, res->head, res->hdrs, res->nhdrs);
+  jv__http_push_header_list(L, res->h.head, res->h.hdrs, res->h.nhdrs);
   return 1;
 }
 
@@ -850,8 +774,8 @@ l_response_relay_head(lua_State *L)
     return luaL_error(L, "response head not received yet");
   }
 
-  return jv__http_relay_head(L, 2, res->status, res->head, res->hdrs,
-                             res->nhdrs);
+  return jv__http_relay_head(L, 2, res->status, res->h.head, res->h.hdrs,
+                             res->h.nhdrs);
 }
 
 
@@ -875,8 +799,8 @@ l_response_relay(lua_State *L)
   }
 
   if (res->status < 200 || res->closed) {
-    rc = jv__http_relay_head(L, 2, res->status, res->head, res->hdrs,
-                             res->nhdrs);
+    rc = jv__http_relay_head(L, 2, res->status, res->h.head, res->h.hdrs,
+                             res->h.nhdrs);
     if (rc == 1) {
       lua_pushstring(L, "more");
       return 2;
@@ -897,8 +821,8 @@ l_response_relay(lua_State *L)
 
   /* The pieces point into the input string, which stays anchored until
    * the write has taken (or copied) them. */
-  rc = jv__http_relay_response(L, 2, res->status, res->head, res->hdrs,
-                               res->nhdrs, body, nbody, complete);
+  rc = jv__http_relay_response(L, 2, res->status, res->h.head, res->h.hdrs,
+                               res->h.nhdrs, body, nbody, complete);
 
   if (res->span_first == res->nspans) {
     drop_input(L, res, 1);
@@ -992,11 +916,11 @@ l_response_gc(lua_State *L)
 {
   jv_http_response_t *res = check_response(L, 1);
 
-  free(res->head);
-  free(res->hdrs);
+  free(res->h.head);
+  free(res->h.hdrs);
   free(res->spans);
-  res->head = NULL;
-  res->hdrs = NULL;
+  res->h.head = NULL;
+  res->h.hdrs = NULL;
   res->spans = NULL;
   return 0;
 }

@@ -1,10 +1,11 @@
 /*
  * http_headers.c: header fields as Lua tables, for the server's request
  * and the client's response, which both keep them as offsets into a head
- * buffer.
+ * buffer, and the head storage the client and the fast path fill.
  */
 #include "http_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -428,4 +429,103 @@ jv__http_names_register(lua_State *L, int table_index)
 
   lua_pushcfunction(L, l_header_names);
   lua_setfield(L, table_index, "header_names");
+}
+
+
+int
+jv__http_head_append(jv_http_head_t *h, const char *at, size_t len,
+                     size_t max_size)
+{
+  size_t need = h->head_len + len;
+
+  if (need > max_size) {
+    return JV_ETOOLARGE;
+  }
+
+  if (need > h->head_cap) {
+    size_t cap = h->head_cap ? h->head_cap * 2 : 1024;
+    char *nb;
+
+    while (cap < need) {
+      cap *= 2;
+    }
+
+    nb = realloc(h->head, cap);
+    if (nb == NULL) {
+      return JV_ENOMEM;
+    }
+
+    h->head = nb;
+    h->head_cap = cap;
+  }
+
+  memcpy(h->head + h->head_len, at, len);
+  h->head_len = need;
+  return 0;
+}
+
+
+int
+jv__http_head_field(jv_http_head_t *h, const char *at, size_t len,
+                    size_t max_size, unsigned max_headers)
+{
+  jv_http_header_t *f;
+  int rc;
+
+  if (h->nhdrs == 0 || h->last_was_value) {
+    if (h->nhdrs >= max_headers) {
+      return JV_ETOOLARGE;
+    }
+
+    if (h->nhdrs == h->hdr_cap) {
+      unsigned cap = h->hdr_cap ? h->hdr_cap * 2 : 16;
+      jv_http_header_t *nh = realloc(h->hdrs, cap * sizeof(*nh));
+
+      if (nh == NULL) {
+        return JV_ENOMEM;
+      }
+
+      h->hdrs = nh;
+      h->hdr_cap = cap;
+    }
+
+    f = &h->hdrs[h->nhdrs++];
+    f->name_off = (uint32_t) h->head_len;
+    f->name_len = 0;
+    f->value_off = (uint32_t) h->head_len;
+    f->value_len = 0;
+    h->last_was_value = 0;
+  }
+
+  f = &h->hdrs[h->nhdrs - 1];
+  rc = jv__http_head_append(h, at, len, max_size);
+  if (rc != 0) {
+    return rc;
+  }
+
+  f->name_len += (uint32_t) len;
+  f->value_off = (uint32_t) h->head_len;
+  return 0;
+}
+
+
+int
+jv__http_head_value(jv_http_head_t *h, const char *at, size_t len,
+                    size_t max_size)
+{
+  jv_http_header_t *f = &h->hdrs[h->nhdrs - 1];
+  int rc;
+
+  if (!h->last_was_value) {
+    f->value_off = (uint32_t) h->head_len;
+    h->last_was_value = 1;
+  }
+
+  rc = jv__http_head_append(h, at, len, max_size);
+  if (rc != 0) {
+    return rc;
+  }
+
+  f->value_len += (uint32_t) len;
+  return 0;
 }

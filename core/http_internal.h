@@ -16,6 +16,30 @@ typedef struct {
   uint32_t value_len;
 } jv_http_header_t;
 
+/* A received message head: the bytes the parser reported, and the header
+ * fields as offsets into them. The HTTP client and the proxy's fast path
+ * fill it from llhttp's callbacks. */
+typedef struct {
+  char *head;
+  size_t head_len;
+  size_t head_cap;
+  jv_http_header_t *hdrs;
+  unsigned nhdrs;
+  unsigned hdr_cap;
+  int last_was_value;
+} jv_http_head_t;
+
+/* Append len bytes at at to h, as part of the current field name or value
+ * (jv__http_head_field, jv__http_head_value) or of nothing
+ * (jv__http_head_append). Each returns 0, JV_ETOOLARGE when the head would
+ * pass max_size bytes or max_headers fields, or JV_ENOMEM. */
+int jv__http_head_append(jv_http_head_t *h, const char *at, size_t len,
+                         size_t max_size);
+int jv__http_head_field(jv_http_head_t *h, const char *at, size_t len,
+                        size_t max_size, unsigned max_headers);
+int jv__http_head_value(jv_http_head_t *h, const char *at, size_t len,
+                        size_t max_size);
+
 typedef struct {
   size_t max_header_size;   /* bytes of request-target plus header fields */
   unsigned max_headers;     /* header fields */

@@ -187,13 +187,7 @@ struct jv_pass_s {
 
   /* The response. */
   llhttp_t parser;
-  char *head;
-  size_t head_len;
-  size_t head_cap;
-  jv_http_header_t *hdrs;
-  unsigned nhdrs;
-  unsigned hdr_cap;
-  int last_was_value;
+  jv_http_head_t h;
   unsigned crlf_run;
   char prev_byte;
   int head_scanned;
@@ -569,97 +563,31 @@ parser_pass(llhttp_t *p)
 
 
 static int
-head_append(jv_pass_t *p, const char *at, size_t len)
-{
-  size_t need = p->head_len + len;
-
-  if (need > PASS_MAX_HEAD) {
-    p->cb_error = JV_ETOOLARGE;
-    return -1;
-  }
-
-  if (need > p->head_cap) {
-    size_t cap = p->head_cap ? p->head_cap * 2 : 1024;
-    char *nb;
-
-    while (cap < need) {
-      cap *= 2;
-    }
-
-    nb = realloc(p->head, cap);
-    if (nb == NULL) {
-      p->cb_error = JV_ENOMEM;
-      return -1;
-    }
-
-    p->head = nb;
-    p->head_cap = cap;
-  }
-
-  memcpy(p->head + p->head_len, at, len);
-  p->head_len = need;
-  return 0;
-}
-
-
-static int
 on_message_begin(llhttp_t *parser)
 {
   jv_pass_t *p = parser_pass(parser);
 
-  p->head_len = 0;
-  p->nhdrs = 0;
-  p->last_was_value = 0;
+  p->h.head_len = 0;
+  p->h.nhdrs = 0;
+  p->h.last_was_value = 0;
   p->interim = 0;
   return 0;
 }
 
 
+/* Stores the head's fields. An error stops the parser with cb_error. */
 static int
 on_header_field(llhttp_t *parser, const char *at, size_t len)
 {
   jv_pass_t *p = parser_pass(parser);
-  jv_http_header_t *h;
 
   if (p->headers_done) {
     return 0; /* a trailer field: dropped, as the Lua client does */
   }
 
-  if (p->nhdrs == 0 || p->last_was_value) {
-    if (p->nhdrs >= p->max_headers) {
-      p->cb_error = JV_ETOOLARGE;
-      return -1;
-    }
-
-    if (p->nhdrs == p->hdr_cap) {
-      unsigned cap = p->hdr_cap ? p->hdr_cap * 2 : 16;
-      jv_http_header_t *nh = realloc(p->hdrs, cap * sizeof(*nh));
-
-      if (nh == NULL) {
-        p->cb_error = JV_ENOMEM;
-        return -1;
-      }
-
-      p->hdrs = nh;
-      p->hdr_cap = cap;
-    }
-
-    h = &p->hdrs[p->nhdrs++];
-    h->name_off = (uint32_t) p->head_len;
-    h->name_len = 0;
-    h->value_off = (uint32_t) p->head_len;
-    h->value_len = 0;
-    p->last_was_value = 0;
-  }
-
-  h = &p->hdrs[p->nhdrs - 1];
-  if (head_append(p, at, len) != 0) {
-    return -1;
-  }
-
-  h->name_len += (uint32_t) len;
-  h->value_off = (uint32_t) p->head_len;
-  return 0;
+  p->cb_error =
+      jv__http_head_field(&p->h, at, len, PASS_MAX_HEAD, p->max_headers);
+  return p->cb_error != 0 ? -1 : 0;
 }
 
 
@@ -667,23 +595,13 @@ static int
 on_header_value(llhttp_t *parser, const char *at, size_t len)
 {
   jv_pass_t *p = parser_pass(parser);
-  jv_http_header_t *h = &p->hdrs[p->nhdrs - 1];
 
   if (p->headers_done) {
     return 0;
   }
 
-  if (!p->last_was_value) {
-    h->value_off = (uint32_t) p->head_len;
-    p->last_was_value = 1;
-  }
-
-  if (head_append(p, at, len) != 0) {
-    return -1;
-  }
-
-  h->value_len += (uint32_t) len;
-  return 0;
+  p->cb_error = jv__http_head_value(&p->h, at, len, PASS_MAX_HEAD);
+  return p->cb_error != 0 ? -1 : 0;
 }
 
 
@@ -778,9 +696,9 @@ response_reset(jv_pass_t *p)
 {
   llhttp_init(&p->parser, HTTP_RESPONSE, &settings);
   p->parser.data = p;
-  p->head_len = 0;
-  p->nhdrs = 0;
-  p->last_was_value = 0;
+  p->h.head_len = 0;
+  p->h.nhdrs = 0;
+  p->h.last_was_value = 0;
   p->crlf_run = 0;
   p->prev_byte = 0;
   p->head_scanned = 0;
@@ -836,8 +754,8 @@ parse(jv_pass_t *p, const char *data, size_t len)
 
     /* A 1xx response ended, and the next head starts here. */
     p->interim_ended = 0;
-    p->head_len = 0;
-    p->nhdrs = 0;
+    p->h.head_len = 0;
+    p->h.nhdrs = 0;
     p->crlf_run = 0;
     p->prev_byte = 0;
     p->head_scanned = 0;
@@ -854,8 +772,8 @@ static int
 response_closes(jv_pass_t *p)
 {
   size_t len;
-  const char *v =
-      jv__http_find_header(p->head, p->hdrs, p->nhdrs, "connection", &len);
+  const char *v = jv__http_find_header(p->h.head, p->h.hdrs, p->h.nhdrs,
+                                       "connection", &len);
 
   if (v != NULL) {
     return jv__http_list_has_token(v, len, "close", 5);
@@ -879,15 +797,15 @@ exchange_end(jv_pass_t *p)
 
   /* A large response head leaves its buffers to the next exchange of the
    * connection only when they are small. */
-  if (p->head_cap > 8192) {
-    free(p->head);
-    p->head = NULL;
-    p->head_cap = 0;
+  if (p->h.head_cap > 8192) {
+    free(p->h.head);
+    p->h.head = NULL;
+    p->h.head_cap = 0;
   }
-  if (p->hdr_cap > 64) {
-    free(p->hdrs);
-    p->hdrs = NULL;
-    p->hdr_cap = 0;
+  if (p->h.hdr_cap > 64) {
+    free(p->h.hdrs);
+    p->h.hdrs = NULL;
+    p->h.hdr_cap = 0;
   }
 }
 
@@ -974,7 +892,7 @@ failed(jv_pass_t *p, int code)
     p->reused = 0;
     if (p->stale || !unreachable(code)) {
       /* As in proxy.forward: sent again, but the upstream keeps its
-       * pool, because a stale 408 or a malformed response says nothing
+       * pool, because a stale 408 or a malformed response shows nothing
        * about its other connections. */
       p->stale = 0;
       pass_send(p);
@@ -1014,8 +932,8 @@ relay(jv_pass_t *p)
   int rc;
 
   if (!p->relaying) {
-    rc = jv__http_pass_relay_head(c, (int) p->parser.status_code, p->head,
-                                  p->hdrs, p->nhdrs);
+    rc = jv__http_pass_relay_head(c, (int) p->parser.status_code, p->h.head,
+                                  p->h.hdrs, p->h.nhdrs);
     if (rc != 0) {
       return rc;
     }
@@ -1981,8 +1899,8 @@ jv__pass_conn_closed(jv_http_conn_t *c)
     nexchanges--;
   }
 
-  free(p->head);
-  free(p->hdrs);
+  free(p->h.head);
+  free(p->h.hdrs);
   free(p);
   c->pass = NULL;
 }
@@ -2041,6 +1959,28 @@ read_upstream(lua_State *L, const char *fn, const char **host, size_t *hlen,
   if (*host == NULL || *target == NULL || *port < 1 || *port > 65535) {
     luaL_error(L, "%s: host, port (1 to 65535) and target are required", fn);
   }
+}
+
+
+/* Returns the server's table of decisions, made on first use and
+ * emptied of an earlier generation's. Raises when memory runs out. */
+static jv_pass_table_t *
+server_table(lua_State *L, jv_http_server_t *srv)
+{
+  jv_pass_table_t *t = srv->pass;
+
+  if (t == NULL) {
+    t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+      luaL_error(L, "out of memory");
+      return NULL;
+    }
+    t->generation = generation;
+    srv->pass = t;
+  }
+
+  table_current(t);
+  return t;
 }
 
 
@@ -2107,8 +2047,8 @@ read_tls(lua_State *L, const char **server_name)
 /*
  * req:pass_learn(opts): records that requests on this server with this
  * request's path (and the same value of opts.vary) are forwarded as opts
- * describes, and admits this connection, so that its later GET and HEAD
- * requests without a body can take the fast path. The caller promises
+ * describes, and admits this connection. Its later GET and HEAD requests
+ * without a body can then take the fast path. The caller promises
  * that the decision depends on nothing else of the request, and that it
  * admitted the connection by the client's address only. opts:
  *   host, port   upstream (an IPv4 literal) and port
@@ -2117,7 +2057,7 @@ read_tls(lua_State *L, const char **server_name)
  *   set_headers  table name = string value of fields to add; received
  *                fields of those names are dropped (at most 8)
  *   vary         name of the request header whose value is part of the
- *                key (one per server; a new name forgets the others)
+ *                key (one per server, and a new name drops the others)
  *   timeout      seconds without progress before a 504 (default 60)
  *   pool_idle    seconds an upstream connection stays pooled (default 30)
  *   stale_408    as proxy.forward's option of the same name
@@ -2165,15 +2105,7 @@ l_req_pass_learn(lua_State *L)
                           &skip_bytes);
   tls_index = read_tls(L, &server_name);
 
-  if (t == NULL) {
-    t = calloc(1, sizeof(*t));
-    if (t == NULL) {
-      return luaL_error(L, "out of memory");
-    }
-    t->generation = generation;
-    srv->pass = t;
-  }
-  table_current(t);
+  t = server_table(L, srv);
 
   up = upstream_get(L, host, (int) port, tls_index, server_name);
   if (up == NULL && nupstreams >= PASS_MAX_UPSTREAMS) {
@@ -2272,7 +2204,7 @@ l_req_pass_learn(lua_State *L)
  *   timeout, pool_idle, stale_408  as for req:pass_learn
  * Returns true when it took the request, else false and a reason. A
  * failure before the response runs the handler again, where
- * req:pass_failure tells what failed.
+ * req:pass_failure returns what failed.
  */
 static int
 l_req_pass(lua_State *L)
@@ -2403,15 +2335,7 @@ l_req_pass_learn_target(lua_State *L)
   uint64_t key;
 
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (t == NULL) {
-    t = calloc(1, sizeof(*t));
-    if (t == NULL) {
-      return luaL_error(L, "out of memory");
-    }
-    t->generation = generation;
-    srv->pass = t;
-  }
-  table_current(t);
+  t = server_table(L, srv);
   b = &t->broker;
   if (reset_since(c)) {
     lua_pushboolean(L, 0);
@@ -2476,12 +2400,12 @@ l_req_pass_learn_target(lua_State *L)
 /*
  * req:pass_learn_edge(opts): for the edge. Records that requests with
  * this request's method, request-target and values of Host, Origin and
- * Authorization, and without a Cookie, a credential in the query or an
- * X-JustAVPS-* header, are allowed for ttl seconds and go to a broker as
- * opts says. The server then signs and forwards such a GET or HEAD
- * without a body in C. opts: ttl, host (the signed host), prefix (put
- * before the request-target, or ""), target (what the edge sends, which
- * must be prefix and the request-target), target_ip, target_port, slug,
+ * Authorization are allowed for ttl seconds and go to a broker as opts
+ * describes. A request with a Cookie, a credential in the query or an
+ * X-JustAVPS-* header is never recorded. The server then signs and forwards
+ * such a GET or HEAD without a body in C. opts: ttl, host (the signed host),
+ * prefix (put before the request-target, or ""), target (what the edge sends,
+ * which must be prefix and the request-target), target_ip, target_port, slug,
  * broker_id, secret, broker_host, broker_port, tls, server_name,
  * drop_headers (a list from core.http.header_names), timeout. Returns
  * true, or false when the request has what the edge must see itself or
@@ -2541,15 +2465,7 @@ l_req_pass_learn_edge(lua_State *L)
                          "core.http.header_names");
   }
 
-  if (t == NULL) {
-    t = calloc(1, sizeof(*t));
-    if (t == NULL) {
-      return luaL_error(L, "out of memory");
-    }
-    t->generation = generation;
-    srv->pass = t;
-  }
-  table_current(t);
+  t = server_table(L, srv);
 
   if (reset_since(c)) {
     lua_pushboolean(L, 0);
@@ -2647,11 +2563,11 @@ l_req_pass_learn_edge(lua_State *L)
 
 
 /*
- * req:pass_failure([consume]): when the fast path took this request and
- * its exchange failed before the response, returns the failure's code
- * (as core.tcp names it: "ECONNREFUSED", "closed", "timeout", ...), a
- * message, whether the connection to the upstream had been made, and the
- * upstream's host and port. Else nil. With consume, later calls return
+ * req:pass_failure([consume]): returns nil unless the fast path took this
+ * request and its exchange failed before the response. Then it returns
+ * the failure's code as core.tcp names it ("ECONNREFUSED", "closed",
+ * "timeout", ...), a message, whether the connection to the upstream had
+ * been made, and the upstream's host and port. With consume, later calls return
  * nil and req:pass may forward the request again.
  */
 static int

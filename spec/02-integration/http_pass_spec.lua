@@ -915,3 +915,77 @@ describe("req:pass", function()
     srv:close()
   end))
 end)
+
+
+describe("req:pass_learn_target and req:pass_learn_edge", function()
+  it("reject invalid options", async(function()
+    local errors = {}
+    local drop = core.http.header_names({ "x-a" })
+    local nonces = assert(core.nonce.new({ max_bytes = 4096, ttl = 60 }))
+    local target = { secret = "s", broker_id = "b", forwarded_proto = "http",
+      nonces = nonces, drop_headers = drop, target_ip = "127.0.0.2",
+      target_port = 80 }
+    local edge = { ttl = 5, host = "h.test", prefix = "", target = "/",
+      target_ip = "127.0.0.2", target_port = "80", slug = "box-1",
+      broker_id = "b", secret = "s", broker_host = "127.0.0.2",
+      broker_port = 8444, drop_headers = drop }
+    local function without(opts, name, value)
+      local copy = {}
+      for k, v in pairs(opts) do
+        copy[k] = v
+      end
+      copy[name] = value
+      return copy
+    end
+    local srv = assert(core.http.listen({
+      port = 0,
+      access_log = false,
+      handler = function(req)
+        for _, case in ipairs({
+          { req.pass_learn_target, without(target, "secret", nil) },
+          { req.pass_learn_target, without(target, "drop_headers", {}) },
+          { req.pass_learn_target, without(target, "nonces", {}) },
+          { req.pass_learn_target, without(target, "clock_skew", 0) },
+          { req.pass_learn_edge, without(edge, "slug", nil) },
+          { req.pass_learn_edge, without(edge, "broker_port", 0) },
+          { req.pass_learn_edge, without(edge, "drop_headers", { "x" }) },
+          { req.pass_learn_edge, without(edge, "ttl", -1) },
+        }) do
+          local ok, err = pcall(case[1], req, case[2])
+          errors[#errors + 1] = not ok and tostring(err) or "accepted"
+        end
+        -- Valid options whose target is no IPv4 literal are not recorded.
+        errors.ipv6 = req:pass_learn_target(without(target, "target_ip",
+          "::1"))
+        errors.mismatch = req:pass_learn_edge(without(edge, "target", "/x"))
+        return 200, {}, "done"
+      end,
+    }))
+    local sock = raw.connect(srv:port())
+    assert.equal(200, get(sock, "/").status)
+    assert.truthy(errors[1]:find("secret, broker_id and forwarded_proto",
+      1, true))
+    assert.truthy(errors[2]:find("core.http.header_names", 1, true))
+    assert.truthy(errors[3]:find("nonce_cache", 1, true))
+    assert.truthy(errors[4]:find("clock_skew must be a number", 1, true))
+    assert.truthy(errors[5]:find("option slug is required", 1, true))
+    assert.truthy(errors[6]:find("broker_host and broker_port", 1, true))
+    assert.truthy(errors[7]:find("core.http.header_names", 1, true))
+    assert.truthy(errors[8]:find("ttl must be a number", 1, true))
+    assert.is_false(errors.ipv6)
+    assert.is_false(errors.mismatch)
+    sock:close()
+    srv:close()
+    nonces:close()
+  end))
+end)
+
+
+describe("core.fs.tcp_listeners", function()
+  it("reports a missing file", function()
+    local found, message, code = core.fs.tcp_listeners("/nonexistent/tcp")
+    assert.is_nil(found)
+    assert.truthy(message)
+    assert.equal("ENOENT", code)
+  end)
+end)

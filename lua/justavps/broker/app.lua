@@ -225,7 +225,7 @@ function _M.handle(req)
     extra_headers = extra,
     drop_headers = DROP,
     timeout = timeout,
-    -- The daemon may add a Date field to an app's 100.
+    -- The daemon may add a Date field to an app's 100 fields.
     max_headers = proxy.HOP_MAX_HEADERS,
     on_unreachable = machine_unreachable,
     request = req,

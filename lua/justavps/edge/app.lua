@@ -256,7 +256,8 @@ local function forward(req, ctx)
   }
 
   -- A GET or HEAD without a body goes out through the HTTP server's fast
-  -- path (core/http_pass.c), which takes no Lua set of names.
+  -- path (core/http_pass.c), which takes drop_headers only as a list
+  -- from core.http.header_names.
   -- A request with a machine ticket stays on the Lua path: a failure in
   -- C would run the handler again, and the second run could not spend
   -- the single-use ticket again.
@@ -301,7 +302,7 @@ local function forward(req, ctx)
       -- The signature headers are in every drop set.
       extra_headers = edge_sig.sign_lines(broker.secret, fields),
       timeout = conf.broker_timeout,
-      -- The daemon may add a Date field to an app's 100.
+      -- The daemon may add a Date field to an app's 100 fields.
       max_headers = proxy.HOP_MAX_HEADERS,
       on_unreachable = broker_unreachable,
       request = req,
