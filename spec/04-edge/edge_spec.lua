@@ -128,6 +128,26 @@ describe("edge", function()
     return issued.ticket
   end
 
+  -- The edge's config: the dead broker comes first, so the first request
+  -- of a new edge meets it.
+  local function edge_config()
+    return {
+      domain = DOMAIN,
+      insecure_plain_http = true,
+      listen = { host = "127.0.0.1", port = 0 },
+      brokers = {
+        { url = "http://127.0.0.1:" .. dead_port, id = "dead-broker",
+          secret = DEAD_SECRET },
+        { url = "http://127.0.0.1:" .. broker.port, id = bp.BROKER_ID,
+          secret = bp.SECRET },
+      },
+      broker_health = { interval = 60, down_for = 60 },
+      machine_port = daemon.ports.public,
+      login_url = LOGIN_URL,
+      cache = { machine_ttl = 600, credential_ttl = 1 },
+    }
+  end
+
   setup(function()
     helpers.run(function()
       dbname, env = ep.create_database(settings)
@@ -159,22 +179,7 @@ describe("edge", function()
 
       dead_port = ep.closed_port()
       env.JUSTAVPS_EDGE_JWT_SECRET = JWT_SECRET
-      edge = ep.start("edge", {
-        domain = DOMAIN,
-        insecure_plain_http = true,
-        listen = { host = "127.0.0.1", port = 0 },
-        -- The dead broker comes first, so the first request meets it.
-        brokers = {
-          { url = "http://127.0.0.1:" .. dead_port, id = "dead-broker",
-            secret = DEAD_SECRET },
-          { url = "http://127.0.0.1:" .. broker.port, id = bp.BROKER_ID,
-            secret = bp.SECRET },
-        },
-        broker_health = { interval = 60, down_for = 60 },
-        machine_port = daemon.ports.public,
-        login_url = LOGIN_URL,
-        cache = { machine_ttl = 600, credential_ttl = 1 },
-      }, env, { "main" })
+      edge = ep.start("edge", edge_config(), env, { "main" })
       edge_port = edge.ports.main
     end, 120)
   end)
@@ -736,21 +741,7 @@ describe("edge", function()
       -- A fresh edge meets the dead broker first. A ticket request that
       -- failed there in the fast path would run its access checks again,
       -- and the second run could not spend the single-use ticket.
-      local second = ep.start("edge", {
-        domain = DOMAIN,
-        insecure_plain_http = true,
-        listen = { host = "127.0.0.1", port = 0 },
-        brokers = {
-          { url = "http://127.0.0.1:" .. dead_port, id = "dead-broker",
-            secret = DEAD_SECRET },
-          { url = "http://127.0.0.1:" .. broker.port, id = bp.BROKER_ID,
-            secret = bp.SECRET },
-        },
-        broker_health = { interval = 60, down_for = 60 },
-        machine_port = daemon.ports.public,
-        login_url = LOGIN_URL,
-        cache = { machine_ttl = 600, credential_ttl = 1 },
-      }, env, { "main" })
+      local second = ep.start("edge", edge_config(), env, { "main" })
       local res = assert(core.http.request{ method = "GET",
         host = "127.0.0.1", port = second.ports.main,
         path = "/_toolbox/list/?__justavps_ticket=" .. new_ticket(),
